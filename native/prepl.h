@@ -1,0 +1,100 @@
+/* prepl native API: bitmaps over caller-provided memory and the write path.
+ *
+ * This header has no preprocessor lines on purpose: native/build_ffi.py
+ * feeds the same text to cffi's cdef(), so what C compiles and what Python
+ * sees cannot drift apart.  Callers include <stdint.h> and <stddef.h> first.
+ *
+ * All lengths and bit indexes are checked by the single Python module that
+ * calls this library (replication/native.py); the C functions assume their
+ * ranges are inside the maps they are given.  Functions that do I/O return
+ * 0 or a negative errno.
+ */
+
+/* Bumped whenever a signature or a struct changes; checked at import. */
+int pr_abi_version(void);
+
+/* ---- bitmaps: an array of uint64_t words, bit i is (w[i/64] >> (i%64)) & 1.
+ * set/clear/or/andnot are atomic per word, so several threads may set bits
+ * of the same map at once. */
+void pr_bm_set_range(uint64_t *map, uint64_t first, uint64_t count);
+void pr_bm_clear_range(uint64_t *map, uint64_t first, uint64_t count);
+int pr_bm_test(const uint64_t *map, uint64_t bit);
+uint64_t pr_bm_count(const uint64_t *map, uint64_t nbits);
+int64_t pr_bm_next_set(const uint64_t *map, uint64_t nbits, uint64_t from);
+int64_t pr_bm_next_clear(const uint64_t *map, uint64_t nbits, uint64_t from);
+/* Extracts up to max runs of set bits starting the search at *from; stores
+ * run starts and lengths; sets *from to where the next call must continue
+ * (nbits when the map is exhausted).  Returns the number of runs stored. */
+size_t pr_bm_runs(const uint64_t *map, uint64_t nbits, uint64_t *from,
+                  uint64_t *starts, uint64_t *lengths, size_t max);
+void pr_bm_or(uint64_t *dst, const uint64_t *src, uint64_t nwords);
+void pr_bm_andnot(uint64_t *dst, const uint64_t *src, uint64_t nwords);
+/* Folds interval (src_*) into the interval that follows it (dst_*): the
+ * change and block maps are OR-ed; the zero map keeps dst's bit where dst
+ * wrote the block and takes src's bit elsewhere. */
+void pr_bm_merge_interval(uint64_t *dst_c, uint64_t *dst_b, uint64_t *dst_z,
+                          const uint64_t *src_c, const uint64_t *src_b,
+                          const uint64_t *src_z,
+                          uint64_t ncwords, uint64_t nbwords);
+
+/* ---- the tracked volume (write path) ---- */
+typedef struct pr_volume pr_volume;
+typedef struct pr_snap pr_snap;
+
+/* vol_fd and al_fd stay owned by the caller.  region, block and AL extent
+ * sizes are powers of two with block <= region <= al_extent.  The activity
+ * log's bitmap lives at al_offset in al_fd; it starts empty (the caller
+ * folds an old log into the maps before creating the volume).  Returns NULL
+ * with errno set on failure. */
+pr_volume *pr_volume_new(int vol_fd, uint64_t size, uint32_t region_shift,
+                         uint32_t block_shift, int al_fd, uint32_t al_shift,
+                         uint64_t al_offset);
+void pr_volume_free(pr_volume *v);
+
+/* Atomically, with respect to in-flight writes (they drain first): install
+ * new open maps and, if snap is not NULL, start that snapshot.  All maps
+ * must stay mapped until replaced.  Resets the activity log's in-memory
+ * "durable" set so that writes of the new interval mark their extents
+ * again.  Returns 0 or -errno (-ENOSPC: too many active snapshots). */
+int pr_volume_switch(pr_volume *v, uint64_t *cmap, uint64_t *bmap,
+                     uint64_t *zmap, pr_snap *snap);
+/* Merges a closed interval's maps into the open interval (under the same
+ * exclusive lock as a switch). */
+void pr_volume_merge_open(pr_volume *v, const uint64_t *cmap,
+                          const uint64_t *bmap, const uint64_t *zmap);
+/* Stops copy-on-write into snap; it stays readable until invalidated. */
+void pr_volume_drop_snap(pr_volume *v, pr_snap *snap);
+
+/* Write path.  flags as nbdkit's: MAY_TRIM=1, FUA=2, FAST_ZERO=8. */
+int pr_write(pr_volume *v, const char *buf, uint64_t len, uint64_t off,
+             uint32_t flags);
+int pr_zero(pr_volume *v, uint64_t len, uint64_t off, uint32_t flags);
+int pr_trim(pr_volume *v, uint64_t len, uint64_t off, uint32_t flags);
+int pr_read(pr_volume *v, char *buf, uint64_t len, uint64_t off);
+int pr_flush(pr_volume *v);
+
+/* After the closed interval is durable: the activity log on disk becomes
+ * exactly the extents touched since the last switch. */
+int pr_al_trim(pr_volume *v);
+/* Copies the in-memory activity log (as on disk) into out. */
+void pr_al_get(pr_volume *v, uint64_t *out, uint64_t nwords);
+
+/* Statistics. */
+uint64_t pr_volume_max_writers(pr_volume *v);
+uint64_t pr_volume_writers(pr_volume *v);
+uint64_t pr_volume_al_syncs(pr_volume *v);
+
+/* ---- snapshots ---- */
+/* snap_fd: sparse file of the volume's size holding copied regions; vmap:
+ * the valid map (bit per region).  Both stay owned by the caller and must
+ * live until pr_snap_free. */
+pr_snap *pr_snap_new(int snap_fd, uint64_t *vmap);
+void pr_snap_free(pr_snap *s);
+/* Reads the image of the volume at the snapshot's instant.  -ESTALE once
+ * the snapshot is invalid. */
+int pr_snap_read(pr_volume *v, pr_snap *s, char *buf, uint64_t len,
+                 uint64_t off);
+int pr_snap_valid(pr_snap *s);
+/* errno of the copy-on-write failure that invalidated it (0 if none). */
+int pr_snap_error(pr_snap *s);
+void pr_snap_invalidate(pr_snap *s, int err);

@@ -1,0 +1,567 @@
+/* The write path of a tracked volume: one call per NBD write, zero or trim.
+ *
+ * Per call, in this order:
+ *
+ *   1. Activity log (AL).  The volume is divided into coarse AL extents
+ *      (e.g. 4 MiB).  Before any byte of an extent can be written, that
+ *      extent's bit must be durable in the AL file: the first write to an
+ *      extent since the last switch sets the bit, writes the page and
+ *      fdatasyncs the log (al_lock serialises this slow path); later writes
+ *      see the bit in al_mem and pay nothing.  After an unclean stop every
+ *      extent in the log is treated as changed, so no change bit is ever
+ *      lost although the change maps themselves are never fsynced per
+ *      write (they are mapped memory made durable at snappoints).
+ *   2. Region locks.  Each region maps to one of NSTRIPES mutexes; the call
+ *      holds the mutexes of all regions it touches (taken in ascending
+ *      stripe order) until it is done.  This makes copy-on-write, map
+ *      updates and the data write of a region atomic against other
+ *      modifications and against snapshot reads of that region, while
+ *      writes to other regions proceed in parallel.
+ *   3. Copy-on-write into every active, valid snapshot whose valid map
+ *      lacks the region: read the old region, write it to the snapshot
+ *      file (skipped when it is all zeroes: the file is sparse), then set
+ *      the valid bit.  A failure invalidates that snapshot only; the
+ *      client's write goes on.
+ *   4. Maps: change map (region bits) and block map (block bits) are set,
+ *      and the zero map bits of the touched blocks are cleared, before the
+ *      data is written; a zero/trim sets the zero bits of the blocks it
+ *      covers entirely only after the data operation succeeded.
+ *   5. Data, then fdatasync if FUA.
+ *
+ * Snappoint creation (pr_volume_switch) takes the epoch rwlock exclusively;
+ * every write holds it shared for its whole duration, so a write lies
+ * entirely in one interval and entirely before or after a snapshot's
+ * instant.  The rwlock prefers writers so a switch is never starved.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <linux/falloc.h>
+#include "prepl.h"
+
+#define PR_ABI 1
+#define MAX_SNAPS 64
+#define NSTRIPES 1024
+#define AL_PAGE 4096
+
+/* the same values as nbdkit's NBDKIT_FLAG_*, so no translation is needed */
+enum { PR_MAY_TRIM = 1, PR_FUA = 2, PR_FAST_ZERO = 8 };
+enum op { OP_WRITE, OP_ZERO, OP_TRIM };
+
+struct pr_snap {
+  int fd;
+  uint64_t *vmap;
+  int err;                      /* atomic: 0 while valid */
+};
+
+struct pr_volume {
+  int fd;
+  uint64_t size;
+  uint32_t rshift, bshift, alshift;
+  uint64_t nregions, nblocks, nextents, al_words;
+  pthread_rwlock_t epoch;
+  pthread_mutex_t stripes[NSTRIPES];
+  uint64_t *cmap, *bmap, *zmap; /* open interval; replaced under epoch */
+  pr_snap *snaps[MAX_SNAPS];    /* active snapshots; changed under epoch */
+  int nsnaps;
+  int al_fd;
+  uint64_t al_offset;
+  pthread_mutex_t al_lock;
+  uint64_t *al_file;            /* the log as on disk (under al_lock) */
+  uint64_t *al_mem;             /* durable and touched since the switch */
+  uint64_t writers, max_writers, al_syncs;      /* atomic counters */
+};
+
+int
+pr_abi_version (void)
+{
+  return PR_ABI;
+}
+
+static int
+pread_full (int fd, char *buf, uint64_t len, uint64_t off)
+{
+  while (len > 0) {
+    ssize_t r = pread (fd, buf, len, (off_t)off);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      return -errno;
+    }
+    if (r == 0) {               /* past the end of a short file: zeroes */
+      memset (buf, 0, len);
+      return 0;
+    }
+    buf += r; len -= (uint64_t)r; off += (uint64_t)r;
+  }
+  return 0;
+}
+
+static int
+pwrite_full (int fd, const char *buf, uint64_t len, uint64_t off)
+{
+  while (len > 0) {
+    ssize_t r = pwrite (fd, buf, len, (off_t)off);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      return -errno;
+    }
+    buf += r; len -= (uint64_t)r; off += (uint64_t)r;
+  }
+  return 0;
+}
+
+pr_volume *
+pr_volume_new (int vol_fd, uint64_t size, uint32_t region_shift,
+               uint32_t block_shift, int al_fd, uint32_t al_shift,
+               uint64_t al_offset)
+{
+  pr_volume *v;
+  pthread_rwlockattr_t attr;
+  int i;
+
+  if (size == 0 || block_shift < 9 || block_shift > region_shift
+      || region_shift > al_shift || al_shift > 40) {
+    errno = EINVAL;
+    return NULL;
+  }
+  v = calloc (1, sizeof *v);
+  if (!v)
+    return NULL;
+  v->fd = vol_fd;
+  v->size = size;
+  v->rshift = region_shift;
+  v->bshift = block_shift;
+  v->alshift = al_shift;
+  v->nregions = ((size - 1) >> region_shift) + 1;
+  v->nblocks = ((size - 1) >> block_shift) + 1;
+  v->nextents = ((size - 1) >> al_shift) + 1;
+  /* whole AL pages, so a page write never reads past the buffers */
+  v->al_words = ((v->nextents + AL_PAGE * 8 - 1) / (AL_PAGE * 8)) * (AL_PAGE / 8);
+  v->al_fd = al_fd;
+  v->al_offset = al_offset;
+  v->al_file = calloc (v->al_words, 8);
+  v->al_mem = calloc (v->al_words, 8);
+  if (!v->al_file || !v->al_mem) {
+    free (v->al_file); free (v->al_mem); free (v);
+    errno = ENOMEM;
+    return NULL;
+  }
+  pthread_rwlockattr_init (&attr);
+  pthread_rwlockattr_setkind_np (&attr,
+                                 PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (&v->epoch, &attr);
+  pthread_rwlockattr_destroy (&attr);
+  for (i = 0; i < NSTRIPES; i++)
+    pthread_mutex_init (&v->stripes[i], NULL);
+  pthread_mutex_init (&v->al_lock, NULL);
+  return v;
+}
+
+void
+pr_volume_free (pr_volume *v)
+{
+  if (!v)
+    return;
+  free (v->al_file);
+  free (v->al_mem);
+  free (v);
+}
+
+int
+pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
+                  uint64_t *zmap, pr_snap *snap)
+{
+  int r = 0;
+  pthread_rwlock_wrlock (&v->epoch);
+  if (snap && v->nsnaps == MAX_SNAPS)
+    r = -ENOSPC;
+  else {
+    v->cmap = cmap;
+    v->bmap = bmap;
+    v->zmap = zmap;
+    if (snap)
+      v->snaps[v->nsnaps++] = snap;
+    pthread_mutex_lock (&v->al_lock);
+    memset (v->al_mem, 0, v->al_words * 8);
+    pthread_mutex_unlock (&v->al_lock);
+  }
+  pthread_rwlock_unlock (&v->epoch);
+  return r;
+}
+
+void
+pr_volume_merge_open (pr_volume *v, const uint64_t *cmap,
+                      const uint64_t *bmap, const uint64_t *zmap)
+{
+  pthread_rwlock_wrlock (&v->epoch);
+  pr_bm_merge_interval (v->cmap, v->bmap, v->zmap, cmap, bmap, zmap,
+                        (v->nregions + 63) / 64, (v->nblocks + 63) / 64);
+  pthread_rwlock_unlock (&v->epoch);
+}
+
+void
+pr_volume_drop_snap (pr_volume *v, pr_snap *snap)
+{
+  int i;
+  pthread_rwlock_wrlock (&v->epoch);
+  for (i = 0; i < v->nsnaps; i++)
+    if (v->snaps[i] == snap) {
+      v->snaps[i] = v->snaps[--v->nsnaps];
+      v->snaps[v->nsnaps] = NULL;
+      break;
+    }
+  pthread_rwlock_unlock (&v->epoch);
+}
+
+/* ---- activity log ---- */
+
+static int
+al_write_pages (pr_volume *v, uint64_t first_word, uint64_t last_word)
+{
+  const uint64_t wpp = AL_PAGE / 8;
+  uint64_t p0 = first_word / wpp, p1 = last_word / wpp;
+  int r = pwrite_full (v->al_fd, (const char *)(v->al_file + p0 * wpp),
+                       (p1 - p0 + 1) * AL_PAGE, v->al_offset + p0 * AL_PAGE);
+  if (r == 0 && fdatasync (v->al_fd) == -1)
+    r = -errno;
+  if (r == 0)
+    __atomic_fetch_add (&v->al_syncs, 1, __ATOMIC_RELAXED);
+  return r;
+}
+
+static int
+al_mark (pr_volume *v, uint64_t e0, uint64_t e1)
+{
+  uint64_t e, lo = UINT64_MAX, hi = 0;
+  int r = 0;
+
+  for (e = e0; e <= e1; e++)
+    if (!pr_bm_test (v->al_mem, e))
+      break;
+  if (e > e1)
+    return 0;                   /* fast path: all extents already durable */
+
+  pthread_mutex_lock (&v->al_lock);
+  for (e = e0; e <= e1; e++)
+    if (!pr_bm_test (v->al_file, e)) {
+      pr_bm_set_range (v->al_file, e, 1);
+      if (e / 64 < lo) lo = e / 64;
+      hi = e / 64;
+    }
+  if (lo != UINT64_MAX)
+    r = al_write_pages (v, lo, hi);
+  if (r == 0)
+    pr_bm_set_range (v->al_mem, e0, e1 - e0 + 1);
+  pthread_mutex_unlock (&v->al_lock);
+  return r;
+}
+
+int
+pr_al_trim (pr_volume *v)
+{
+  int r;
+  pthread_mutex_lock (&v->al_lock);
+  memcpy (v->al_file, v->al_mem, v->al_words * 8);
+  r = al_write_pages (v, 0, v->al_words - 1);
+  pthread_mutex_unlock (&v->al_lock);
+  return r;
+}
+
+void
+pr_al_get (pr_volume *v, uint64_t *out, uint64_t nwords)
+{
+  pthread_mutex_lock (&v->al_lock);
+  memcpy (out, v->al_file, (nwords < v->al_words ? nwords : v->al_words) * 8);
+  pthread_mutex_unlock (&v->al_lock);
+}
+
+/* ---- region locks ---- */
+
+/* Calls f on the stripes of regions [r0, r1] in ascending stripe order. */
+static void
+stripes_do (pr_volume *v, uint64_t r0, uint64_t r1,
+            int (*f) (pthread_mutex_t *))
+{
+  uint64_t s, a = r0 % NSTRIPES, b = r1 % NSTRIPES;
+  if (r1 - r0 + 1 >= NSTRIPES) {
+    for (s = 0; s < NSTRIPES; s++)
+      f (&v->stripes[s]);
+  }
+  else if (a <= b) {
+    for (s = a; s <= b; s++)
+      f (&v->stripes[s]);
+  }
+  else {                        /* the range wraps around the stripe table */
+    for (s = 0; s <= b; s++)
+      f (&v->stripes[s]);
+    for (s = a; s < NSTRIPES; s++)
+      f (&v->stripes[s]);
+  }
+}
+
+/* ---- copy-on-write ---- */
+
+static __thread char *cow_buf;
+static __thread size_t cow_len;
+
+static int
+all_zero (const char *p, uint64_t n)
+{
+  static const char z[4096];
+  while (n >= sizeof z) {
+    if (memcmp (p, z, sizeof z))
+      return 0;
+    p += sizeof z; n -= sizeof z;
+  }
+  return memcmp (p, z, n) == 0;
+}
+
+static void
+cow_region (pr_volume *v, uint64_t r)
+{
+  uint64_t roff = r << v->rshift;
+  uint64_t rlen = v->size - roff;
+  int i, need = 0, err, zero;
+
+  for (i = 0; i < v->nsnaps; i++)
+    if (!__atomic_load_n (&v->snaps[i]->err, __ATOMIC_SEQ_CST)
+        && !pr_bm_test (v->snaps[i]->vmap, r))
+      need = 1;
+  if (!need)
+    return;
+
+  if (rlen > ((uint64_t)1 << v->rshift))
+    rlen = (uint64_t)1 << v->rshift;
+  if (cow_len < rlen) {
+    free (cow_buf);
+    cow_buf = malloc (rlen);
+    cow_len = cow_buf ? rlen : 0;
+  }
+  err = cow_buf ? pread_full (v->fd, cow_buf, rlen, roff) : -ENOMEM;
+  zero = err == 0 && all_zero (cow_buf, rlen);
+
+  for (i = 0; i < v->nsnaps; i++) {
+    pr_snap *s = v->snaps[i];
+    int e = err;
+    if (__atomic_load_n (&s->err, __ATOMIC_SEQ_CST) || pr_bm_test (s->vmap, r))
+      continue;
+    if (e == 0 && !zero)
+      e = pwrite_full (s->fd, cow_buf, rlen, roff);
+    if (e == 0)
+      pr_bm_set_range (s->vmap, r, 1);
+    else
+      pr_snap_invalidate (s, -e);
+  }
+}
+
+/* ---- data operations ---- */
+
+static int
+zero_data (pr_volume *v, uint64_t len, uint64_t off, int punch, int fast)
+{
+  static const char zeroes[65536];
+  int mode = punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                   : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+  if (fallocate (v->fd, mode, (off_t)off, (off_t)len) == 0)
+    return 0;
+  if (errno != EOPNOTSUPP && errno != ENODEV && errno != EINVAL)
+    return -errno;
+  if (!punch && fallocate (v->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           (off_t)off, (off_t)len) == 0)
+    return 0;
+  if (fast)
+    return -ENOTSUP;
+  while (len > 0) {
+    uint64_t n = len < sizeof zeroes ? len : sizeof zeroes;
+    int r = pwrite_full (v->fd, zeroes, n, off);
+    if (r)
+      return r;
+    len -= n; off += n;
+  }
+  return 0;
+}
+
+static void
+count_in (pr_volume *v)
+{
+  uint64_t n = __atomic_add_fetch (&v->writers, 1, __ATOMIC_SEQ_CST);
+  uint64_t m = __atomic_load_n (&v->max_writers, __ATOMIC_RELAXED);
+  while (n > m && !__atomic_compare_exchange_n (&v->max_writers, &m, n, 0,
+                                                __ATOMIC_RELAXED,
+                                                __ATOMIC_RELAXED))
+    ;
+}
+
+static int
+modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
+        uint64_t off, uint32_t flags)
+{
+  uint64_t r0, r1, b0, b1, r, zb0, zb1;
+  uint64_t bsize = (uint64_t)1 << v->bshift;
+  int err;
+
+  if (len == 0)
+    return 0;
+  if (off > v->size || len > v->size - off)
+    return -EINVAL;
+  r0 = off >> v->rshift;
+  r1 = (off + len - 1) >> v->rshift;
+  b0 = off >> v->bshift;
+  b1 = (off + len - 1) >> v->bshift;
+
+  count_in (v);
+  pthread_rwlock_rdlock (&v->epoch);
+  err = al_mark (v, off >> v->alshift, (off + len - 1) >> v->alshift);
+  if (err)
+    goto out;
+  stripes_do (v, r0, r1, pthread_mutex_lock);
+  for (r = r0; r <= r1; r++)
+    cow_region (v, r);
+  pr_bm_set_range (v->cmap, r0, r1 - r0 + 1);
+  pr_bm_set_range (v->bmap, b0, b1 - b0 + 1);
+  pr_bm_clear_range (v->zmap, b0, b1 - b0 + 1);
+  if (op == OP_WRITE)
+    err = pwrite_full (v->fd, buf, len, off);
+  else
+    err = zero_data (v, len, off, op == OP_TRIM || (flags & PR_MAY_TRIM),
+                     (flags & PR_FAST_ZERO) != 0);
+  if (err == 0 && op != OP_WRITE) {
+    /* blocks covered entirely (the last one may end at the volume's end) */
+    zb0 = (off + bsize - 1) >> v->bshift;
+    zb1 = (off + len == v->size) ? b1 + 1 : (off + len) >> v->bshift;
+    if (zb1 > zb0)
+      pr_bm_set_range (v->zmap, zb0, zb1 - zb0);
+  }
+  if (err == 0 && (flags & PR_FUA) && fdatasync (v->fd) == -1)
+    err = -errno;
+  stripes_do (v, r0, r1, pthread_mutex_unlock);
+out:
+  pthread_rwlock_unlock (&v->epoch);
+  __atomic_sub_fetch (&v->writers, 1, __ATOMIC_SEQ_CST);
+  return err;
+}
+
+int
+pr_write (pr_volume *v, const char *buf, uint64_t len, uint64_t off,
+          uint32_t flags)
+{
+  return modify (v, OP_WRITE, buf, len, off, flags);
+}
+
+int
+pr_zero (pr_volume *v, uint64_t len, uint64_t off, uint32_t flags)
+{
+  return modify (v, OP_ZERO, NULL, len, off, flags);
+}
+
+int
+pr_trim (pr_volume *v, uint64_t len, uint64_t off, uint32_t flags)
+{
+  return modify (v, OP_TRIM, NULL, len, off, flags);
+}
+
+int
+pr_read (pr_volume *v, char *buf, uint64_t len, uint64_t off)
+{
+  if (off > v->size || len > v->size - off)
+    return -EINVAL;
+  return pread_full (v->fd, buf, len, off);
+}
+
+int
+pr_flush (pr_volume *v)
+{
+  return fdatasync (v->fd) == -1 ? -errno : 0;
+}
+
+uint64_t
+pr_volume_max_writers (pr_volume *v)
+{
+  return __atomic_load_n (&v->max_writers, __ATOMIC_RELAXED);
+}
+
+uint64_t
+pr_volume_writers (pr_volume *v)
+{
+  return __atomic_load_n (&v->writers, __ATOMIC_RELAXED);
+}
+
+uint64_t
+pr_volume_al_syncs (pr_volume *v)
+{
+  return __atomic_load_n (&v->al_syncs, __ATOMIC_RELAXED);
+}
+
+/* ---- snapshots ---- */
+
+pr_snap *
+pr_snap_new (int snap_fd, uint64_t *vmap)
+{
+  pr_snap *s = calloc (1, sizeof *s);
+  if (!s)
+    return NULL;
+  s->fd = snap_fd;
+  s->vmap = vmap;
+  return s;
+}
+
+void
+pr_snap_free (pr_snap *s)
+{
+  free (s);
+}
+
+int
+pr_snap_valid (pr_snap *s)
+{
+  return __atomic_load_n (&s->err, __ATOMIC_SEQ_CST) == 0;
+}
+
+int
+pr_snap_error (pr_snap *s)
+{
+  return __atomic_load_n (&s->err, __ATOMIC_SEQ_CST);
+}
+
+void
+pr_snap_invalidate (pr_snap *s, int err)
+{
+  int zero = 0;
+  __atomic_compare_exchange_n (&s->err, &zero, err ? err : EIO, 0,
+                               __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+int
+pr_snap_read (pr_volume *v, pr_snap *s, char *buf, uint64_t len, uint64_t off)
+{
+  uint64_t end = off + len;
+  int err = 0;
+
+  if (off > v->size || len > v->size - off)
+    return -EINVAL;
+  while (off < end && err == 0) {
+    uint64_t r = off >> v->rshift;
+    uint64_t n = ((r + 1) << v->rshift) - off;
+    pthread_mutex_t *m = &v->stripes[r % NSTRIPES];
+    if (n > end - off)
+      n = end - off;
+    pthread_mutex_lock (m);
+    if (!pr_snap_valid (s))
+      err = -ESTALE;
+    else if (pr_bm_test (s->vmap, r))
+      err = pread_full (s->fd, buf, n, off);
+    else
+      err = pread_full (v->fd, buf, n, off);
+    pthread_mutex_unlock (m);
+    buf += n; off += n;
+  }
+  return err;
+}

@@ -1,0 +1,84 @@
+"""nbdkit Python plugin for prepl: thin adapters onto replication.server.
+
+    nbdkit python nbdplugin/plugin.py state=STATE_DIR
+
+Every callback hands the work to the library; OSError becomes the errno the
+NBD client sees.  Use `prepl serve` rather than starting this by hand.
+"""
+import os
+import sys
+
+import nbdkit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from replication import server as _server  # noqa: E402
+
+API_VERSION = 2
+_server.default_logging()
+srv = _server.Server()
+
+
+def _fail(e):
+    nbdkit.set_error(e.errno or 5)
+    raise e
+
+
+def config(key, value): srv.config(key, value)
+def config_complete(): srv.config_complete()
+def thread_model(): return nbdkit.THREAD_MODEL_PARALLEL
+def after_fork(): srv.after_fork()
+def cleanup(): srv.cleanup()
+def list_exports(readonly, is_tls): return srv.list_exports()
+def default_export(readonly, is_tls): return ""
+def get_size(h): return h.size
+def can_write(h): return h.writable
+def can_flush(h): return True
+def can_trim(h): return h.writable
+def can_zero(h): return h.writable
+def can_fast_zero(h): return h.writable
+def can_fua(h): return nbdkit.FUA_NATIVE
+def can_multi_conn(h): return True
+def can_extents(h): return h.is_snapshot
+def extents(h, count, offset, flags): return h.extents(count, offset)
+
+
+def open(readonly):
+    try:
+        return srv.open(nbdkit.export_name(), readonly)
+    except OSError as e:
+        _fail(e)
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.pread(buf, offset)
+    except OSError as e:
+        _fail(e)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.pwrite(buf, offset, flags)
+    except OSError as e:
+        _fail(e)
+
+
+def zero(h, count, offset, flags):
+    try:
+        h.zero(count, offset, flags)
+    except OSError as e:
+        _fail(e)
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.trim(count, offset, flags)
+    except OSError as e:
+        _fail(e)
+
+
+def flush(h, flags):
+    try:
+        h.flush()
+    except OSError as e:
+        _fail(e)

@@ -1,0 +1,322 @@
+"""The `prepl` command line.  Exit codes are in replication/errors.py:
+0 ok, 1 failed, 2 bad usage, 3 no server running, 4 state directory
+missing/corrupt/in use, 5 refused (the request would lose data)."""
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import control, state
+from .errors import (EXIT_OK, NotRunningError, PreplError, StateError, UsageError,
+                     InUseError)
+from .units import check_name, fmt_size, parse_pow2, parse_size
+
+log = logging.getLogger("prepl")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(REPO, "nbdplugin", "plugin.py")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _size(what):
+    return lambda text: _wrap(parse_size, text, what)
+
+
+def _pow2(what, lo, hi):
+    return lambda text: _wrap(parse_pow2, text, what, lo, hi)
+
+
+def _name(text):
+    return _wrap(check_name, text)
+
+
+def _wrap(f, *args):
+    try:
+        return f(*args)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _print_json(obj):
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _request(args, op, **kw):
+    return control.request(state.StateDir(args.state).control_socket, op, **kw)
+
+
+# ---- init ---------------------------------------------------------------
+
+def cmd_init(args):
+    sd, body = state.init(args.state, args.volume, size=args.size,
+                          region_size=args.region_size, block_size=args.block_size,
+                          role=args.role)
+    if args.json:
+        _print_json({"state_dir": sd.path, "volume": body["volume"],
+                     "volume_uuid": body["volume_uuid"], "size": body["size"],
+                     "role": body["role"]})
+    else:
+        print(f"initialised {sd.path}: {body['role']} of {body['volume']} "
+              f"({fmt_size(body['size'])}, region {fmt_size(body['region_size'])}, "
+              f"block {fmt_size(body['block_size'])}), volume uuid {body['volume_uuid']}")
+    return EXIT_OK
+
+
+# ---- serve / stop --------------------------------------------------------
+
+def _precheck_serve(sd):
+    body = sd.read_meta()
+    if sd.is_locked():
+        raise InUseError(f"state directory {sd.path} is in use by another server; "
+                         f"stop it first (`prepl stop {sd.path}`)")
+    have = state.volume_size(body["volume"]) if os.path.exists(body["volume"]) else None
+    if have != body["size"]:
+        raise StateError(f"volume {body['volume']} is "
+                         f"{'missing' if have is None else f'{have} bytes'} but {sd.path} "
+                         f"tracks a volume of {body['size']} bytes; nothing was changed")
+    return body
+
+
+def cmd_serve(args):
+    sd = state.StateDir(args.state)
+    _precheck_serve(sd)
+    if args.port is not None and args.bind not in LOOPBACK:
+        raise UsageError(f"refusing to serve on {args.bind}: off-loopback service needs TLS, "
+                         "which this version does not offer yet; use --bind 127.0.0.1")
+    cmd = ["nbdkit", "--log=stderr", "-P", sd.pidfile]
+    if args.unix:
+        cmd += ["-U", os.path.abspath(args.unix)]
+    else:
+        cmd += ["-p", str(args.port), "-i", args.bind]
+    if args.verbose:
+        cmd.append("-v")
+    cmd += ["python", PLUGIN, f"state={sd.path}"]
+    if not args.background:
+        sys.stdout.flush()
+        os.execvp("nbdkit", ["nbdkit", "-f"] + cmd[1:])
+    logpath = sd.p("server.log")
+    with open(logpath, "ab") as logf:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    if r.returncode != 0:
+        raise PreplError(f"the server did not start (nbdkit exit {r.returncode}):\n"
+                         + _tail(logpath))
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            st = control.request(sd.control_socket, "status", timeout=5)
+            break
+        except NotRunningError:
+            if time.monotonic() > deadline:
+                raise PreplError(f"the server did not answer on {sd.control_socket} within "
+                                 f"{args.timeout} s; its log:\n" + _tail(logpath))
+            time.sleep(0.05)
+    where = args.unix or f"{args.bind}:{args.port}"
+    print(f"serving {st['volume']} on {where} (pid {st['pid']}, log {logpath})")
+    return EXIT_OK
+
+
+def _tail(path, n=20):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def cmd_stop(args):
+    sd = state.StateDir(args.state)
+    sd.read_meta()
+    try:
+        with open(sd.pidfile) as f:
+            pid = int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        pid = None
+    if pid is None or not _pid_alive(pid) or not sd.is_locked():
+        raise NotRunningError(f"no server is running for {sd.path}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while _pid_alive(pid) or sd.is_locked():
+        if time.monotonic() > deadline:
+            raise PreplError(f"server pid {pid} did not stop within {args.timeout} s")
+        time.sleep(0.05)
+    print(f"stopped server pid {pid} of {sd.path}")
+    return EXIT_OK
+
+
+# ---- status -------------------------------------------------------------
+
+def cmd_status(args):
+    sd = state.StateDir(args.state)
+    try:
+        st = _request(args, "status")
+        st["running"] = True
+    except NotRunningError as e:
+        body = sd.read_meta()
+        st = {"running": False, "state_dir": sd.path, "role": body["role"],
+              "volume": body["volume"], "volume_uuid": body["volume_uuid"],
+              "size": body["size"], "generation": body["generation"],
+              "clean_stop": body["clean"],
+              "snappoints": [{"name": sp["name"], "created": sp["created"],
+                              "snapshot": "valid" if sp["snapshot"] else
+                              ("invalid" if sp.get("invalidated") else "none")}
+                             for sp in body["snappoints"]]}
+        _show_status(args, st)
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    _show_status(args, st)
+    return EXIT_OK
+
+
+def _show_status(args, st):
+    if args.json:
+        st["schema"] = "prepl.status/1"
+        _print_json(st)
+        return
+    print(f"state dir:  {st['state_dir']}")
+    print(f"role:       {st['role']} (generation {st['generation']})")
+    print(f"volume:     {st['volume']} ({fmt_size(st['size'])}), uuid {st['volume_uuid']}")
+    if not st["running"]:
+        print(f"server:     not running (last stop {'clean' if st['clean_stop'] else 'UNCLEAN'})")
+    else:
+        oi = st["open_interval"]
+        print(f"server:     running, pid {st['pid']}")
+        print(f"open interval {oi['seq']}: {oi['changed_regions']} regions / "
+              f"{oi['changed_blocks']} blocks changed")
+    for sp in st["snappoints"]:
+        print(f"snappoint {sp['name']}: snapshot {sp['snapshot']}")
+
+
+# ---- snappoints -----------------------------------------------------------
+
+def cmd_snap_create(args):
+    info = _request(args, "snappoint_create", name=args.name, dataless=args.dataless)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"snappoint {info['name']} created (interval {info['interval']} closed, "
+              f"{'export ' + info['export'] if info['export'] else 'dataless'})")
+    return EXIT_OK
+
+
+def cmd_snap_list(args):
+    sps = _request(args, "snappoint_list")
+    if args.json:
+        _print_json(sps)
+        return EXIT_OK
+    print(f"{'NAME':20} {'INTERVAL':>8} {'CREATED':19} {'SNAPSHOT':8} {'CHANGED':>10}")
+    for sp in sps:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sp["created"]))
+        print(f"{sp['name']:20} {sp['interval']:>8} {created:19} {sp['snapshot']:8} "
+              f"{sp['changed_blocks']:>10}")
+    return EXIT_OK
+
+
+def cmd_snap_convert(args):
+    if not args.dataless:
+        raise UsageError("convert needs --dataless (the only conversion there is)")
+    _request(args, "snappoint_convert", name=args.name)
+    print(f"snappoint {args.name} is dataless now")
+    return EXIT_OK
+
+
+def cmd_snap_delete(args):
+    _request(args, "snappoint_delete", name=args.name)
+    print(f"snappoint {args.name} deleted (its changes merged into the next interval)")
+    return EXIT_OK
+
+
+# ---- parser ---------------------------------------------------------------
+
+def parser():
+    p = argparse.ArgumentParser(prog="prepl", description=(
+        "Periodic block-level replication of a volume served over NBD. "
+        "Exit codes: 0 ok, 1 failed, 2 usage, 3 no server running, "
+        "4 state directory missing/corrupt/in use, 5 refused."))
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a state directory for a volume")
+    s.add_argument("state", help="state directory to create (new or empty)")
+    s.add_argument("--volume", required=True, help="the volume: a file or block device")
+    s.add_argument("--size", type=_size("size"),
+                   help="create VOLUME as a new zero-filled file of SIZE (e.g. 10G)")
+    s.add_argument("--region-size", type=_pow2("region size", 4096, 64 << 20),
+                   default=state.DEFAULT_REGION,
+                   help="copy-on-write and change-map granularity (default 64K)")
+    s.add_argument("--block-size", type=_pow2("block size", 512, 64 << 20),
+                   default=state.DEFAULT_BLOCK,
+                   help="block-map granularity (default 4K)")
+    s.add_argument("--role", choices=state.ROLES, default="primary")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("serve", help="serve the volume over NBD (nbdkit, foreground)")
+    s.add_argument("state")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", metavar="SOCKET", help="listen on a unix socket")
+    where.add_argument("--port", type=int, help="listen on a TCP port")
+    s.add_argument("--bind", default="127.0.0.1", help="address for --port (default 127.0.0.1)")
+    s.add_argument("--background", action="store_true",
+                   help="detach; return once the server answers (log in STATE/server.log)")
+    s.add_argument("--timeout", type=float, default=60, help="seconds to wait with --background")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("stop", help="stop the server of a state directory (clean stop)")
+    s.add_argument("state")
+    s.add_argument("--timeout", type=float, default=60)
+    s.set_defaults(func=cmd_stop)
+
+    s = sub.add_parser("status", help="show the state of a volume and its server")
+    s.add_argument("state")
+    s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/1)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("snappoint", help="create, list, convert or delete snappoints")
+    ssub = s.add_subparsers(dest="snapcmd", required=True, metavar="ACTION")
+    c = ssub.add_parser("create", help="close the open interval at a new snappoint")
+    c.add_argument("state")
+    c.add_argument("name", type=_name)
+    c.add_argument("--dataless", action="store_true", help="no snapshot, change map only")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_snap_create)
+    c = ssub.add_parser("list", help="list snappoints")
+    c.add_argument("state")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_snap_list)
+    c = ssub.add_parser("convert", help="free a snappoint's snapshot, keep its map")
+    c.add_argument("state")
+    c.add_argument("name", type=_name)
+    c.add_argument("--dataless", action="store_true", required=True)
+    c.set_defaults(func=cmd_snap_convert)
+    c = ssub.add_parser("delete", help="delete a snappoint, merging its changes forward")
+    c.add_argument("state")
+    c.add_argument("name", type=_name)
+    c.set_defaults(func=cmd_snap_delete)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="prepl: %(message)s")
+    try:
+        return args.func(args)
+    except PreplError as e:
+        print(f"prepl: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The control socket: one JSON object per line, each answered by one.
+
+Request:  {"op": "status"} | {"op": "snappoint_create", "name": N, "dataless": B}
+          | {"op": "snappoint_list"} | {"op": "snappoint_convert", "name": N}
+          | {"op": "snappoint_delete", "name": N} | {"op": "maps"}
+Reply:    {"ok": true, "result": ...} or {"ok": false, "code": C, "error": MESSAGE}
+
+The server side is a thread started in nbdkit's after_fork (threads started
+earlier do not survive nbdkit's fork).  The socket is created mode 0600 in
+the state directory: whoever may use it may change the volume's state.
+"""
+import json
+import logging
+import os
+import socket
+import threading
+
+from .errors import BY_CODE, NotRunningError, PreplError
+
+log = logging.getLogger(__name__)
+TICK = 1.0
+
+
+def _handlers(tracker):
+    return {
+        "status": lambda r: tracker.status(),
+        "snappoint_create": lambda r: tracker.create_snappoint(r.get("name"),
+                                                               bool(r.get("dataless"))),
+        "snappoint_list": lambda r: tracker.list_snappoints(),
+        "snappoint_convert": lambda r: tracker.convert_snappoint(r.get("name")),
+        "snappoint_delete": lambda r: tracker.delete_snappoint(r.get("name")),
+        "maps": lambda r: tracker.dump_maps(),
+    }
+
+
+def answer(handlers, line):
+    try:
+        req = json.loads(line)
+        if not isinstance(req, dict) or req.get("op") not in handlers:
+            raise PreplError(f"unknown request {line[:80]!r}; ops: {', '.join(handlers)}")
+        return {"ok": True, "result": handlers[req["op"]](req)}
+    except PreplError as e:
+        return {"ok": False, "code": e.code, "error": str(e)}
+    except ValueError as e:
+        return {"ok": False, "code": "failed", "error": f"bad request: {e}"}
+    except Exception as e:  # a bug: keep serving, tell the client
+        log.exception("control request failed")
+        return {"ok": False, "code": "failed", "error": f"internal error: {e!r}"}
+
+
+class ControlServer:
+    def __init__(self, path, tracker):
+        self.path = path
+        self.tracker = tracker
+        self.handlers = _handlers(tracker)
+        self._stop = threading.Event()
+        if os.path.exists(path):      # we hold the state lock: it is stale
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+        self.sock.settimeout(TICK)
+        self.thread = threading.Thread(target=self._run, name="prepl-control", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                self._tick()
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _tick(self):
+        try:
+            self.tracker.check_snapshots()
+        except Exception:
+            log.exception("housekeeping failed")
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                reply = answer(self.handlers, line.decode(errors="replace"))
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def stop(self):
+        self._stop.set()
+        try:
+            self.sock.close()
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def request(path, op, timeout=60.0, **args):
+    """Sends one request to the server's control socket; returns its result
+    or raises the PreplError the server reported."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            state = os.path.dirname(path)
+            raise NotRunningError(f"no server is running for {state} (nothing was changed); "
+                                  f"start one with `prepl serve {state} --unix SOCKET`")
+        with s.makefile("rwb") as f:
+            f.write(json.dumps({"op": op, **args}).encode() + b"\n")
+            f.flush()
+            line = f.readline()
+    finally:
+        s.close()
+    if not line:
+        raise PreplError("the server closed the control connection without an answer")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise BY_CODE.get(reply.get("code"), PreplError)(reply.get("error"))
+    return reply["result"]

@@ -1,0 +1,48 @@
+"""Errors of prepl.  Each class carries its message and the exit code the
+CLI returns for it; the CLI catches PreplError, prints the message and
+exits with the code.  Anything else is a bug and gets a traceback."""
+
+# Exit codes (bup-style: each one means one thing to a script).
+EXIT_OK = 0
+EXIT_FAILED = 1       # the operation was tried and failed; see the message
+EXIT_USAGE = 2        # bad command line (argparse uses 2 too)
+EXIT_NOT_RUNNING = 3  # no server runs for this state directory
+EXIT_STATE = 4        # state directory missing, corrupt, incompatible or in use
+EXIT_REFUSED = 5      # the request is valid but refused (e.g. would lose data)
+
+
+class PreplError(Exception):
+    exit_code = EXIT_FAILED
+    code = "failed"   # stable machine-readable name used on the control socket
+
+
+class UsageError(PreplError):
+    exit_code = EXIT_USAGE
+    code = "usage"
+
+
+class StateError(PreplError):
+    exit_code = EXIT_STATE
+    code = "state"
+
+
+class InUseError(StateError):
+    code = "in_use"
+
+
+class NotRunningError(PreplError):
+    exit_code = EXIT_NOT_RUNNING
+    code = "not_running"
+
+
+class RefusedError(PreplError):
+    exit_code = EXIT_REFUSED
+    code = "refused"
+
+
+class NotFoundError(PreplError):
+    code = "not_found"
+
+
+BY_CODE = {c.code: c for c in (PreplError, UsageError, StateError, InUseError,
+                                NotRunningError, RefusedError, NotFoundError)}

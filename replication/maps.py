@@ -1,0 +1,67 @@
+"""Map files: fixed-size bitmap files mapped into memory as numpy arrays.
+
+A map file holds ceil(nbits / 64) little-endian uint64 words and nothing
+else; its identity, size and (once its interval is closed) its SHA-256
+digest live in the metadata file.  The server maps open maps read-write
+and hands their memory to C; anyone else maps closed maps read-only.
+"""
+import hashlib
+import mmap
+import os
+
+import numpy as np
+
+from . import native
+from .errors import StateError
+
+
+class MapFile:
+    """One map file mapped into memory; .bits is the numpy uint64 view."""
+
+    def __init__(self, path, nbits, writable=True, create=False):
+        self.path = path
+        self.nbits = nbits
+        nbytes = native.words_for(nbits) * 8
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)
+                os.fsync(fd)
+            have = os.fstat(fd).st_size
+            if have != nbytes:
+                raise StateError(f"map file {path} has {have} bytes, expected {nbytes}: "
+                                 "the state directory is damaged")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, prot)
+        finally:
+            os.close(fd)
+        self.bits = np.frombuffer(self._mm, dtype=np.uint64)
+
+    def sync(self):
+        """msync: the map's current bits are durable when this returns."""
+        self._mm.flush()
+
+    def digest(self):
+        return hashlib.sha256(self._mm).hexdigest()
+
+    def count(self):
+        return native.bm_count(self.bits, self.nbits)
+
+    def runs(self, limit=None):
+        return native.bm_runs(self.bits, self.nbits, 0, limit)
+
+
+def create_copy(src, path):
+    """A new map file at path with the bits of src, durable on return."""
+    m = MapFile(path, src.nbits, create=True)
+    m.bits[:] = src.bits
+    m.sync()
+    return m
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

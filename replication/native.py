@@ -1,0 +1,273 @@
+"""The only module that touches the cffi extension (replication._native).
+
+It checks every length and bit range before calling C, turns negative
+returns into OSError(errno), ties C objects to Python lifetimes, and keeps
+the memory that C points into (mapped map files, snapshot files) alive for
+as long as C may use it.  Maps are numpy uint64 arrays (usually views of a
+mapped file); a bit i is word i // 64, bit i % 64.
+"""
+import errno
+import os
+
+import numpy as np
+
+from ._native import ffi, lib
+
+ABI_VERSION = 1
+if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
+    raise ImportError(
+        f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
+        "rebuild it (scripts/bootstrap)")
+
+# the same values as nbdkit.FLAG_*
+MAY_TRIM = 1
+FUA = 2
+FAST_ZERO = 8
+
+
+def words_for(nbits):
+    return (nbits + 63) // 64
+
+
+def _check_map(m, nbits, writable=False):
+    if not isinstance(m, np.ndarray) or m.dtype != np.uint64 or not m.flags.c_contiguous:
+        raise TypeError("a map is a C-contiguous numpy uint64 array")
+    if m.size < words_for(nbits):
+        raise ValueError(f"map of {m.size} words is too small for {nbits} bits")
+    if writable and not m.flags.writeable:
+        raise ValueError("map is read-only")
+
+
+def _ptr(m):
+    return ffi.cast("uint64_t *", ffi.from_buffer(m))
+
+
+def _check_range(nbits, first, count):
+    if first < 0 or count < 0 or first + count > nbits:
+        raise ValueError(f"bit range [{first}, {first + count}) outside a map of {nbits} bits")
+
+
+def _raise(r, what):
+    if r < 0:
+        raise OSError(-r, f"{what}: {os.strerror(-r)}")
+    return r
+
+
+# ---- bitmaps ---------------------------------------------------------------
+
+def bm_set(m, nbits, first, count=1):
+    _check_map(m, nbits, True)
+    _check_range(nbits, first, count)
+    lib.pr_bm_set_range(_ptr(m), first, count)
+
+
+def bm_clear(m, nbits, first, count=1):
+    _check_map(m, nbits, True)
+    _check_range(nbits, first, count)
+    lib.pr_bm_clear_range(_ptr(m), first, count)
+
+
+def bm_test(m, nbits, bit):
+    _check_map(m, nbits)
+    _check_range(nbits, bit, 1)
+    return bool(lib.pr_bm_test(_ptr(m), bit))
+
+
+def bm_count(m, nbits):
+    _check_map(m, nbits)
+    return lib.pr_bm_count(_ptr(m), nbits)
+
+
+def bm_next_set(m, nbits, start=0):
+    """Index of the first set bit at or after start, or -1."""
+    _check_map(m, nbits)
+    return lib.pr_bm_next_set(_ptr(m), nbits, max(0, start))
+
+
+def bm_next_clear(m, nbits, start=0):
+    _check_map(m, nbits)
+    return lib.pr_bm_next_clear(_ptr(m), nbits, max(0, start))
+
+
+def bm_runs(m, nbits, start=0, limit=None):
+    """Runs of set bits as two numpy arrays (starts, lengths)."""
+    _check_map(m, nbits)
+    p = _ptr(m)
+    chunk = 65536
+    out_s, out_l = [], []
+    pos = ffi.new("uint64_t *", max(0, start))
+    total = 0
+    while pos[0] < nbits and (limit is None or total < limit):
+        want = chunk if limit is None else min(chunk, limit - total)
+        s = np.empty(want, dtype=np.uint64)
+        ln = np.empty(want, dtype=np.uint64)
+        n = lib.pr_bm_runs(p, nbits, pos, _ptr(s), _ptr(ln), want)
+        out_s.append(s[:n])
+        out_l.append(ln[:n])
+        total += n
+        if n < want:
+            break
+    if not out_s:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    return np.concatenate(out_s), np.concatenate(out_l)
+
+
+def bm_or(dst, src, nbits):
+    _check_map(dst, nbits, True)
+    _check_map(src, nbits)
+    lib.pr_bm_or(_ptr(dst), _ptr(src), words_for(nbits))
+
+
+def bm_andnot(dst, src, nbits):
+    _check_map(dst, nbits, True)
+    _check_map(src, nbits)
+    lib.pr_bm_andnot(_ptr(dst), _ptr(src), words_for(nbits))
+
+
+def merge_interval(dst, src, nregions, nblocks):
+    """Folds the maps of interval src (cmap, bmap, zmap) into the interval
+    dst that follows it; dst must not be live (see Volume.merge_open)."""
+    for d, s, n in zip(dst, src, (nregions, nblocks, nblocks)):
+        _check_map(d, n, True)
+        _check_map(s, n)
+    lib.pr_bm_merge_interval(*(_ptr(x) for x in dst), *(_ptr(x) for x in src),
+                             words_for(nregions), words_for(nblocks))
+
+
+# ---- the write path --------------------------------------------------------
+
+def _log2(n, what):
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"{what} must be a power of two, not {n}")
+    return n.bit_length() - 1
+
+
+class Snapshot:
+    """C view of one snapshot: its file and its valid map (bit per region)."""
+
+    def __init__(self, fd, vmap, nregions):
+        _check_map(vmap, nregions, True)
+        self.fd = fd
+        self.vmap = vmap          # keeps the mapped memory alive
+        self._c = ffi.gc(lib.pr_snap_new(fd, _ptr(vmap)), lib.pr_snap_free)
+        if self._c == ffi.NULL:
+            raise MemoryError("pr_snap_new")
+
+    @property
+    def valid(self):
+        return bool(lib.pr_snap_valid(self._c))
+
+    @property
+    def error(self):
+        return lib.pr_snap_error(self._c)
+
+    def invalidate(self, err=errno.ESTALE):
+        lib.pr_snap_invalidate(self._c, err)
+
+
+class Volume:
+    """C state of a tracked volume: open maps, active snapshots, the AL."""
+
+    def __init__(self, fd, size, region_size, block_size, al_fd, al_extent, al_offset):
+        self.size = size
+        self.region_size = region_size
+        self.block_size = block_size
+        self.nregions = -(-size // region_size)
+        self.nblocks = -(-size // block_size)
+        c = lib.pr_volume_new(fd, size, _log2(region_size, "region size"),
+                              _log2(block_size, "block size"), al_fd,
+                              _log2(al_extent, "activity-log extent"), al_offset)
+        if c == ffi.NULL:
+            raise OSError(ffi.errno, f"pr_volume_new: {os.strerror(ffi.errno)}")
+        self._c = ffi.gc(c, lib.pr_volume_free)
+        self._maps = None         # the open maps C writes into
+        self._snaps = []          # active snapshots C copies into
+
+    def _check_io(self, length, offset):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL,
+                          f"request [{offset}, {offset + length}) is outside the volume "
+                          f"of {self.size} bytes")
+
+    def switch(self, maps, snap=None):
+        """Installs new open maps (cmap, bmap, zmap) and, optionally, starts
+        a snapshot, atomically with respect to in-flight writes."""
+        cmap, bmap, zmap = maps
+        _check_map(cmap, self.nregions, True)
+        _check_map(bmap, self.nblocks, True)
+        _check_map(zmap, self.nblocks, True)
+        if snap is not None:
+            _check_map(snap.vmap, self.nregions, True)
+        _raise(lib.pr_volume_switch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
+                                    snap._c if snap is not None else ffi.NULL),
+               "snapshot start")
+        self._maps = maps
+        if snap is not None:
+            self._snaps.append(snap)
+
+    def merge_open(self, src):
+        for s, n in zip(src, (self.nregions, self.nblocks, self.nblocks)):
+            _check_map(s, n)
+        lib.pr_volume_merge_open(self._c, *(_ptr(x) for x in src))
+
+    def drop_snap(self, snap):
+        lib.pr_volume_drop_snap(self._c, snap._c)
+        if snap in self._snaps:
+            self._snaps.remove(snap)
+
+    def pwrite(self, buf, offset, flags=0):
+        n = len(buf)
+        self._check_io(n, offset)
+        r = lib.pr_write(self._c, ffi.from_buffer(buf), n, offset, flags)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+
+    def zero(self, length, offset, flags=0):
+        self._check_io(length, offset)
+        r = lib.pr_zero(self._c, length, offset, flags)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+
+    def trim(self, length, offset, flags=0):
+        self._check_io(length, offset)
+        r = lib.pr_trim(self._c, length, offset, flags)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+
+    def pread(self, buf, offset):
+        n = len(buf)
+        self._check_io(n, offset)
+        r = lib.pr_read(self._c, ffi.from_buffer(buf, require_writable=True), n, offset)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+
+    def snap_pread(self, snap, buf, offset):
+        n = len(buf)
+        self._check_io(n, offset)
+        r = lib.pr_snap_read(self._c, snap._c, ffi.from_buffer(buf, require_writable=True),
+                             n, offset)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+
+    def flush(self):
+        _raise(lib.pr_flush(self._c), "flush")
+
+    def al_trim(self):
+        _raise(lib.pr_al_trim(self._c), "activity log write")
+
+    def al_bits(self, nwords):
+        out = np.zeros(nwords, dtype=np.uint64)
+        lib.pr_al_get(self._c, _ptr(out), nwords)
+        return out
+
+    @property
+    def max_writers(self):
+        return lib.pr_volume_max_writers(self._c)
+
+    @property
+    def writers(self):
+        return lib.pr_volume_writers(self._c)
+
+    @property
+    def al_syncs(self):
+        return lib.pr_volume_al_syncs(self._c)

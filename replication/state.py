@@ -1,0 +1,230 @@
+"""The state directory of one volume and its metadata file.
+
+Layout of STATE/:
+  meta.json     versioned metadata, {"format", "checksum", "body"}; the
+                checksum is the SHA-256 of the canonical JSON of body, so a
+                damaged file is detected, never trusted.  Written atomically:
+                temp file, fsync, rename, fsync of the directory.
+  lock          flock()ed by the one server of this directory; holds its pid
+  al            the activity log (see replication/tracker.py)
+  maps/         change (.cmap), block (.bmap) and zero (.zmap) map files,
+                one set per interval; valid maps (.vmap) of snapshots
+  snaps/        sparse snapshot files (.img)
+  control.sock  the server's control socket (mode 0600)
+  server.pid    the server's pid while it runs
+
+Only the server writes anything here after `prepl init`.
+"""
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import time
+import uuid
+
+from .errors import InUseError, StateError, UsageError
+
+FORMAT = 1
+META = "meta.json"
+ROLES = ("primary", "secondary")
+DEFAULT_REGION = 64 << 10
+DEFAULT_BLOCK = 4 << 10
+DEFAULT_AL_EXTENT = 4 << 20
+
+
+def _canonical(body):
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def volume_size(path):
+    """Size of a regular file or a block device, in bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+class StateDir:
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def __str__(self):
+        return self.path
+
+    def p(self, *names):
+        return os.path.join(self.path, *names)
+
+    @property
+    def control_socket(self):
+        return self.p("control.sock")
+
+    @property
+    def pidfile(self):
+        return self.p("server.pid")
+
+    # ---- metadata ------------------------------------------------------
+    def read_meta(self):
+        """The metadata body, checked: format, checksum, required keys."""
+        path = self.p(META)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            if not os.path.isdir(self.path):
+                raise StateError(f"{self.path} does not exist: create it with `prepl init`")
+            raise StateError(f"{self.path} is not a prepl state directory (no {META}): "
+                             "create one with `prepl init`")
+        try:
+            doc = json.loads(raw)
+            fmt = doc["format"]
+            body = doc["body"]
+            checksum = doc["checksum"]
+        except (ValueError, KeyError, TypeError):
+            raise StateError(f"{path} is corrupt (not a prepl metadata document); "
+                             "restore it from a backup or re-create the state directory")
+        if not isinstance(fmt, int) or fmt > FORMAT:
+            raise StateError(f"{path} has format {fmt!r}, newer than this prepl understands "
+                             f"({FORMAT}): upgrade prepl")
+        if checksum != "sha256:" + hashlib.sha256(_canonical(body)).hexdigest():
+            raise StateError(f"{path} is corrupt (checksum mismatch); nothing was changed. "
+                             "Restore it from a backup or re-create the state directory")
+        return body
+
+    def write_meta(self, body):
+        """Atomically replaces the metadata (durable on return)."""
+        doc = {"format": FORMAT,
+               "checksum": "sha256:" + hashlib.sha256(_canonical(body)).hexdigest(),
+               "body": body}
+        tmp = self.p(META + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.p(META))
+        fsync_dir(self.path)
+
+    # ---- the server's lock ---------------------------------------------
+    def lock(self):
+        """Takes the server lock; returns the open file (keep it open)."""
+        f = open(self.p("lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise InUseError(f"state directory {self.path} is in use by another server "
+                             f"(pid {holder}); stop it first (`prepl stop {self.path}`)")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
+    def is_locked(self):
+        try:
+            f = open(self.p("lock"), "r")
+        except FileNotFoundError:
+            return False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+
+
+def new_interval(seq, file_id):
+    return {"seq": seq, "closed_by": None, "closed_at": None,
+            "maps": {k: f"i{seq}-{file_id}.{k}" for k in ("cmap", "bmap", "zmap")},
+            "digests": None}
+
+
+def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT_BLOCK,
+         role="primary", al_extent=DEFAULT_AL_EXTENT):
+    """Creates a state directory for volume.  With size, creates the volume
+    as a new zero-filled file and records that it was tracked since empty."""
+    if role not in ROLES:
+        raise UsageError(f"invalid role {role!r}: use primary or secondary")
+    if block_size > region_size:
+        raise UsageError(f"block size {block_size} is larger than region size {region_size}")
+    sd = StateDir(path)
+    if os.path.exists(sd.p(META)):
+        raise StateError(f"{sd.path} already holds a prepl state directory; "
+                         "nothing was changed")
+    if os.path.exists(sd.path) and (not os.path.isdir(sd.path) or os.listdir(sd.path)):
+        raise StateError(f"{sd.path} exists and is not an empty directory; nothing was changed")
+    volume = os.path.abspath(volume)
+    created = False
+    if size is not None:
+        if os.path.exists(volume):
+            raise UsageError(f"volume {volume} already exists: --size creates a new, empty "
+                             "volume; leave out --size to track an existing one")
+        fd = os.open(volume, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(volume))
+        created = True
+    else:
+        if not os.path.exists(volume):
+            raise UsageError(f"volume {volume} does not exist: give --size to create it")
+        mode = os.stat(volume).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UsageError(f"volume {volume} is neither a regular file nor a block device")
+        size = volume_size(volume)
+        if size == 0:
+            raise UsageError(f"volume {volume} is empty (0 bytes)")
+    try:
+        os.makedirs(sd.p("maps"), mode=0o700, exist_ok=True)
+        os.makedirs(sd.p("snaps"), mode=0o700, exist_ok=True)
+        os.chmod(sd.path, 0o700)
+        body = {
+            "volume_uuid": str(uuid.uuid4()),
+            "volume": volume,
+            "size": size,
+            "region_size": region_size,
+            "block_size": block_size,
+            "al_extent": max(al_extent, region_size),
+            "role": role,
+            "generation": 1,
+            "created": time.time(),
+            "tracked_since_empty": created,
+            "clean": True,
+            "next_seq": 1,
+            "next_snap_id": 1,
+            "next_file_id": 2,
+            "intervals": [new_interval(0, 1)],
+            "snappoints": [],
+            "links": {},
+        }
+        from .tracker import create_interval_files
+        create_interval_files(sd, body, body["intervals"][0])
+        sd.write_meta(body)
+    except BaseException:
+        if created:
+            os.unlink(volume)
+        raise
+    return sd, body
+
+
+def copy_body(body):
+    return copy.deepcopy(body)
