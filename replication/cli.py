@@ -5,7 +5,10 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -89,6 +92,7 @@ def cmd_serve(args):
                          "which this version does not offer yet; use --bind 127.0.0.1")
     cmd = ["nbdkit", "--log=stderr", "-P", sd.pidfile]
     if args.unix:
+        _remove_stale_socket(args.unix)
         cmd += ["-U", os.path.abspath(args.unix)]
     else:
         cmd += ["-p", str(args.port), "-i", args.bind]
@@ -98,25 +102,56 @@ def cmd_serve(args):
     if not args.background:
         sys.stdout.flush()
         os.execvp("nbdkit", ["nbdkit", "-f"] + cmd[1:])
+    # nbdkit's own daemon mode sends stderr to /dev/null, and a foreground
+    # nbdkit that is our direct child stops when we exit: detach it with
+    # `setsid -f` so its log lands in STATE/server.log.  It inherits the
+    # write end of a pipe: EOF on the read end means it has exited.
     logpath = sd.p("server.log")
-    with open(logpath, "ab") as logf:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-    if r.returncode != 0:
-        raise PreplError(f"the server did not start (nbdkit exit {r.returncode}):\n"
-                         + _tail(logpath))
-    deadline = time.monotonic() + args.timeout
-    while True:
-        try:
-            st = control.request(sd.control_socket, "status", timeout=5)
-            break
-        except NotRunningError:
-            if time.monotonic() > deadline:
-                raise PreplError(f"the server did not answer on {sd.control_socket} within "
-                                 f"{args.timeout} s; its log:\n" + _tail(logpath))
-            time.sleep(0.05)
+    rfd, wfd = os.pipe()
+    try:
+        with open(logpath, "ab") as logf:
+            subprocess.run(["setsid", "-f", "nbdkit", "-f"] + cmd[1:], check=True,
+                           stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                           pass_fds=(wfd,))
+        os.close(wfd)
+        wfd = None
+        deadline = time.monotonic() + args.timeout
+        while True:
+            try:
+                st = control.request(sd.control_socket, "status", timeout=5)
+                break
+            except NotRunningError:
+                if select.select([rfd], [], [], 0.05)[0] and not os.read(rfd, 1):
+                    raise PreplError(f"the server did not start; its log {logpath} ends "
+                                     "with:\n" + _tail(logpath))
+                if time.monotonic() > deadline:
+                    raise PreplError(f"the server did not answer on {sd.control_socket} "
+                                     f"within {args.timeout} s; its log:\n" + _tail(logpath))
+    finally:
+        os.close(rfd)
+        if wfd is not None:
+            os.close(wfd)
     where = args.unix or f"{args.bind}:{args.port}"
     print(f"serving {st['volume']} on {where} (pid {st['pid']}, log {logpath})")
     return EXIT_OK
+
+
+def _remove_stale_socket(path):
+    """nbdkit leaves its unix socket behind when it stops: remove it if
+    nothing listens on it; refuse if something does."""
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise UsageError(f"{path} exists and is not a socket; choose another --unix path")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        s.close()
+    raise InUseError(f"{path} is in use by another server; choose another --unix path")
 
 
 def _tail(path, n=20):

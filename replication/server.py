@@ -46,6 +46,7 @@ class Server:
         self.tracker = Tracker(self.state)
 
     def after_fork(self):
+        self.tracker.start()
         self.control = ControlServer(self.tracker.sd.control_socket, self.tracker)
         self.control.start()
 

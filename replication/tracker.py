@@ -36,7 +36,7 @@ import numpy as np
 
 from . import native
 from .errors import NotFoundError, RefusedError, StateError
-from .maps import MapFile, create_copy
+from .maps import MapFile, create_copy, file_digest
 from .state import StateDir, fsync_dir, new_interval, volume_size
 from .units import check_name
 
@@ -106,6 +106,7 @@ class Tracker:
         self.vol_fd = self._open_volume()
         self.al_fd = os.open(self.sd.p("al"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.recovered = None
+        self._check_closed_digests()
         if not body["clean"]:
             self.recovered = self._recover()
         self._reset_al()
@@ -120,11 +121,18 @@ class Tracker:
                 self.snaps[sp["name"]] = s
                 self.vol.switch(self._c_maps(self.maps), s.c)
         self.closed_maps = {}     # seq -> {kind: MapFile} (read-only, lazily)
-        body["clean"] = False
-        self._save()
         self.closed = False
-        log.info("serving volume %s (%d bytes, uuid %s) from %s%s", body["volume"], self.size,
-                 body["volume_uuid"], self.sd,
+
+    def start(self):
+        """Called once the server serves (nbdkit's after_fork): from now on
+        a stop without close() is unclean.  Until then nothing was written,
+        so a server that fails to start (e.g. its socket is taken) leaves
+        the state as it found it."""
+        with self.lock:
+            self.body["clean"] = False
+            self._save()
+        log.info("serving volume %s (%d bytes, uuid %s) from %s%s", self.body["volume"],
+                 self.size, self.body["volume_uuid"], self.sd,
                  " after recovery from an unclean stop" if self.recovered else "")
 
     # ---- opening ---------------------------------------------------------
@@ -161,7 +169,6 @@ class Tracker:
         for iv in self.body["intervals"][:-1]:
             for k in KINDS:
                 p = self.sd.p("maps", iv["maps"][k])
-                from .maps import file_digest
                 try:
                     d = file_digest(p)
                 except FileNotFoundError:
@@ -196,7 +203,6 @@ class Tracker:
     def _recover(self):
         """Unclean stop: rebuild the open interval, drop every snapshot."""
         body = self.body
-        self._check_closed_digests()
         iv = self.open_interval
         for k in KINDS:
             p = self.sd.p("maps", iv["maps"][k])
