@@ -15,7 +15,7 @@ def parse_size(text, what="size"):
     if isinstance(text, int):
         n = text
     else:
-        m = _SIZE_RE.match(str(text))
+        m = _SIZE_RE.fullmatch(str(text))
         if not m:
             raise UsageError(f"invalid {what} {text!r}: use bytes or a K/M/G/T suffix, e.g. 64K")
         n = int(m.group(1)) * _SUFFIX[m.group(2).upper()]
@@ -36,7 +36,7 @@ def parse_pow2(text, what, lo, hi):
 
 
 def check_name(name, what="snappoint name"):
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise UsageError(f"invalid {what} {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
     return name
 

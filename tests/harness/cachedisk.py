@@ -27,7 +27,12 @@ Model
       (mode "random").  Blocks are never torn: each is entirely the last
       flushed content or entirely the latest written content.  The file is
       fsynced, the reply is {"ok":true,"kept":K,"dropped":D} (counts of
-      unflushed blocks), then nbdkit is asked to shut down.
+      unflushed blocks), then nbdkit is asked to shut down (unless
+      "shutdown":false: then it keeps answering every request with EIO).
+      Note (nbdkit 1.32): after nbdkit.shutdown() nbdkit itself answers the
+      next request with ESHUTDOWN and drops that connection, but an idle
+      client connection keeps nbdkit alive until the client goes away
+      (the harness kills nbdkit by PID).
 
 Blocks written back early (choice made for this harness): before the first
 early write of a block its last *flushed* content is saved.  In mode
@@ -324,7 +329,7 @@ def serve_client(conn):
                     if crashed and op is not op_stats:
                         raise RuntimeError("disk already crashed")
                     rep = dict(op(req), ok=True)
-                shutdown = op is op_crash
+                shutdown = op is op_crash and req.get("shutdown", True)
             except Exception as e:  # report, keep serving
                 rep = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
             f.write(json.dumps(rep).encode() + b"\n")

@@ -314,6 +314,7 @@ def test_nbd_fua_write_is_durable(cachedisk):
     assert disk.stats()["cached"] == 0
     h.pwrite(b"w" * BS, 2 * BS)
     h.zero(BS, 0)                          # zero is cached too
+    h.shutdown()                           # else nbdkit waits for us
     disk.crash("flushed")
     disk.wait_exit()
     blocks = image_blocks(disk.image)
@@ -363,3 +364,19 @@ def test_control_errors_are_replies(cachedisk):
     assert disk.request({"op": "nope"})["ok"] is False
     assert disk.request({"op": "crash", "mode": "weird"})["ok"] is False
     assert disk.stats()["crashed"] is False
+
+
+def test_nbd_crash_without_shutdown_answers_eio(cachedisk):
+    disk = cachedisk("eio")
+    h = connect(disk)
+    h.pwrite(b"z" * BS, 0)
+    assert disk.crash("flushed", shutdown=False)["dropped"] == 1
+    for op in (lambda: h.pread(BS, 0), lambda: h.pwrite(b"y" * BS, BS),
+               lambda: h.flush(), lambda: h.zero(BS, 0)):
+        with pytest.raises(nbd.Error) as e:
+            op()
+        assert e.value.errno == "EIO"
+    assert disk.stats()["crashed"] is True
+    assert disk.request({"op": "writeback", "fraction": 1})["ok"] is False
+    assert image_blocks(disk.image)[0] == bytes(BS)
+    h.shutdown()
