@@ -50,6 +50,9 @@ pr_volume *pr_volume_new(int vol_fd, uint64_t size, uint32_t region_shift,
                          uint32_t block_shift, int al_fd, uint32_t al_shift,
                          uint64_t al_offset);
 void pr_volume_free(pr_volume *v);
+/* Drains in-flight writes; from then on every write, zero and trim fails
+ * with -ESHUTDOWN (the server is stopping and its maps are final). */
+void pr_volume_close(pr_volume *v);
 
 /* Atomically, with respect to in-flight writes (they drain first): install
  * new open maps and, if snap is not NULL, start that snapshot.  All maps

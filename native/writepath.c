@@ -45,7 +45,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 1
+#define PR_ABI 2
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -76,6 +76,7 @@ struct pr_volume {
   uint64_t *al_file;            /* the log as on disk (under al_lock) */
   uint64_t *al_mem;             /* durable and touched since the switch */
   uint64_t writers, max_writers, al_syncs;      /* atomic counters */
+  int closed;                   /* set under epoch (exclusive) */
 };
 
 int
@@ -195,6 +196,14 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
   }
   pthread_rwlock_unlock (&v->epoch);
   return r;
+}
+
+void
+pr_volume_close (pr_volume *v)
+{
+  pthread_rwlock_wrlock (&v->epoch);
+  v->closed = 1;
+  pthread_rwlock_unlock (&v->epoch);
 }
 
 void
@@ -419,6 +428,9 @@ modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
 
   count_in (v);
   pthread_rwlock_rdlock (&v->epoch);
+  err = v->closed ? -ESHUTDOWN : 0;
+  if (err)
+    goto out;
   err = al_mark (v, off >> v->alshift, (off + len - 1) >> v->alshift);
   if (err)
     goto out;

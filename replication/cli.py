@@ -163,10 +163,11 @@ def _tail(path, n=20):
 
 
 def _pid_alive(pid):
+    """True while pid runs (a zombie that nobody reaped counts as gone)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
 
 
@@ -180,13 +181,27 @@ def cmd_stop(args):
         pid = None
     if pid is None or not _pid_alive(pid) or not sd.is_locked():
         raise NotRunningError(f"no server is running for {sd.path}")
+    # First make the state final and durable through the control socket
+    # (in-flight writes drain, later ones fail with ESHUTDOWN, the metadata
+    # records a clean stop).  nbdkit 1.32 then waits for connected clients
+    # to hang up before it exits: past a grace period it is killed, which
+    # loses nothing because the state is already final.
+    try:
+        control.request(sd.control_socket, "shutdown", timeout=args.timeout)
+    except NotRunningError:
+        pass
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
+    grace = time.monotonic() + 2
+    note = ""
     while _pid_alive(pid) or sd.is_locked():
+        if time.monotonic() > grace and not note and sd.read_meta()["clean"]:
+            os.kill(pid, signal.SIGKILL)
+            note = " (connected clients were disconnected)"
         if time.monotonic() > deadline:
             raise PreplError(f"server pid {pid} did not stop within {args.timeout} s")
         time.sleep(0.05)
-    print(f"stopped server pid {pid} of {sd.path}")
+    print(f"stopped server pid {pid} of {sd.path}{note}")
     return EXIT_OK
 
 

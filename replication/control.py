@@ -3,6 +3,8 @@
 Request:  {"op": "status"} | {"op": "snappoint_create", "name": N, "dataless": B}
           | {"op": "snappoint_list"} | {"op": "snappoint_convert", "name": N}
           | {"op": "snappoint_delete", "name": N} | {"op": "maps"}
+          | {"op": "shutdown"}  (clean stop of the tracker; the process exits
+                                 when nbdkit is signalled, see `prepl stop`)
 Reply:    {"ok": true, "result": ...} or {"ok": false, "code": C, "error": MESSAGE}
 
 The server side is a thread started in nbdkit's after_fork (threads started
@@ -30,6 +32,7 @@ def _handlers(tracker):
         "snappoint_convert": lambda r: tracker.convert_snappoint(r.get("name")),
         "snappoint_delete": lambda r: tracker.delete_snappoint(r.get("name")),
         "maps": lambda r: tracker.dump_maps(),
+        "shutdown": lambda r: tracker.close(),
     }
 
 

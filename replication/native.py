@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -204,6 +204,10 @@ class Volume:
         self._maps = maps
         if snap is not None:
             self._snaps.append(snap)
+
+    def close(self):
+        """Drains in-flight writes; later writes fail with ESHUTDOWN."""
+        lib.pr_volume_close(self._c)
 
     def merge_open(self, src):
         for s, n in zip(src, (self.nregions, self.nblocks, self.nblocks)):

@@ -474,6 +474,7 @@ class Tracker:
                 return
             self.check_snapshots()
             self.closed = True
+            self.vol.close()
             self.vol.flush()
             for m in self.maps.values():
                 m.sync()

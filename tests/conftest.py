@@ -84,7 +84,23 @@ class Server:
         h.connect_unix(self.sock)
         return h
 
-    def stop(self, sig=signal.SIGTERM, timeout=30):
+    def stop(self):
+        """Clean stop, as `prepl stop` does it: the tracker's state is made
+        final through the control socket, then nbdkit is signalled (and
+        killed if idle clients keep it up)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.ctl("shutdown")
+        except Exception:
+            pass
+        self._signal(signal.SIGTERM, 3)
+
+    def kill(self):
+        """An unclean stop: SIGKILL."""
+        self._signal(signal.SIGKILL, 10)
+
+    def _signal(self, sig, timeout):
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(sig)
@@ -94,9 +110,6 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
         self.logf.close()
-
-    def kill(self):
-        self.stop(signal.SIGKILL)
 
     def output(self):
         with open(self.log, errors="replace") as f:
@@ -114,7 +127,7 @@ def make_server(tmp_path):
         return s
     yield make
     for s in servers:
-        s.stop(signal.SIGKILL)
+        s.kill()
 
 
 @pytest.fixture
