@@ -23,8 +23,18 @@ def _fail(e):
     raise e
 
 
-def config(key, value): srv.config(key, value)
-def config_complete(): srv.config_complete()
+def _startup(f, *args):
+    # before serving, an expected error ends nbdkit with its message and exit
+    # code (no traceback): nothing has been started yet
+    try:
+        f(*args)
+    except _server.PreplError as e:
+        print(f"prepl: error: {e}", file=sys.stderr, flush=True)
+        os._exit(e.exit_code)
+
+
+def config(key, value): _startup(srv.config, key, value)
+def config_complete(): _startup(srv.config_complete)
 def thread_model(): return nbdkit.THREAD_MODEL_PARALLEL
 def after_fork(): srv.after_fork()
 def cleanup(): srv.cleanup()

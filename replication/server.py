@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import PreplError, UsageError  # noqa: F401 (PreplError: plugin)
 from .tracker import Tracker
 from .control import ControlServer
 
