@@ -194,32 +194,28 @@ class CacheDisk:
         return self.proc is not None and self.proc.poll() is None
 
 
-class PowerLossDisk:
-    """ext4 on nbdfuse + loop on a CacheDisk.  See the module docstring."""
+class NbdMount:
+    """An NBD export as a filesystem: nbdfuse FUSEDIR/disk + a loop device
+    (+ mkfs.ext4 if asked) + mount at MNT (ARCHITECTURE §7).  Everything is
+    stopped by PID / device in reverse order; stop() is idempotent and works
+    after partial start failures.  uri: an NBD URI (nbd+unix:///EXPORT?
+    socket=SOCK); readonly mounts the export read-only at every layer."""
 
-    def __init__(self, workdir, size=128 << 20, blocksize=None,
-                 mount_options=None, mkfs_args=DEFAULT_MKFS_ARGS):
+    def __init__(self, workdir, uri, readonly=False, mount_options=None,
+                 mkfs_args=None):
         self.workdir = os.path.abspath(workdir)
-        self.size = size
+        self.uri = uri
+        self.readonly = readonly
         self.mount_options = mount_options
-        self.mkfs_args = list(mkfs_args)
-        self.image = os.path.join(self.workdir, "disk.img")
-        self.sock = os.path.join(self.workdir, "nbd.sock")
-        self.control = os.path.join(self.workdir, "ctl.sock")
+        self.mkfs_args = mkfs_args     # None: do not mkfs
         self.fusedir = os.path.join(self.workdir, "fuse")
         self.fusefile = os.path.join(self.fusedir, "disk")
         self.mountpoint = os.path.join(self.workdir, "mnt")
-        self.disk = CacheDisk(self.image, self.sock, self.control,
-                              os.path.join(self.workdir, "nbdkit.log"),
-                              blocksize)
         self.fuse_proc = None
         self.loopdev = None
         self.mounted = False
         self.fsck_runs = []   # e2fsck outputs, if mount needed a repair
-        self.last_crash = None
-        self.last_stats = None   # cache disk stats taken by the last stop()
 
-    # ------------------------------------------------------------ start ---
     def start(self):
         try:
             self._start()
@@ -231,40 +227,34 @@ class PowerLossDisk:
     def _start(self):
         os.makedirs(self.fusedir, exist_ok=True)
         os.makedirs(self.mountpoint, exist_ok=True)
-        fresh = not os.path.exists(self.image)
-        if fresh:
-            with open(self.image, "wb") as f:
-                f.truncate(self.size)      # sparse
-        self.disk.start()
-
         if self.fuse_proc is None or self.fuse_proc.poll() is not None:
             log = os.path.join(self.workdir, "nbdfuse.log")
+            args = ["nbdfuse"] + (["-r"] if self.readonly else []) + \
+                [self.fusefile, self.uri]
             with open(log, "ab") as logf:
                 self.fuse_proc = subprocess.Popen(
-                    ["nbdfuse", self.fusefile, "--unix", self.sock],
-                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+                    args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
             _wait_for(lambda: _is_mounted(self.fusedir)
                       and os.path.exists(self.fusefile),
                       30, "nbdfuse", self.fuse_proc, log)
-
         if self.loopdev is None:
-            self.loopdev = _run(["losetup", "-f", "--show",
-                                 self.fusefile]).stdout.strip()
-
-        if fresh:
+            self.loopdev = _run(["losetup", "-f", "--show"]
+                                + (["-r"] if self.readonly else [])
+                                + [self.fusefile]).stdout.strip()
+        if self.mkfs_args is not None:
             _run(["mkfs.ext4", "-q", *self.mkfs_args, self.loopdev],
                  timeout=300)
-
+            self.mkfs_args = None
         if not self.mounted:
             self._mount()
 
     def _mount(self):
-        args = ["mount", "-t", "ext4"]
-        if self.mount_options:
-            args += ["-o", self.mount_options]
+        opts = [o for o in (self.mount_options,
+                            "ro" if self.readonly else None) if o]
+        args = ["mount", "-t", "ext4"] + (["-o", ",".join(opts)] if opts else [])
         args += [self.loopdev, self.mountpoint]
         p = _run(args, check=False)
-        if p.returncode != 0:
+        if p.returncode != 0 and not self.readonly:
             # Journal replay is normally enough; repair if mount refuses.
             fsck = _run(["e2fsck", "-fy", self.loopdev], check=False,
                         timeout=300)
@@ -272,51 +262,24 @@ class PowerLossDisk:
             if fsck.returncode >= 4:
                 raise DiskError("e2fsck could not repair %s (rc=%d): %s" % (
                     self.loopdev, fsck.returncode, fsck.stdout))
-            _run(args)
+            p = _run(args)
+        elif p.returncode != 0:
+            raise DiskError("mount %s failed: %s" % (self.uri, p.stderr))
         self.mounted = True
 
-    # ----------------------------------------------------------- control ---
-    def stats(self):
-        return self.disk.stats()
+    def kill(self):
+        """The export went away (power cut, server killed): kill nbdfuse
+        hard so the kernel aborts the FUSE connection (every FUSE request
+        fails instead of waiting), then detach everything lazily."""
+        _stop_proc(self.fuse_proc, sig=signal.SIGKILL)
+        self._teardown(lazy=True)
 
-    def writeback(self, fraction, seed=0):
-        return self.disk.writeback(fraction, seed)
-
-    # ------------------------------------------------------------- crash ---
-    def crash(self, mode="flushed", seed=0, fraction=None):
-        """Power cut, then tear the (now failing) stack down.
-
-        Returns the crash reply ({"ok":true,"kept":K,"dropped":D}).
-        Processes with files open on the mount will get EIO; close them
-        before the next start() so the old loop device can go away.
-        """
-        try:
-            self.last_crash = self.disk.crash(mode, seed, fraction)
-        finally:
-            # nbdkit now answers EIO and exits; kill nbdfuse hard so the
-            # kernel aborts the FUSE connection (every FUSE request fails
-            # instead of waiting), then detach everything lazily.
-            _stop_proc(self.fuse_proc, sig=signal.SIGKILL)
-            try:
-                self._teardown(lazy=True)
-            finally:
-                self.disk.wait_exit()
-        return self.last_crash
-
-    # -------------------------------------------------------------- stop ---
     def stop(self):
-        """Clean shutdown in reverse order.  Idempotent, never raises for
-        parts that were not started."""
+        """Clean unmount in reverse order.  Idempotent."""
         try:
             self._teardown(lazy=False)
         finally:
             _stop_proc(self.fuse_proc)
-            if self.disk.running:
-                try:   # for checks like "a clean stop left nothing cached"
-                    self.last_stats = self.disk.stats()
-                except (OSError, ValueError, DiskError):
-                    self.last_stats = None
-            self.disk.stop()
 
     def _teardown(self, lazy):
         errors = []
@@ -331,15 +294,15 @@ class PowerLossDisk:
         if self.loopdev is not None:
             # A busy loop device (lazily unmounted fs) gets autoclear and
             # disappears when its last user goes away.
-            p = self._retry(["losetup", "-d", self.loopdev])
+            p = _retry(["losetup", "-d", self.loopdev])
             if p.returncode != 0 and "No such device" not in p.stderr:
                 errors.append(p.stderr)
             self.loopdev = None
         if _is_mounted(self.fusedir):
             # Clean: fusermount3 -u makes nbdfuse exit (it flushes on
             # release).  Otherwise, or if still busy: lazy unmount.
-            if lazy or self._retry(["fusermount3", "-u", self.fusedir]
-                                   ).returncode != 0:
+            if lazy or _retry(["fusermount3", "-u", self.fusedir]
+                              ).returncode != 0:
                 p = _run(["umount", "-l", self.fusedir], check=False)
                 if p.returncode != 0 and _is_mounted(self.fusedir):
                     errors.append(p.stderr)
@@ -351,14 +314,96 @@ class PowerLossDisk:
         if errors:
             raise DiskError("teardown problems: %s" % errors)
 
-    @staticmethod
-    def _retry(args, tries=20):
-        for _ in range(tries):
-            p = _run(args, check=False)
-            if p.returncode == 0:
-                return p
-            time.sleep(0.1)
-        return p
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _retry(args, tries=20):
+    for _ in range(tries):
+        p = _run(args, check=False)
+        if p.returncode == 0:
+            return p
+        time.sleep(0.1)
+    return p
+
+
+class PowerLossDisk:
+    """ext4 on nbdfuse + loop on a CacheDisk.  See the module docstring."""
+
+    def __init__(self, workdir, size=128 << 20, blocksize=None,
+                 mount_options=None, mkfs_args=DEFAULT_MKFS_ARGS):
+        self.workdir = os.path.abspath(workdir)
+        self.size = size
+        self.image = os.path.join(self.workdir, "disk.img")
+        self.sock = os.path.join(self.workdir, "nbd.sock")
+        self.control = os.path.join(self.workdir, "ctl.sock")
+        self.disk = CacheDisk(self.image, self.sock, self.control,
+                              os.path.join(self.workdir, "nbdkit.log"),
+                              blocksize)
+        self.fs = NbdMount(self.workdir, "nbd+unix:///?socket=" + self.sock,
+                           mount_options=mount_options)
+        self.mkfs_args = list(mkfs_args)
+        self.last_crash = None
+        self.last_stats = None   # cache disk stats taken by the last stop()
+
+    # the mount's parts, for tests
+    mountpoint = property(lambda self: self.fs.mountpoint)
+    loopdev = property(lambda self: self.fs.loopdev)
+    fusedir = property(lambda self: self.fs.fusedir)
+    fuse_proc = property(lambda self: self.fs.fuse_proc)
+    fsck_runs = property(lambda self: self.fs.fsck_runs)
+
+    def start(self):
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            if not os.path.exists(self.image):
+                with open(self.image, "wb") as f:
+                    f.truncate(self.size)      # sparse
+                self.fs.mkfs_args = self.mkfs_args
+            self.disk.start()
+            self.fs.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stats(self):
+        return self.disk.stats()
+
+    def writeback(self, fraction, seed=0):
+        return self.disk.writeback(fraction, seed)
+
+    def crash(self, mode="flushed", seed=0, fraction=None):
+        """Power cut, then tear the (now failing) stack down.
+
+        Returns the crash reply ({"ok":true,"kept":K,"dropped":D}).
+        Processes with files open on the mount will get EIO; close them
+        before the next start() so the old loop device can go away.
+        """
+        try:
+            self.last_crash = self.disk.crash(mode, seed, fraction)
+        finally:
+            try:
+                self.fs.kill()
+            finally:
+                self.disk.wait_exit()
+        return self.last_crash
+
+    def stop(self):
+        """Clean shutdown in reverse order.  Idempotent, never raises for
+        parts that were not started."""
+        try:
+            self.fs.stop()
+        finally:
+            if self.disk.running:
+                try:   # for checks like "a clean stop left nothing cached"
+                    self.last_stats = self.disk.stats()
+                except (OSError, ValueError, DiskError):
+                    self.last_stats = None
+            self.disk.stop()
 
     def __enter__(self):
         return self.start()
