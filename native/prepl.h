@@ -101,3 +101,8 @@ int pr_snap_valid(pr_snap *s);
 /* errno of the copy-on-write failure that invalidated it (0 if none). */
 int pr_snap_error(pr_snap *s);
 void pr_snap_invalidate(pr_snap *s, int err);
+/* Invalidates s, waits for readers inside it to leave (they take the region
+ * locks), then closes its file: the space of a deleted snapshot file is
+ * freed now, not when the last client disconnects.  The caller must have
+ * dropped s from the volume's active snapshots first. */
+void pr_snap_release(pr_volume *v, pr_snap *s);

@@ -45,7 +45,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 2
+#define PR_ABI 3
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -549,6 +549,29 @@ pr_snap_invalidate (pr_snap *s, int err)
   int zero = 0;
   __atomic_compare_exchange_n (&s->err, &zero, err ? err : EIO, 0,
                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+static int
+lock_one (pthread_mutex_t *m)
+{
+  return pthread_mutex_lock (m);
+}
+
+static int
+unlock_one (pthread_mutex_t *m)
+{
+  return pthread_mutex_unlock (m);
+}
+
+void
+pr_snap_release (pr_volume *v, pr_snap *s)
+{
+  pr_snap_invalidate (s, ESTALE);
+  stripes_do (v, 0, NSTRIPES - 1, lock_one);
+  if (s->fd >= 0)
+    close (s->fd);
+  s->fd = -1;
+  stripes_do (v, 0, NSTRIPES - 1, unlock_one);
 }
 
 int

@@ -28,7 +28,9 @@ class MapFile:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         try:
             if create:
-                os.ftruncate(fd, nbytes)
+                # allocated, not sparse: a store into a hole of a mapped file
+                # on a full filesystem would kill the server with SIGBUS
+                os.posix_fallocate(fd, 0, nbytes)
                 os.fsync(fd)
             have = os.fstat(fd).st_size
             if have != nbytes:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -163,6 +163,11 @@ class Snapshot:
 
     def invalidate(self, err=errno.ESTALE):
         lib.pr_snap_invalidate(self._c, err)
+
+    def release(self, volume):
+        """Invalidates the snapshot and closes its file (C owns fd now)."""
+        lib.pr_snap_release(volume._c, self._c)
+        self.fd = -1
 
 
 class Volume:

@@ -81,9 +81,10 @@ class Snapshot:
         os.fsync(self.fd)
         self.vmap.sync()
 
-    def remove(self):
-        """Deletes the files; readers holding this object get ESTALE."""
-        self.c.invalidate(errno.ESTALE)
+    def remove(self, vol):
+        """Deletes the files and frees their space at once; readers
+        holding this object get ESTALE."""
+        self.c.release(vol)
         for p in (self.img_path, self.vmap_path):
             try:
                 os.unlink(p)
@@ -101,6 +102,7 @@ class Tracker:
                              "secondary's replica is not supported by this version yet")
         self._lockfile = self.sd.lock()
         self.body = body
+        self.dirty = False
         self.nregions, self.nblocks, self.nextents = geometry(body)
         self.size = body["size"]
         self.vol_fd = self._open_volume()
@@ -195,9 +197,11 @@ class Tracker:
         return bits
 
     def _reset_al(self):
-        """An empty, durable log with a header (after the maps are durable)."""
+        """An empty, durable log with a header (after the maps are durable),
+        written in full so that later page writes never need new space."""
+        pages = -(-self._al_words() * 8 // AL_HEADER)
         os.ftruncate(self.al_fd, 0)
-        os.pwrite(self.al_fd, AL_MAGIC.ljust(AL_HEADER, b"\0"), 0)
+        os.pwrite(self.al_fd, AL_MAGIC.ljust(AL_HEADER, b"\0") + bytes(pages * AL_HEADER), 0)
         os.fdatasync(self.al_fd)
 
     def _recover(self):
@@ -256,7 +260,12 @@ class Tracker:
         return info
 
     def _save(self):
+        """Writes the in-memory metadata durably.  If that fails (e.g. the
+        state filesystem is full) the server keeps the in-memory truth and
+        retries on every housekeeping tick (self.dirty)."""
+        self.dirty = True
         self.sd.write_meta(self.body)
+        self.dirty = False
 
     # ---- snappoints --------------------------------------------------------
     def _find(self, name):
@@ -321,7 +330,7 @@ class Tracker:
         snap = self.snaps.pop(sp["name"], None)
         if snap is not None:
             self.vol.drop_snap(snap.c)
-            snap.remove()
+            snap.remove(self.vol)
         sp["snapshot"] = None
         if reason:
             sp["invalidated"] = reason
@@ -410,8 +419,11 @@ class Tracker:
                     log.error("snapshot of snappoint %s invalidated: %s", sp["name"], reason)
                     self._drop_snapshot(sp, reason)
                     changed = True
-            if changed:
-                self._save()
+            if changed or self.dirty:
+                try:
+                    self._save()
+                except OSError as e:
+                    log.error("cannot write the metadata of %s (%s); will retry", self.sd, e)
 
     def snapshot(self, name):
         """The valid Snapshot of snappoint name, or None."""

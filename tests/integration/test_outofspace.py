@@ -1,0 +1,62 @@
+"""Out of space during copy-on-write: the client's write succeeds, the
+snapshot is reported invalid (and its export disappears), nothing else
+changes.  The state directory sits on a small real filesystem (tmpfs)."""
+import os
+import random
+import subprocess
+
+import nbd
+import pytest
+
+from tests.conftest import prepl, runs_to_set, wait_for
+
+MiB = 1 << 20
+REGION = 65536
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k,mode=0700", "tmpfs", d],
+                   check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=True)
+
+
+def test_cow_out_of_space_invalidates_snapshot_only(tmp_path, small_fs, make_server):
+    vol = tmp_path / "vol.img"
+    rnd = random.Random(8)
+    original = rnd.randbytes(16 * MiB)
+    vol.write_bytes(original)
+    st = small_fs / "st"
+    prepl("init", st, "--volume", vol)
+    srv = make_server(st).start()
+    srv.ctl("snappoint_create", name="old", dataless=True)
+    srv.ctl("snappoint_create", name="s")
+    h = srv.connect()
+    model = bytearray(original)
+    for r in range(64):                      # 64 regions x 64 KiB: far beyond 1.5 MiB
+        data = rnd.randbytes(8192)
+        h.pwrite(data, r * REGION + 4096)    # every write must succeed
+        model[r * REGION + 4096:r * REGION + 4096 + 8192] = data
+    h.flush()
+    assert h.pread(16 * MiB, 0) == bytes(model)
+    st_ = wait_for(lambda: (lambda s: s if s["snappoints"][1]["snapshot"] == "invalid" else None)(
+        srv.ctl("status")), 10, "the invalidation to be reported")
+    sp = {s["name"]: s for s in st_["snappoints"]}
+    assert "No space left on device" in sp["s"]["invalidated"]
+    assert sp["old"]["snapshot"] == "none" and sp["old"]["invalidated"] is None
+    with pytest.raises(nbd.Error):
+        srv.connect("snap/s")
+    maps = srv.ctl("maps")
+    assert runs_to_set(maps["intervals"][-1]["cmap"]) == set(range(64))
+    assert maps["snapshots"] == {}
+    assert not os.listdir(st / "snaps"), "the invalid snapshot's space is freed"
+    # and the server goes on: new snappoints work once there is space again
+    srv.ctl("snappoint_create", name="again")
+    assert srv.connect("snap/again").pread(4096, 0) == bytes(model[:4096])
+    out = prepl("snappoint", "list", st).stdout
+    assert "invalid" in out
