@@ -1,5 +1,4 @@
 """Exports, block status and NBD semantics of a primary, through libnbd."""
-import errno
 import subprocess
 import threading
 
@@ -34,7 +33,7 @@ def test_exports_follow_snapshots(primary):
     for name in ("snap/a", "snap/b", "snap/nope", "nope", "snap/", "snap/../x"):
         with pytest.raises(nbd.Error) as e:
             srv.connect(name)
-        assert "no export" in str(e.value) or e.value.errno == errno.ENOENT
+        assert "no export" in str(e.value) and e.value.errno == "ENOENT"
 
 
 def test_snapshot_export_is_read_only(primary):

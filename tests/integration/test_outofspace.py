@@ -60,3 +60,16 @@ def test_cow_out_of_space_invalidates_snapshot_only(tmp_path, small_fs, make_ser
     assert srv.connect("snap/again").pread(4096, 0) == bytes(model[:4096])
     out = prepl("snappoint", "list", st).stdout
     assert "invalid" in out
+
+
+def test_volume_out_of_space_reaches_the_client_as_enospc(tmp_path, small_fs, make_server):
+    # a sparse 8 MiB volume on a 1.5 MiB filesystem: writes fail for real
+    st = tmp_path / "st"
+    prepl("init", st, "--volume", small_fs / "vol.img", "--size", "8M")
+    srv = make_server(st).start()
+    h = srv.connect()
+    with pytest.raises(nbd.Error) as e:
+        for r in range(128):
+            h.pwrite(b"x" * REGION, r * REGION)
+    assert e.value.errno == "ENOSPC"   # libnbd names the errno
+    assert srv.connect().pread(512, 0) == b"x" * 512   # and it keeps serving
