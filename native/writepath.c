@@ -318,9 +318,6 @@ stripes_do (pr_volume *v, uint64_t r0, uint64_t r1,
 
 /* ---- copy-on-write ---- */
 
-static __thread char *cow_buf;
-static __thread size_t cow_len;
-
 static int
 all_zero (const char *p, uint64_t n)
 {
@@ -338,6 +335,7 @@ cow_region (pr_volume *v, uint64_t r)
 {
   uint64_t roff = r << v->rshift;
   uint64_t rlen = v->size - roff;
+  char *cow_buf;
   int i, need = 0, err, zero;
 
   for (i = 0; i < v->nsnaps; i++)
@@ -349,11 +347,10 @@ cow_region (pr_volume *v, uint64_t r)
 
   if (rlen > ((uint64_t)1 << v->rshift))
     rlen = (uint64_t)1 << v->rshift;
-  if (cow_len < rlen) {
-    free (cow_buf);
-    cow_buf = malloc (rlen);
-    cow_len = cow_buf ? rlen : 0;
-  }
+  /* per call: nbdkit's threads come and go with connections, so a cached
+   * per-thread buffer would leak; malloc of one region is cheap next to
+   * the region's I/O */
+  cow_buf = malloc (rlen);
   err = cow_buf ? pread_full (v->fd, cow_buf, rlen, roff) : -ENOMEM;
   zero = err == 0 && all_zero (cow_buf, rlen);
 
@@ -369,6 +366,7 @@ cow_region (pr_volume *v, uint64_t r)
     else
       pr_snap_invalidate (s, -e);
   }
+  free (cow_buf);
 }
 
 /* ---- data operations ---- */

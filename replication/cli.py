@@ -99,6 +99,10 @@ def cmd_serve(args):
     if args.verbose:
         cmd.append("-v")
     cmd += ["python", PLUGIN, f"state={sd.path}"]
+    # nbdkit embeds the system's Python, which finds its standard library
+    # through the first python3 on PATH: keep the system's directories first
+    # (a pyenv or venv python3 ahead of them breaks the plugin's imports)
+    os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")
     if not args.background:
         sys.stdout.flush()
         os.execvp("nbdkit", ["nbdkit", "-f"] + cmd[1:])

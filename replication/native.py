@@ -224,39 +224,38 @@ class Volume:
         if snap in self._snaps:
             self._snaps.remove(snap)
 
+    # The I/O methods are the hot path: the C side checks the range (it
+    # returns -EINVAL outside the volume) and only the error path explains.
+    def _fail(self, r, length, offset):
+        if r == -errno.EINVAL:
+            self._check_io(length, offset)
+        raise OSError(-r, os.strerror(-r))
+
     def pwrite(self, buf, offset, flags=0):
-        n = len(buf)
-        self._check_io(n, offset)
-        r = lib.pr_write(self._c, ffi.from_buffer(buf), n, offset, flags)
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
+        r = lib.pr_write(self._c, ffi.from_buffer(buf), len(buf), offset, flags)
+        if r:
+            self._fail(r, len(buf), offset)
 
     def zero(self, length, offset, flags=0):
-        self._check_io(length, offset)
         r = lib.pr_zero(self._c, length, offset, flags)
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
+        if r:
+            self._fail(r, length, offset)
 
     def trim(self, length, offset, flags=0):
-        self._check_io(length, offset)
         r = lib.pr_trim(self._c, length, offset, flags)
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
+        if r:
+            self._fail(r, length, offset)
 
     def pread(self, buf, offset):
-        n = len(buf)
-        self._check_io(n, offset)
-        r = lib.pr_read(self._c, ffi.from_buffer(buf, require_writable=True), n, offset)
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
+        r = lib.pr_read(self._c, ffi.from_buffer(buf, require_writable=True), len(buf), offset)
+        if r:
+            self._fail(r, len(buf), offset)
 
     def snap_pread(self, snap, buf, offset):
-        n = len(buf)
-        self._check_io(n, offset)
         r = lib.pr_snap_read(self._c, snap._c, ffi.from_buffer(buf, require_writable=True),
-                             n, offset)
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
+                             len(buf), offset)
+        if r:
+            self._fail(r, len(buf), offset)
 
     def flush(self):
         _raise(lib.pr_flush(self._c), "flush")

@@ -140,6 +140,7 @@ class SnapHandle:
 
 
 def default_logging():
-    import logging as _l
-    _l.basicConfig(level=os.environ.get("PREPL_LOG_LEVEL", "INFO"),
-                   format="prepl[%(process)d] %(levelname)s %(name)s: %(message)s")
+    """Logging of the server: stderr (nbdkit's log), no timestamps (journald
+    or STATE/server.log's reader adds them); PREPL_LOG_LEVEL sets the level."""
+    logging.basicConfig(level=os.environ.get("PREPL_LOG_LEVEL", "INFO"),
+                        format="prepl[%(process)d] %(levelname)s %(name)s: %(message)s")

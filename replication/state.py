@@ -15,7 +15,6 @@ Layout of STATE/:
 
 Only the server writes anything here after `prepl init`.
 """
-import copy
 import fcntl
 import hashlib
 import json
@@ -122,7 +121,8 @@ class StateDir:
     # ---- the server's lock ---------------------------------------------
     def lock(self):
         """Takes the server lock; returns the open file (keep it open)."""
-        f = open(self.p("lock"), "a+")
+        f = os.fdopen(os.open(self.p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600),
+                      "r+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -224,7 +224,3 @@ def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT
             os.unlink(volume)
         raise
     return sd, body
-
-
-def copy_body(body):
-    return copy.deepcopy(body)

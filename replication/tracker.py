@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 AL_HEADER = 4096
 AL_MAGIC = b"PREPL-AL\x01\x00\x00\x00\x00\x00\x00\x00"
 KINDS = ("cmap", "bmap", "zmap")
+MAX_SNAPSHOTS = 64        # MAX_SNAPS in native/writepath.c
 
 
 def geometry(body):
@@ -291,6 +292,9 @@ class Tracker:
             self._check_open()
             if any(sp["name"] == name for sp in self.body["snappoints"]):
                 raise RefusedError(f"snappoint {name!r} already exists in {self.sd}")
+            if not dataless and len(self.snaps) >= MAX_SNAPSHOTS:
+                raise RefusedError(f"{MAX_SNAPSHOTS} snapshots are active already; convert or "
+                                   "delete one first (prepl snappoint convert NAME --dataless)")
             body = self.body
             seq = body["next_seq"]
             iv = new_interval(seq, self._next_file_id())

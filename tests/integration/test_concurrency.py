@@ -58,6 +58,17 @@ def test_snapshots_are_instants(tmp_path, make_server):
     for t in threads:
         t.start()
     points = []
+    seen = []              # (offset, bytes) read from snap/p0 while writers ran
+
+    def reader():
+        h = srv.connect("snap/p0")
+        r = random.Random(9)
+        while not stop.is_set():
+            n = r.choice([512, 4096, 65536, 300000])
+            off = r.randrange(WRITERS * AREA - n)
+            seen.append((off, h.pread(n, off)))
+        h.shutdown()
+    readers = []
     try:
         rnd = random.Random(1)
         for i in range(8):
@@ -65,15 +76,23 @@ def test_snapshots_are_instants(tmp_path, make_server):
             t0 = time.monotonic()
             srv.ctl("snappoint_create", name=f"p{i}")
             points.append((f"p{i}", t0, time.monotonic()))
+            if i == 0:     # read the first snapshot while copy-on-write runs
+                readers = [threading.Thread(target=reader)]
+                readers[0].start()
     finally:
         stop.set()
-        for t in threads:
+        for t in threads + readers:
             t.join()
     assert all(len(log) > 20 for log in logs)
+    assert len(seen) > 20
     for name, before, after in points:
         h = srv.connect(f"snap/{name}")
         image = h.pread(WRITERS * AREA, 0)
         h.shutdown()
+        if name == "p0":
+            for off, data in seen:
+                assert image[off:off + len(data)] == data, \
+                    "a read of the snapshot during copy-on-write saw another image"
         latest_start, earliest_end = before, after
         for w in range(WRITERS):
             k = prefix_of(image[w * AREA:(w + 1) * AREA], w, logs[w])
