@@ -77,7 +77,7 @@ int pr_read(pr_volume *v, char *buf, uint64_t len, uint64_t off);
 int pr_flush(pr_volume *v);
 
 /* After the closed interval is durable: the activity log on disk becomes
- * exactly the extents touched since the last switch. */
+ * the extents touched since the last switch and in the interval before. */
 int pr_al_trim(pr_volume *v);
 /* Copies the in-memory activity log (as on disk) into out. */
 void pr_al_get(pr_volume *v, uint64_t *out, uint64_t nwords);

@@ -7,7 +7,9 @@
  *      extent's bit must be durable in the AL file: the first write to an
  *      extent since the last switch sets the bit, writes the page and
  *      fdatasyncs the log (al_lock serialises this slow path); later writes
- *      see the bit in al_mem and pay nothing.  After an unclean stop every
+ *      see the bit in al_mem and pay nothing.  A snappoint trims the log
+ *      to the extents written in the new and the previous interval, so hot
+ *      extents stay in it and pay nothing either.  After an unclean stop every
  *      extent in the log is treated as changed, so no change bit is ever
  *      lost although the change maps themselves are never fsynced per
  *      write (they are mapped memory made durable at snappoints).
@@ -75,6 +77,7 @@ struct pr_volume {
   pthread_mutex_t al_lock;
   uint64_t *al_file;            /* the log as on disk (under al_lock) */
   uint64_t *al_mem;             /* durable and touched since the switch */
+  uint64_t *al_prev;            /* al_mem of the previous interval */
   uint64_t writers, max_writers, al_syncs;      /* atomic counters */
   int closed;                   /* set under epoch (exclusive) */
 };
@@ -150,8 +153,9 @@ pr_volume_new (int vol_fd, uint64_t size, uint32_t region_shift,
   v->al_offset = al_offset;
   v->al_file = calloc (v->al_words, 8);
   v->al_mem = calloc (v->al_words, 8);
-  if (!v->al_file || !v->al_mem) {
-    free (v->al_file); free (v->al_mem); free (v);
+  v->al_prev = calloc (v->al_words, 8);
+  if (!v->al_file || !v->al_mem || !v->al_prev) {
+    free (v->al_file); free (v->al_mem); free (v->al_prev); free (v);
     errno = ENOMEM;
     return NULL;
   }
@@ -173,6 +177,7 @@ pr_volume_free (pr_volume *v)
     return;
   free (v->al_file);
   free (v->al_mem);
+  free (v->al_prev);
   free (v);
 }
 
@@ -191,6 +196,7 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
     if (snap)
       v->snaps[v->nsnaps++] = snap;
     pthread_mutex_lock (&v->al_lock);
+    memcpy (v->al_prev, v->al_mem, v->al_words * 8);
     memset (v->al_mem, 0, v->al_words * 8);
     pthread_mutex_unlock (&v->al_lock);
   }
@@ -276,9 +282,15 @@ al_mark (pr_volume *v, uint64_t e0, uint64_t e1)
 int
 pr_al_trim (pr_volume *v)
 {
+  uint64_t i;
   int r;
   pthread_mutex_lock (&v->al_lock);
-  memcpy (v->al_file, v->al_mem, v->al_words * 8);
+  /* keep the extents of the previous interval too: a volume's hot extents
+   * stay in the log across snappoints, so its writes do not pay one
+   * fdatasync per extent per interval (after a crash, at most two
+   * intervals' extents are treated as changed) */
+  for (i = 0; i < v->al_words; i++)
+    v->al_file[i] = v->al_mem[i] | v->al_prev[i];
   r = al_write_pages (v, 0, v->al_words - 1);
   pthread_mutex_unlock (&v->al_lock);
   return r;

@@ -15,9 +15,10 @@ What it owns: everything in the state directory while the server runs
   closed interval before its maps and the volume are durable.
 * Durable change tracking without an fsync per write (invariant I2): the C
   write path makes the activity-log extent of a write durable before the
-  write's data can reach the disk (the first write to an extent since the
-  last snappoint pays one fdatasync of the small log).  The open maps are
-  mapped memory, never fsynced per write.  After an unclean stop the open
+  write's data can reach the disk (the first write to an extent that is
+  not in the log pays one fdatasync of the small log; a snappoint trims
+  the log to the extents of the new and the previous interval).  The open
+  maps are mapped memory, never fsynced per write.  After an unclean stop the open
   interval becomes (its surviving bits) OR (every block of every extent in
   the log) OR (maps of an interval whose switch had not reached the
   metadata), and no snapshot is trusted: all become dataless.
@@ -298,13 +299,23 @@ class Tracker:
             body = self.body
             seq = body["next_seq"]
             iv = new_interval(seq, self._next_file_id())
-            create_interval_files(self.sd, body, iv)
-            new_maps = self._open_maps(iv)
             snap = None
-            if not dataless:
-                rec = {"id": body["next_snap_id"]}
-                snap = Snapshot(self.sd, body, rec, create=True)
-                fsync_dir(self.sd.p("snaps"))
+            created = [self.sd.p("maps", f) for f in iv["maps"].values()]
+            try:
+                create_interval_files(self.sd, body, iv)
+                new_maps = self._open_maps(iv)
+                if not dataless:
+                    rec = {"id": body["next_snap_id"]}
+                    body["next_snap_id"] += 1          # ids are never reused
+                    created += [self.sd.p("snaps", f"s{rec['id']}.img"),
+                                self.sd.p("maps", f"s{rec['id']}.vmap")]
+                    snap = Snapshot(self.sd, body, rec, create=True)
+                    fsync_dir(self.sd.p("snaps"))
+            except BaseException:
+                for p in created:
+                    if os.path.exists(p):
+                        os.unlink(p)
+                raise
             old_iv, old_maps = self.open_interval, self.maps
             # from here on the in-memory metadata must follow the switch
             self.vol.switch(self._c_maps(new_maps), snap.c if snap else None)
@@ -312,18 +323,19 @@ class Tracker:
             self.maps = new_maps
             body["next_seq"] = seq + 1
             if snap:
-                body["next_snap_id"] += 1
                 self.snaps[name] = snap
             old_iv["closed_by"] = name
             old_iv["closed_at"] = t
+            # nothing writes the closed maps any more: their digests are final
+            old_iv["digests"] = {k: old_maps[k].digest() for k in KINDS}
             body["intervals"].append(iv)
             body["snappoints"].append({"name": name, "seq": old_iv["seq"], "created": t,
                                        "snapshot": {"id": snap.id} if snap else None,
                                        "invalidated": None})
+            self.dirty = True
             self.vol.flush()
             for m in old_maps.values():
                 m.sync()
-            old_iv["digests"] = {k: old_maps[k].digest() for k in KINDS}
             self._save()
             self.vol.al_trim()
             log.info("snappoint %s created (%s), interval %d closed", name,
