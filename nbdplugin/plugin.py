@@ -43,10 +43,11 @@ def default_export(readonly, is_tls): return ""
 def get_size(h): return h.size
 def can_write(h): return h.writable
 def can_flush(h): return True
-def can_trim(h): return h.writable
-def can_zero(h): return h.writable
-def can_fast_zero(h): return h.writable
-def can_fua(h): return nbdkit.FUA_NATIVE
+def can_trim(h): return h.can_zero
+def can_zero(h): return h.can_zero
+def can_fast_zero(h): return h.can_zero
+def can_fua(h): return nbdkit.FUA_NATIVE if h.fua_native else nbdkit.FUA_EMULATE
+def block_size(h): return h.block_size
 def can_multi_conn(h): return True
 def can_extents(h): return h.is_snapshot
 def extents(h, count, offset, flags): return h.extents(count, offset)

@@ -243,12 +243,22 @@ def _show_status(args, st):
     print(f"volume:     {st['volume']} ({fmt_size(st['size'])}), uuid {st['volume_uuid']}")
     if not st["running"]:
         print(f"server:     not running (last stop {'clean' if st['clean_stop'] else 'UNCLEAN'})")
+    elif st["role"] == "secondary":
+        print(f"server:     running, pid {st['pid']}")
+        bound = st["bound"]
+        print(f"bound to:   {bound['primary_uuid'] if bound else 'nothing yet (first commit binds)'}")
+        a = st["applied"]
+        print(f"applied:    {'interval %s (%s)' % (a['target']['seq'], a['target'].get('name')) if a else 'nothing yet'}")
+        if st["staging"]:
+            print(f"staging:    {st['staging']['base']} -> {st['staging']['target']} "
+                  f"({st['staging']['state']})")
+        return
     else:
         oi = st["open_interval"]
         print(f"server:     running, pid {st['pid']}")
         print(f"open interval {oi['seq']}: {oi['changed_regions']} regions / "
               f"{oi['changed_blocks']} blocks changed")
-    for sp in st["snappoints"]:
+    for sp in st.get("snappoints", []):
         print(f"snappoint {sp['name']}: snapshot {sp['snapshot']}")
 
 

@@ -23,19 +23,6 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 
 
-def _handlers(tracker):
-    return {
-        "status": lambda r: tracker.status(),
-        "snappoint_create": lambda r: tracker.create_snappoint(r.get("name"),
-                                                               bool(r.get("dataless"))),
-        "snappoint_list": lambda r: tracker.list_snappoints(),
-        "snappoint_convert": lambda r: tracker.convert_snappoint(r.get("name")),
-        "snappoint_delete": lambda r: tracker.delete_snappoint(r.get("name")),
-        "maps": lambda r: tracker.dump_maps(),
-        "shutdown": lambda r: tracker.close(),
-    }
-
-
 def answer(handlers, line):
     try:
         req = json.loads(line)
@@ -52,10 +39,12 @@ def answer(handlers, line):
 
 
 class ControlServer:
-    def __init__(self, path, tracker):
+    def __init__(self, path, owner):
+        """owner: the Tracker (primary) or Replica (secondary) whose
+        control_handlers() and tick() this socket serves."""
         self.path = path
-        self.tracker = tracker
-        self.handlers = _handlers(tracker)
+        self.owner = owner
+        self.handlers = owner.control_handlers()
         self._stop = threading.Event()
         if os.path.exists(path):      # we hold the state lock: it is stale
             os.unlink(path)
@@ -86,7 +75,7 @@ class ControlServer:
 
     def _tick(self):
         try:
-            self.tracker.check_snapshots()
+            self.owner.tick()
         except Exception:
             log.exception("housekeeping failed")
 

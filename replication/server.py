@@ -8,6 +8,19 @@ Exports of a primary (ARCHITECTURE §3):
                snapshot; block status: blocks written in the interval NAME
                closes are data (zeroed/trimmed ones: data + zero flag),
                every other block a hole *without* the zero flag.
+Exports of a secondary (only "" is listed):
+  ""           the replica, read-only
+  info         a small JSON document: replica UUID, binding, geometry, last
+               applied interval, staging in progress
+  stage/PRIMARY_UUID/BASE/TARGET
+               writable, block-aligned: the staging of interval BASE->TARGET
+               (BASE "none" for an initial sync); refused at open if the
+               replica is bound to another primary or BASE is not the last
+               applied interval
+  commit/TARGET
+               write a manifest (JSON) at offset 0, then flush: the replica
+               verifies and applies it; reading returns the receipt (also
+               later, from a new connection: commits are idempotent)
 Opening or listing an export never changes state.
 """
 import errno
@@ -19,6 +32,9 @@ import numpy as np
 from .errors import PreplError, UsageError  # noqa: F401 (PreplError: plugin)
 from .tracker import Tracker
 from .control import ControlServer
+from .secondary import COMMIT_EXPORT_SIZE, Replica
+from .state import StateDir
+import json
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +48,7 @@ class Server:
     def __init__(self):
         self.state = None
         self.tracker = None
+        self.replica = None
         self.control = None
 
     def config(self, key, value):
@@ -43,20 +60,30 @@ class Server:
     def config_complete(self):
         if not self.state:
             raise UsageError("missing parameter state=DIR (the prepl state directory)")
-        self.tracker = Tracker(self.state)
+        if StateDir(self.state).read_meta()["role"] == "secondary":
+            self.replica = Replica(self.state)
+        else:
+            self.tracker = Tracker(self.state)
+
+    @property
+    def owner(self):
+        return self.tracker or self.replica
 
     def after_fork(self):
-        self.tracker.start()
-        self.control = ControlServer(self.tracker.sd.control_socket, self.tracker)
+        if self.tracker:
+            self.tracker.start()
+        self.control = ControlServer(self.owner.sd.control_socket, self.owner)
         self.control.start()
 
     def cleanup(self):
         if self.control:
             self.control.stop()
-        if self.tracker:
-            self.tracker.close()
+        if self.owner:
+            self.owner.close()
 
     def list_exports(self):
+        if self.replica:
+            return [("", f"prepl replica {self.replica.body['volume_uuid']}")]
         t = self.tracker
         out = [("", f"prepl volume {t.body['volume']} ({t.body['volume_uuid']})")]
         for sp in t.body["snappoints"]:
@@ -65,6 +92,8 @@ class Server:
         return out
 
     def open(self, name, readonly):
+        if self.replica:
+            return self._open_secondary(name, readonly)
         if name == "":
             return VolumeHandle(self.tracker, readonly)
         if name.startswith(SNAP_PREFIX):
@@ -74,13 +103,50 @@ class Server:
         raise OSError(errno.ENOENT, f"unknown export {name!r}: exports are \"\" (the volume) "
                       "and snap/NAME for snappoints with a valid snapshot")
 
+    def _open_secondary(self, name, readonly):
+        r = self.replica
+        parts = name.split("/")
+        if name == "":
+            return ReplicaHandle(r)
+        if name == "info":
+            return DocHandle(json.dumps(r.info(), sort_keys=True).encode())
+        if parts[0] == "stage" and len(parts) == 4 and not readonly:
+            try:
+                r.check_stage_name(*parts[1:])
+            except PreplError as e:
+                log.error("refused staging export %r: %s", name, e)
+                raise OSError(errno.EPERM, str(e))
+            return StageHandle(r, *parts[1:])
+        if parts[0] == "commit" and len(parts) == 2 and parts[1].isdigit():
+            return CommitHandle(r, int(parts[1]))
+        raise OSError(errno.ENOENT, f"unknown export {name!r} on a secondary")
 
-class VolumeHandle:
+
+class Handle:
+    """What every handle tells nbdkit (plugin.py reads these)."""
     is_snapshot = False
+    writable = False
+    can_zero = False
+    fua_native = False
+    block_size = (1, 4096, 32 << 20)
+
+    def flush(self):
+        pass
+
+    def _refused(self, *args):
+        raise OSError(errno.EROFS, "this export is read-only")
+
+    pwrite = zero = trim = _refused
+
+
+class VolumeHandle(Handle):
+    can_zero = True
+    fua_native = True
 
     def __init__(self, tracker, readonly):
         vol = tracker.vol
         self.writable = not readonly
+        self.can_zero = not readonly
         self.size = tracker.size
         # bound straight to the C binding: one Python frame less per request
         self.pread = vol.pread
@@ -93,9 +159,8 @@ class VolumeHandle:
         return [(offset, count, 0)]
 
 
-class SnapHandle:
+class SnapHandle(Handle):
     is_snapshot = True
-    writable = False
 
     def __init__(self, tracker, name, snap):
         self.tracker = tracker
@@ -105,14 +170,6 @@ class SnapHandle:
 
     def pread(self, buf, offset):
         self.tracker.vol.snap_pread(self.snap.c, buf, offset)
-
-    def _refused(self, *args):
-        raise OSError(errno.EROFS, f"export snap/{self.name} is read-only")
-
-    pwrite = zero = trim = _refused
-
-    def flush(self):
-        pass
 
     def extents(self, count, offset):
         t = self.tracker
@@ -137,6 +194,102 @@ class SnapHandle:
             end = min((b0 + e) * bs, self.size)
             out.append((start, end - start, int(kind[s])))
         return out
+
+
+class ReplicaHandle(Handle):
+    def __init__(self, replica):
+        self.size = replica.size
+        self.pread = replica.pread
+
+
+class DocHandle(Handle):
+    """A small read-only document (nbdkit's info plugin pattern)."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.size = -(-max(len(doc), 1) // 4096) * 4096
+
+    def pread(self, buf, offset):
+        data = self.doc[offset:offset + len(buf)]
+        buf[:] = data + bytes(len(buf) - len(data))
+
+
+class StageHandle(Handle):
+    writable = True
+    can_zero = True
+
+    def __init__(self, replica, primary_uuid, base, target):
+        self.r = replica
+        self.key = (primary_uuid, base, target)
+        self.size = replica.size
+        self.block_size = (replica.block, replica.block, 32 << 20)
+        self.started = False
+
+    def _start(self):
+        if not self.started:
+            try:
+                self.r.begin_staging(*self.key)
+            except PreplError as e:
+                raise OSError(errno.EPERM, str(e))
+            self.started = True
+
+    def pread(self, buf, offset):
+        raise OSError(errno.EPERM, "the staging export is write-only")
+
+    def pwrite(self, buf, offset, flags=0):
+        self._start()
+        self.r.stage_write(buf, offset)
+
+    def zero(self, count, offset, flags=0):
+        self._start()
+        self.r.stage_zero(count, offset)
+
+    trim = zero
+
+    def flush(self):
+        self.r.stage_flush()
+
+
+class CommitHandle(Handle):
+    """Write a manifest at offset 0 and flush: the commit happens in the
+    flush; reads return the receipt (or why there is none)."""
+    writable = True
+
+    def __init__(self, replica, target):
+        self.r = replica
+        self.target = target
+        self.size = COMMIT_EXPORT_SIZE
+        self.buf = bytearray(COMMIT_EXPORT_SIZE)
+        self.result = None
+
+    def pwrite(self, buf, offset, flags=0):
+        self.buf[offset:offset + len(buf)] = buf
+
+    def flush(self):
+        text = bytes(self.buf).split(b"\0", 1)[0]
+        if not text:
+            return
+        try:
+            m = json.loads(text)
+            if not isinstance(m, dict) or m.get("target", {}).get("seq") != self.target:
+                raise PreplError(f"malformed manifest for commit/{self.target}")
+            self.result = {"ok": True, "receipt": self.r.commit(m)}
+        except (ValueError, AttributeError) as e:
+            self.result = {"ok": False, "error": f"malformed manifest: {e}"}
+        except PreplError as e:
+            log.error("commit of interval %s refused: %s", self.target, e)
+            self.result = {"ok": False, "error": str(e)}
+        self.buf[:] = bytes(len(self.buf))
+
+    def pread(self, buf, offset):
+        res = self.result
+        if res is None:
+            receipt = self.r.receipt_for(self.target)
+            res = {"ok": True, "receipt": receipt} if receipt else \
+                {"ok": False, "error": f"interval {self.target} is not applied"}
+        doc = json.dumps(res, sort_keys=True).encode()
+        data = doc[offset:offset + len(buf)]
+        buf[:] = data + bytes(len(buf) - len(data))
 
 
 def default_logging():

@@ -446,6 +446,22 @@ class Tracker:
         snap = self.snaps.get(name)
         return snap if snap is not None and snap.c.valid else None
 
+    # ---- control socket ---------------------------------------------------
+    def control_handlers(self):
+        return {
+            "status": lambda r: self.status(),
+            "snappoint_create": lambda r: self.create_snappoint(r.get("name"),
+                                                                bool(r.get("dataless"))),
+            "snappoint_list": lambda r: self.list_snappoints(),
+            "snappoint_convert": lambda r: self.convert_snappoint(r.get("name")),
+            "snappoint_delete": lambda r: self.delete_snappoint(r.get("name")),
+            "maps": lambda r: self.dump_maps(),
+            "shutdown": lambda r: self.close(),
+        }
+
+    def tick(self):
+        self.check_snapshots()
+
     # ---- status -----------------------------------------------------------
     def status(self):
         with self.lock:

@@ -1,0 +1,397 @@
+"""The secondary's replica: binding, staging, commit and atomic apply.
+
+What it owns: a secondary state directory while its server runs (it holds
+the lock): the replica volume, STATE/staging/ and the metadata.  What it
+promises (invariant I1): export "" always reads as exactly the primary's
+image at the snappoint of the last applied interval.
+
+* Binding.  An unbound replica is bound, durably, by its first commit to
+  the primary's volume UUID and geometry (size, region size, block size);
+  from then on staging or commits from another volume or geometry are
+  refused.  Opening an export never binds or changes anything.
+* Staging.  Writes and zeroes to the staging export of one interval
+  (stage/PRIMARY_UUID/BASE/TARGET) land in STATE/staging/data.img (sparse)
+  and two block maps (data blocks, zero blocks); requests must be
+  block-aligned.  Staging a new interval discards an incomplete one.
+* Commit.  A manifest (primary UUID, replica UUID, geometry, base and
+  target interval, extent count, bytes, digest of the staged data, see
+  replication/manifest.py) is verified against the replica and against
+  what was staged; the staging is made durable and marked complete in the
+  metadata, then applied, then the interval is recorded as applied and
+  the receipt returned.  A commit for an interval already applied returns
+  the same receipt (idempotent).
+* Apply.  Costs I/O proportional to the staged bytes: the old contents of
+  the staged blocks are first copied to STATE/staging/pre.img and reads of
+  those blocks are served from there while the replica is rewritten, so a
+  read never mixes two applied points and is never blocked longer than the
+  final switch.  A crash during apply is recovered at the next start by
+  redoing the apply from the durable, complete staging.
+"""
+import errno
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import faults, manifest, native
+from .errors import RefusedError, StateError
+from .maps import MapFile
+from .state import StateDir, fsync_dir, volume_size
+
+log = logging.getLogger(__name__)
+
+COMMIT_EXPORT_SIZE = 1 << 20
+KEEP_RECEIPTS = 16
+
+
+class RWLock:
+    """Many readers or one writer; writers wait for readers to leave."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    def acquire_read(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self):
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def acquire_write(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._writer = True
+            while self._readers:
+                self._cond.wait()
+
+    def release_write(self):
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+def _pread_full(fd, n, off):
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.pread(fd, n - len(out), off + len(out))
+        if not chunk:
+            out += bytes(n - len(out))      # sparse file's tail
+            break
+        out += chunk
+    return bytes(out)
+
+
+def _pwrite_full(fd, data, off):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
+class Replica:
+    def __init__(self, path):
+        self.sd = StateDir(path)
+        body = self.sd.read_meta()
+        if body["role"] != "secondary":
+            raise StateError(f"{self.sd} is a {body['role']} state directory, not a secondary")
+        self._lockfile = self.sd.lock()
+        self.body = body
+        body.setdefault("bound", None)
+        body.setdefault("applied", None)
+        body.setdefault("receipts", [])
+        body.setdefault("staging", None)
+        self.size = body["size"]
+        self.block = body["block_size"]
+        self.nblocks = -(-self.size // self.block)
+        have = volume_size(body["volume"])
+        if have != self.size:
+            raise StateError(f"replica {body['volume']} is {have} bytes but {self.sd} records "
+                             f"{self.size}; refusing to serve it (nothing was changed)")
+        self.fd = os.open(body["volume"], os.O_RDWR | os.O_CLOEXEC)
+        self.lock = threading.RLock()      # staging and commit state
+        self.rw = RWLock()                 # replica reads vs the apply switch
+        self.applying = None               # (pre-image fd, staged bits) during apply
+        os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
+        self.stage = None
+        st = body["staging"]
+        if st and st["state"] == "complete":
+            log.warning("redoing the apply of interval %s from its durable staging",
+                        st["target"])
+            self._open_staging()
+            self._apply(st, serve_reads=False)
+        elif st:
+            self._open_staging()
+
+    # ---- identity ------------------------------------------------------
+    def info(self):
+        b = self.body
+        return {"role": "secondary", "replica_uuid": b["volume_uuid"], "size": b["size"],
+                "region_size": b["region_size"], "block_size": b["block_size"],
+                "bound": b["bound"], "applied": b["applied"],
+                "tracked_since_empty": b["tracked_since_empty"],
+                "staging": {k: v for k, v in b["staging"].items() if k != "files"}
+                if b["staging"] else None}
+
+    def check_stage_name(self, primary_uuid, base, target):
+        """Refuses (RefusedError) a staging export this replica will never
+        accept; opening changes nothing."""
+        bound = self.body["bound"]
+        if bound and bound["primary_uuid"] != primary_uuid:
+            raise RefusedError(f"replica {self.body['volume_uuid']} is bound to primary volume "
+                               f"{bound['primary_uuid']}, not {primary_uuid}")
+        applied = self._applied_seq()
+        if base != (applied if applied is not None else "none"):
+            raise RefusedError(f"stale or out-of-order interval: the replica has applied "
+                               f"{applied if applied is not None else 'nothing'}, "
+                               f"the staging starts from {base}")
+
+    def _applied_seq(self):
+        a = self.body["applied"]
+        return str(a["target"]["seq"]) if a else None
+
+    # ---- reads of the replica -------------------------------------------
+    def pread(self, buf, offset):
+        n = len(buf)
+        self.rw.acquire_read()
+        try:
+            ap = self.applying
+            if ap is None:
+                buf[:] = _pread_full(self.fd, n, offset)
+                return
+            pre_fd, staged = ap
+            b0, b1 = offset // self.block, (offset + n - 1) // self.block
+            pos = offset
+            for b in range(b0, b1 + 1):
+                end = min((b + 1) * self.block, offset + n)
+                src = pre_fd if staged[b] else self.fd
+                buf[pos - offset:end - offset] = _pread_full(src, end - pos, pos)
+                pos = end
+        finally:
+            self.rw.release_read()
+
+    # ---- staging -----------------------------------------------------------
+    def _open_staging(self):
+        create = not os.path.exists(self.sd.p("staging", "data.bmap"))
+        if create:
+            fd = os.open(self.sd.p("staging", "data.img"),
+                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, self.size)
+        else:
+            fd = os.open(self.sd.p("staging", "data.img"), os.O_RDWR | os.O_CLOEXEC)
+        self.stage = {
+            "fd": fd,
+            "data": MapFile(self.sd.p("staging", "data.bmap"), self.nblocks, create=create),
+            "zero": MapFile(self.sd.p("staging", "zero.bmap"), self.nblocks, create=create),
+        }
+
+    def _discard_staging(self):
+        if self.stage:
+            os.close(self.stage["fd"])
+            self.stage = None
+        for name in os.listdir(self.sd.p("staging")):
+            os.unlink(self.sd.p("staging", name))
+        self.body["staging"] = None
+
+    def begin_staging(self, primary_uuid, base, target):
+        """The staging area of interval base->target, created on its first
+        write; another incomplete staging is discarded."""
+        with self.lock:
+            self.check_stage_name(primary_uuid, base, target)
+            st = self.body["staging"]
+            key = {"primary_uuid": primary_uuid, "base": base, "target": target}
+            if st and all(st[k] == v for k, v in key.items()) and self.stage:
+                return
+            if st and st["state"] == "complete":
+                raise RefusedError("a complete staging is waiting to be applied")
+            self._discard_staging()
+            self._open_staging()
+            self.body["staging"] = dict(key, state="receiving", started=time.time())
+            self.sd.write_meta(self.body)
+            log.info("staging interval %s -> %s from primary %s", base, target, primary_uuid)
+
+    def _check_aligned(self, length, offset):
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"request [{offset}, {offset + length}) is outside "
+                          f"the replica of {self.size} bytes")
+        if offset % self.block or (length % self.block and offset + length != self.size):
+            raise OSError(errno.EINVAL, f"staging requests must be aligned to {self.block} "
+                          f"bytes (offset {offset}, length {length})")
+
+    def stage_write(self, buf, offset):
+        self._check_aligned(len(buf), offset)
+        st = self.stage
+        _pwrite_full(st["fd"], buf, offset)
+        b0, n = offset // self.block, -(-len(buf) // self.block)
+        native.bm_clear(st["zero"].bits, self.nblocks, b0, n)
+        native.bm_set(st["data"].bits, self.nblocks, b0, n)
+
+    def stage_zero(self, length, offset):
+        self._check_aligned(length, offset)
+        st = self.stage
+        b0, n = offset // self.block, -(-length // self.block)
+        native.bm_clear(st["data"].bits, self.nblocks, b0, n)
+        native.bm_set(st["zero"].bits, self.nblocks, b0, n)
+
+    def stage_flush(self):
+        if self.stage:
+            os.fdatasync(self.stage["fd"])
+
+    def _staged_runs(self):
+        st = self.stage
+        return manifest.runs(st["data"].bits, st["zero"].bits, self.nblocks, self.block,
+                             self.size)
+
+    # ---- commit ------------------------------------------------------------
+    def receipt_for(self, target_seq):
+        for r in self.body["receipts"]:
+            if r["target"]["seq"] == target_seq:
+                return r
+        return None
+
+    def commit(self, m):
+        """Verifies manifest m against the replica and the staging, applies
+        the interval atomically, returns the receipt.  Idempotent."""
+        with self.lock:
+            for key in ("primary_uuid", "replica_uuid", "size", "region_size", "block_size",
+                        "base", "target", "extents", "bytes", "digest", "version"):
+                if key not in m:
+                    raise RefusedError(f"malformed manifest: no {key!r}")
+            if m["version"] != manifest.MANIFEST_VERSION:
+                raise RefusedError(f"manifest version {m['version']!r} is not supported")
+            done = self.receipt_for(m["target"]["seq"])
+            if done is not None and done["manifest_digest"] == _digest_json(m):
+                return done
+            b = self.body
+            if m["replica_uuid"] != b["volume_uuid"]:
+                raise RefusedError(f"manifest is for replica {m['replica_uuid']}, this is "
+                                   f"{b['volume_uuid']}")
+            geometry = {k: b[k] for k in ("size", "region_size", "block_size")}
+            if {k: m[k] for k in geometry} != geometry:
+                raise RefusedError(f"geometry mismatch: primary {dict((k, m[k]) for k in geometry)}"
+                                   f", replica {geometry}")
+            self.check_stage_name(m["primary_uuid"], _base_key(m["base"]),
+                                  str(m["target"]["seq"]))
+            st = b["staging"]
+            if not st or st["primary_uuid"] != m["primary_uuid"] or \
+                    st["base"] != _base_key(m["base"]) or st["target"] != str(m["target"]["seq"]):
+                raise RefusedError("nothing is staged for this interval; stage it first")
+            run_list = self._staged_runs()
+            d = manifest.digest_of(run_list, lambda o, n: _pread_full(self.stage["fd"], n, o))
+            if (d.extents, d.data_bytes) != (m["extents"], m["bytes"]) or \
+                    d.hexdigest() != m["digest"]:
+                raise RefusedError(
+                    f"staged data does not match the manifest: staged {d.extents} extents, "
+                    f"{d.data_bytes} bytes, digest {d.hexdigest()[:16]}; manifest "
+                    f"{m['extents']} extents, {m['bytes']} bytes, digest {m['digest'][:16]}")
+            # durable and complete, then apply
+            os.fdatasync(self.stage["fd"])
+            self.stage["data"].sync()
+            self.stage["zero"].sync()
+            st.update(state="complete", manifest=m, manifest_digest=_digest_json(m),
+                      bytes=d.data_bytes, zero_bytes=d.zero_bytes)
+            if b["bound"] is None:
+                b["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
+                              **geometry}
+            self.sd.write_meta(b)
+            faults.point("secondary.commit.staged_durable")
+            return self._apply(st, serve_reads=True)
+
+    def _apply(self, st, serve_reads):
+        t0 = time.monotonic()
+        run_list = self._staged_runs()
+        staged = None
+        pre_fd = None
+        if serve_reads:
+            staged = np.unpackbits((self.stage["data"].bits | self.stage["zero"].bits)
+                                   .view(np.uint8), bitorder="little")[:self.nblocks]
+            pre_fd = os.open(self.sd.p("staging", "pre.img"),
+                             os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.ftruncate(pre_fd, self.size)
+            for off, length, _ in run_list:
+                _copy(self.fd, pre_fd, off, length)
+            self.applying = (pre_fd, staged)
+        try:
+            for i, (off, length, zero) in enumerate(run_list):
+                if i == len(run_list) // 2:
+                    faults.point("secondary.apply.midway")
+                if zero:
+                    _zero(self.fd, off, length)
+                else:
+                    _copy(self.stage["fd"], self.fd, off, length)
+            os.fdatasync(self.fd)
+            faults.point("secondary.apply.before_record")
+            m = st["manifest"]
+            receipt = {"replica_uuid": self.body["volume_uuid"],
+                       "primary_uuid": m["primary_uuid"], "base": m["base"],
+                       "target": m["target"], "manifest_digest": st["manifest_digest"],
+                       "bytes": st["bytes"], "zero_bytes": st["zero_bytes"],
+                       "applied_at": time.time()}
+            self.rw.acquire_write()        # the switch: waits for running reads only
+            try:
+                self.applying = None
+                self.body["applied"] = {"target": m["target"], "base": m["base"],
+                                        "applied_at": receipt["applied_at"]}
+                self.body["receipts"] = ([receipt] + self.body["receipts"])[:KEEP_RECEIPTS]
+                self._discard_staging()
+                self.sd.write_meta(self.body)
+            finally:
+                self.rw.release_write()
+        finally:
+            self.applying = None
+            if pre_fd is not None:
+                os.close(pre_fd)
+        log.info("applied interval %s (%d bytes, %d zeroed) in %.3f s", m["target"],
+                 receipt["bytes"], receipt["zero_bytes"], time.monotonic() - t0)
+        return receipt
+
+    def control_handlers(self):
+        return {"status": lambda r: self.status(), "shutdown": lambda r: self.close()}
+
+    def tick(self):
+        pass
+
+    def status(self):
+        return dict(self.info(), state_dir=self.sd.path, volume=self.body["volume"],
+                    volume_uuid=self.body["volume_uuid"], generation=self.body["generation"],
+                    pid=os.getpid())
+
+    def close(self):
+        with self.lock:
+            os.fdatasync(self.fd)
+
+
+def _digest_json(m):
+    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+
+
+def _base_key(base):
+    return "none" if base is None else str(base["seq"])
+
+
+def _copy(src, dst, off, length, chunk=4 << 20):
+    end = off + length
+    while off < end:
+        n = min(chunk, end - off)
+        _pwrite_full(dst, _pread_full(src, n, off), off)
+        off += n
+
+
+def _zero(fd, off, length):
+    zeros = bytes(min(length, 4 << 20))
+    end = off + length
+    while off < end:
+        n = min(len(zeros), end - off)
+        _pwrite_full(fd, zeros[:n], off)
+        off += n
