@@ -94,11 +94,13 @@ def cmd_serve(args):
     if args.unix:
         _remove_stale_socket(args.unix)
         cmd += ["-U", os.path.abspath(args.unix)]
+        uri = f"nbd+unix:///?socket={os.path.abspath(args.unix)}"
     else:
         cmd += ["-p", str(args.port), "-i", args.bind]
+        uri = f"nbd://{args.bind}:{args.port}"
     if args.verbose:
         cmd.append("-v")
-    cmd += ["python", PLUGIN, f"state={sd.path}"]
+    cmd += ["python", PLUGIN, f"state={sd.path}", f"uri={uri}"]
     # nbdkit embeds the system's Python, which finds its standard library
     # through the first python3 on PATH: keep the system's directories first
     # (a pyenv or venv python3 ahead of them breaks the plugin's imports)
@@ -301,13 +303,20 @@ def cmd_snap_delete(args):
     return EXIT_OK
 
 
+# ---- agent ------------------------------------------------------------------
+
+def cmd_agent(args):
+    from . import agent
+    return agent.run(args)
+
+
 # ---- parser ---------------------------------------------------------------
 
 def parser():
     p = argparse.ArgumentParser(prog="prepl", description=(
         "Periodic block-level replication of a volume served over NBD. "
         "Exit codes: 0 ok, 1 failed, 2 usage, 3 no server running, "
-        "4 state directory missing/corrupt/in use, 5 refused."))
+        "4 state directory missing/corrupt/in use, 5 refused, 6 timed out."))
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -342,6 +351,24 @@ def parser():
     s.add_argument("--timeout", type=float, default=60)
     s.set_defaults(func=cmd_stop)
 
+    s = sub.add_parser("agent", help="replicate a primary to a secondary (one link)",
+                       description="Runs the replication agent of one link: cycles of "
+                       "snappoint, transfer of the changed blocks, commit on the secondary. "
+                       "Exit codes: 0 applied (--once), 5 refused (retrying will not help: "
+                       "wrong peer or geometry), 6 timed out (--once; retrying may help).")
+    s.add_argument("state", help="the primary's state directory (its server must run)")
+    s.add_argument("--secondary", required=True, metavar="URI",
+                   help="the secondary: nbd://HOST:PORT or nbd+unix:///?socket=PATH")
+    s.add_argument("--name", type=_name, default="default", help="link name (default: default)")
+    s.add_argument("--primary", metavar="URI",
+                   help="the primary server's NBD URI (default: what its status says)")
+    s.add_argument("--interval", type=float, default=60, help="seconds between cycles")
+    s.add_argument("--once", action="store_true",
+                   help="bring the secondary up to date once (initial sync if needed), then exit")
+    s.add_argument("--timeout", type=float, default=600, help="with --once: give up after this")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK file for nbds:// (not yet supported)")
+    s.set_defaults(func=cmd_agent)
+
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")
     s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/1)")
@@ -373,7 +400,8 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else
+                        logging.INFO if args.cmd == "agent" else logging.WARNING,
                         format="prepl: %(message)s")
     try:
         return args.func(args)

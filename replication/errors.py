@@ -8,7 +8,8 @@ EXIT_FAILED = 1       # the operation was tried and failed; see the message
 EXIT_USAGE = 2        # bad command line (argparse uses 2 too)
 EXIT_NOT_RUNNING = 3  # no server runs for this state directory
 EXIT_STATE = 4        # state directory missing, corrupt, incompatible or in use
-EXIT_REFUSED = 5      # the request is valid but refused (e.g. would lose data)
+EXIT_REFUSED = 5      # refused; retrying will not help (wrong peer, would lose data)
+EXIT_TIMEOUT = 6      # gave up after --timeout; retrying later may succeed
 
 
 class PreplError(Exception):
@@ -40,9 +41,14 @@ class RefusedError(PreplError):
     code = "refused"
 
 
+class TimedOutError(PreplError):
+    exit_code = EXIT_TIMEOUT
+    code = "timeout"
+
+
 class NotFoundError(PreplError):
     code = "not_found"
 
 
 BY_CODE = {c.code: c for c in (PreplError, UsageError, StateError, InUseError,
-                                NotRunningError, RefusedError, NotFoundError)}
+                                NotRunningError, RefusedError, NotFoundError, TimedOutError)}

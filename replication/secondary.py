@@ -125,6 +125,7 @@ class Replica:
         self.applying = None               # (pre-image fd, staged bits) during apply
         os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
         self.stage = None
+        self.uri = None
         st = body["staging"]
         if st and st["state"] == "complete":
             log.warning("redoing the apply of interval %s from its durable staging",
@@ -365,7 +366,7 @@ class Replica:
     def status(self):
         return dict(self.info(), state_dir=self.sd.path, volume=self.body["volume"],
                     volume_uuid=self.body["volume_uuid"], generation=self.body["generation"],
-                    pid=os.getpid())
+                    pid=os.getpid(), uri=self.uri)
 
     def close(self):
         with self.lock:

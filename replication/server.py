@@ -50,12 +50,16 @@ class Server:
         self.tracker = None
         self.replica = None
         self.control = None
+        self.uri = None
 
     def config(self, key, value):
         if key == "state":
             self.state = value
+        elif key == "uri":
+            self.uri = value          # where this server listens (for status)
         else:
-            raise UsageError(f"unknown parameter {key!r}: the prepl plugin takes state=DIR")
+            raise UsageError(f"unknown parameter {key!r}: the prepl plugin takes state=DIR "
+                             "[uri=URI]")
 
     def config_complete(self):
         if not self.state:
@@ -70,6 +74,7 @@ class Server:
         return self.tracker or self.replica
 
     def after_fork(self):
+        self.owner.uri = self.uri
         if self.tracker:
             self.tracker.start()
         self.control = ControlServer(self.owner.sd.control_socket, self.owner)
@@ -247,6 +252,7 @@ class StageHandle(Handle):
     trim = zero
 
     def flush(self):
+        self._start()             # an interval may have no changed block at all
         self.r.stage_flush()
 
 

@@ -126,6 +126,7 @@ class Tracker:
                 self.vol.switch(self._c_maps(self.maps), s.c)
         self.closed_maps = {}     # seq -> {kind: MapFile} (read-only, lazily)
         self.closed = False
+        self.uri = None           # where the server listens (set by the server)
 
     def start(self):
         """Called once the server serves (nbdkit's after_fork): from now on
@@ -456,8 +457,32 @@ class Tracker:
             "snappoint_convert": lambda r: self.convert_snappoint(r.get("name")),
             "snappoint_delete": lambda r: self.delete_snappoint(r.get("name")),
             "maps": lambda r: self.dump_maps(),
+            "link_update": lambda r: self.link_update(r.get("name"), r.get("fields") or {}),
             "shutdown": lambda r: self.close(),
         }
+
+    LINK_FIELDS = ("replica_uuid", "secondary", "cursor", "state", "last_cycle", "progress")
+
+    def link_update(self, name, fields):
+        """The agent of link `name` records what it did (only the server
+        writes the metadata).  A link is identified by its replica's UUID:
+        a link name cannot be reused for another replica."""
+        check_name(name, "link name")
+        with self.lock:
+            self._check_open()
+            unknown = set(fields) - set(self.LINK_FIELDS)
+            if unknown:
+                raise RefusedError(f"unknown link fields {sorted(unknown)}")
+            link = self.body["links"].setdefault(name, {})
+            if link.get("replica_uuid") and fields.get("replica_uuid") not in \
+                    (None, link["replica_uuid"]):
+                raise RefusedError(f"link {name!r} replicates to replica {link['replica_uuid']},"
+                                   f" not {fields['replica_uuid']}; choose another --name")
+            if fields.get("cursor") is not None:
+                self._find(fields["cursor"])
+            link.update(fields)
+            self._save()
+            return link
 
     def tick(self):
         self.check_snapshots()
@@ -479,6 +504,7 @@ class Tracker:
                 "al_extent": b["al_extent"],
                 "tracked_since_empty": b["tracked_since_empty"],
                 "pid": os.getpid(),
+                "uri": self.uri,
                 "recovered": self.recovered,
                 "open_interval": {"seq": self.open_interval["seq"],
                                   "changed_regions": self.maps["cmap"].count(),
