@@ -1,0 +1,244 @@
+"""The replication agent of one link: primary state directory -> secondary.
+
+One cycle (ARCHITECTURE §4):
+  1. snappoint: ask the primary's server for snappoint LINK.N (with a
+     snapshot) over the control socket; it closes the open interval and
+     makes volume and maps durable before we read anything;
+  2. transfer: the union of the closed intervals after the link's cursor up
+     to LINK.N, restricted by the block maps (replication/chain.py), read
+     from snap/LINK.N and written into the secondary's staging export
+     stage/PRIMARY/BASE/TARGET; zeroed ranges go as NBD zero requests;
+  3. commit: the manifest (replication/manifest.py) written to
+     commit/TARGET; its receipt means the interval is applied;
+  4. advance: only then the link's cursor moves to LINK.N (recorded by the
+     server); the previous cursor's snappoint is deleted (its map merges
+     forward, its snapshot is freed).  LINK.N keeps its snapshot until the
+     next cycle: snap/LINK.N is the image the replica holds.  A failed cycle drops nothing:
+     the next one sends the union from the unchanged cursor.
+
+Initial sync: when the replica has applied nothing, the whole snapshot is
+sent, unless both sides were created empty (`init --size`) and the primary
+still holds every interval since its creation: then the chain from the
+start is the exact difference.
+"""
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import control, manifest
+from .chain import interval_union
+from .errors import PreplError, RefusedError, StateError, TimedOutError
+from .state import StateDir
+from .transport import NbdSource, NbdTarget, TransportError, copy_extents, open_nbd
+
+log = logging.getLogger(__name__)
+
+
+class _Hashing:
+    """A source that adds each completed data read to the transfer digest
+    (the engine's requests are the manifest's pieces: max_request=PIECE)."""
+
+    def __init__(self, src, digest):
+        self.src, self.digest = src, digest
+        self.handles = src.handles
+
+    def size(self):
+        return self.src.size()
+
+    def close(self):
+        self.src.close()
+
+    def start_read(self, buf, offset, done):
+        def hashed(err):
+            if not err:
+                self.digest.add(offset, len(buf), False, buf)
+            done(err)
+        self.src.start_read(buf, offset, hashed)
+
+
+class Agent:
+    def __init__(self, state, secondary_uri, name="default", primary_uri=None,
+                 tls_psk_file=None):
+        self.sd = StateDir(state)
+        self.name = name
+        self.secondary_uri = secondary_uri
+        self.tls_psk_file = tls_psk_file
+        self._primary_uri = primary_uri
+        self.n = 0
+
+    # ---- the two servers ------------------------------------------------
+    def ctl(self, op, **kw):
+        return control.request(self.sd.control_socket, op, **kw)
+
+    def primary_uri(self):
+        if self._primary_uri:
+            return self._primary_uri
+        uri = self.ctl("status").get("uri")
+        if not uri:
+            raise StateError("the primary's server does not say where it listens; "
+                             "give --primary URI")
+        return uri
+
+    def secondary(self, export):
+        return open_nbd(self.secondary_uri, export=export, tls_psk_file=self.tls_psk_file)
+
+    def replica_info(self):
+        h = self.secondary("info")
+        try:
+            return json.loads(h.pread(h.get_size(), 0).split(b"\0", 1)[0])
+        finally:
+            h.shutdown()
+
+    # ---- one cycle --------------------------------------------------------
+    def cycle(self):
+        """Brings the secondary up to a new snappoint; returns the receipt."""
+        body = self.sd.read_meta()
+        info = self.replica_info()
+        self._check_peer(body, info)
+        link = body["links"].get(self.name) or {}
+        applied = info["applied"]
+        base = applied["target"] if applied else None
+        if base and not any(iv["seq"] == base["seq"] and iv["closed_by"]
+                            for iv in body["intervals"]):
+            raise RefusedError(f"the replica applied interval {base['seq']}, which this primary "
+                               "no longer holds; a full resync is needed")
+        full = base is None and not self._can_skip_initial_sync(body, info)
+        self.ctl("link_update", name=self.name,
+                 fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,
+                         "state": "syncing" if full else "transferring"})
+        seq = body["next_seq"]
+        snap_name = f"{self.name}.{seq}"
+        t0 = time.time()
+        self.ctl("snappoint_create", name=snap_name)
+        body = self.sd.read_meta()
+        target = next(iv for iv in body["intervals"] if iv["closed_by"] == snap_name)
+        nblocks = -(-body["size"] // body["block_size"])
+        if full:
+            data = np.full(-(-nblocks // 64), ~np.uint64(0), np.uint64)
+            if nblocks % 64:
+                data[-1] = np.uint64((1 << (nblocks % 64)) - 1)
+            zero = np.zeros_like(data)
+        else:
+            data, zero = interval_union(self.sd, body, base["seq"] if base else None,
+                                        target["seq"])
+        runs = manifest.runs(data, zero, nblocks, body["block_size"], body["size"])
+        digest, stats = self._transfer(body, snap_name, base, target, runs)
+        m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
+             "replica_uuid": info["replica_uuid"], "size": body["size"],
+             "region_size": body["region_size"], "block_size": body["block_size"],
+             "base": base, "target": {"seq": target["seq"], "name": snap_name,
+                                      "time": target["closed_at"]},
+             "extents": digest.extents, "bytes": digest.data_bytes,
+             "digest": digest.hexdigest()}
+        self.ctl("link_update", name=self.name, fields={"state": "applying"})
+        receipt = self._commit(m)
+        # advance: only after the receipt
+        old = link.get("cursor")
+        self.ctl("link_update", name=self.name, fields={
+            "cursor": snap_name, "state": "idle",
+            "last_cycle": {"snappoint": snap_name, "bytes": digest.data_bytes,
+                           "zero_bytes": digest.zero_bytes, "seconds": time.time() - t0,
+                           "applied_at": receipt["applied_at"], "full": full}})
+        # LINK.N keeps its snapshot until the next cycle (snap/LINK.N is then
+        # the image the replica holds, for checks); the previous cursor goes
+        if old and old != snap_name:
+            try:
+                self.ctl("snappoint_delete", name=old)
+            except PreplError as e:          # e.g. another link still needs it
+                log.info("kept snappoint %s: %s", old, e)
+        log.info("cycle %s applied: %d bytes, %d zeroed, %.3f s", snap_name, digest.data_bytes,
+                 digest.zero_bytes, time.time() - t0)
+        return receipt
+
+    def _check_peer(self, body, info):
+        geometry = {k: body[k] for k in ("size", "region_size", "block_size")}
+        theirs = {k: info[k] for k in geometry}
+        if theirs != geometry:
+            raise RefusedError(f"the secondary's replica has geometry {theirs}, the primary "
+                               f"{geometry}; re-create the replica with the primary's geometry")
+        if info["bound"] and info["bound"]["primary_uuid"] != body["volume_uuid"]:
+            raise RefusedError(f"the secondary's replica {info['replica_uuid']} is bound to "
+                               f"another volume ({info['bound']['primary_uuid']})")
+        link = body["links"].get(self.name)
+        if link and link.get("replica_uuid") not in (None, info["replica_uuid"]):
+            raise RefusedError(f"link {self.name!r} replicates to replica "
+                               f"{link['replica_uuid']}, but {self.secondary_uri} serves "
+                               f"{info['replica_uuid']}")
+
+    @staticmethod
+    def _can_skip_initial_sync(body, info):
+        # deleting a snappoint merges intervals, it never drops changes: the
+        # chain holds every change since creation unless it was truncated
+        return (body["tracked_since_empty"] and info["tracked_since_empty"]
+                and not body.get("chain_truncated"))
+
+    def _transfer(self, body, snap_name, base, target, runs):
+        """Streams the runs with the AIO engine (replication/transport.py),
+        hashing each data piece as its read completes."""
+        src_h = open_nbd(self.primary_uri(), export=f"snap/{snap_name}")
+        dst_h = self.secondary(f"stage/{body['volume_uuid']}/"
+                               f"{base['seq'] if base else 'none'}/{target['seq']}")
+        d = manifest.Digest()
+        for off, n, z in runs:
+            if z:
+                d.add(off, n, True)
+        t0 = time.monotonic()
+
+        def progress(done, total):
+            rate = done / max(time.monotonic() - t0, 1e-6)
+            log.info("transfer %s: %.1f%% %d/%d bytes, %.1f MB/s, ETA %.0f s", snap_name,
+                     100 * done / max(total, 1), done, total, rate / 1e6,
+                     (total - done) / max(rate, 1))
+        try:
+            stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
+                                 max_request=manifest.PIECE, progress=progress,
+                                 progress_interval=2.0)
+            if not runs:
+                dst_h.flush()          # stages an empty interval too
+        finally:
+            for h in (src_h, dst_h):
+                try:
+                    h.shutdown()
+                except Exception:
+                    pass
+        return d, stats
+
+    def _commit(self, m):
+        h = self.secondary(f"commit/{m['target']['seq']}")
+        try:
+            h.pwrite(json.dumps(m, sort_keys=True).encode(), 0)
+            h.flush()
+            reply = json.loads(h.pread(65536, 0).split(b"\0", 1)[0])
+        finally:
+            h.shutdown()
+        if not reply.get("ok"):
+            raise RefusedError(f"the secondary refused the commit: {reply.get('error')}")
+        return reply["receipt"]
+
+
+def run(args):
+    """`prepl agent`: --once, or a cycle every --interval seconds."""
+    agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk)
+    deadline = time.monotonic() + args.timeout
+    delay = 0.5
+    while True:
+        try:
+            receipt = agent.cycle()
+            delay = 0.5
+            if args.once:
+                print(f"applied {receipt['target']['name']} on replica {receipt['replica_uuid']}"
+                      f" ({receipt['bytes']} bytes)")
+                return 0
+            time.sleep(args.interval)
+        except RefusedError:
+            raise
+        except (TransportError, PreplError, OSError) as e:
+            if args.once and time.monotonic() + delay > deadline:
+                raise TimedOutError(f"timed out after {args.timeout} s; last error: {e}")
+            log.warning("cycle failed (%s); retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30)

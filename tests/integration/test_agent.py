@@ -1,0 +1,84 @@
+"""`prepl agent --once` between a real primary and a real secondary server:
+the replica equals the primary (quiesced) after each run; an empty pair
+skips the initial sync and sends only what was written; a non-empty
+primary gets a full initial sync; wrong peers are refused (exit 5)."""
+import json
+import random
+
+from replication.state import StateDir
+from tests.conftest import prepl
+
+MiB = 1 << 20
+
+
+def make_pair(tmp_path, make_server, psize="16M", ssize="16M", prefill=None, sargs=()):
+    pvol = tmp_path / "p.img"
+    if prefill is not None:
+        pvol.write_bytes(prefill)
+        prepl("init", tmp_path / "p", "--volume", pvol)
+    else:
+        prepl("init", tmp_path / "p", "--volume", pvol, "--size", psize)
+    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", ssize,
+          "--role", "secondary", *sargs)
+    return make_server(tmp_path / "p").start(), make_server(tmp_path / "s").start()
+
+
+def agent_once(prim, sec, *extra, check=True):
+    return prepl("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}",
+                 "--once", "--timeout", "20", *extra, check=check)
+
+
+def test_empty_pair_replicates_changes_only(tmp_path, make_server):
+    prim, sec = make_pair(tmp_path, make_server)
+    h = prim.connect()
+    rnd = random.Random(3)
+    written = set()
+    for _ in range(40):
+        off = rnd.randrange(16 * MiB // 4096) * 4096
+        h.pwrite(rnd.randbytes(4096), off)
+        written.add(off)
+    h.flush()
+    agent_once(prim, sec)
+    assert sec.connect().pread(16 * MiB, 0) == h.pread(16 * MiB, 0)
+    link = StateDir(prim.state).read_meta()["links"]["default"]
+    assert link["last_cycle"]["full"] is False
+    assert link["last_cycle"]["bytes"] == 4096 * len(written)     # I3: only what changed
+    for _ in range(3):
+        h.pwrite(rnd.randbytes(100000), rnd.randrange(15 * MiB))
+        h.zero(2 * MiB, 4 * MiB)
+        agent_once(prim, sec)
+        assert sec.connect().pread(16 * MiB, 0) == h.pread(16 * MiB, 0)
+    snaps = prim.ctl("status")["snappoints"]
+    assert len(snaps) == 1 and snaps[0]["snapshot"] == "valid"     # old cursors retired
+    assert StateDir(prim.state).read_meta()["links"]["default"]["cursor"] == snaps[0]["name"]
+
+
+def test_initial_sync_of_a_volume_with_data(tmp_path, make_server):
+    data = random.Random(4).randbytes(8 * MiB)
+    prim, sec = make_pair(tmp_path, make_server, prefill=data, ssize="8M")
+    prim.connect().pwrite(b"x" * 5000, 12345)
+    agent_once(prim, sec)
+    link = StateDir(prim.state).read_meta()["links"]["default"]
+    assert link["last_cycle"]["full"] is True
+    assert sec.connect().pread(8 * MiB, 0) == prim.connect().pread(8 * MiB, 0)
+
+
+def test_wrong_geometry_is_refused(tmp_path, make_server):
+    prim, sec = make_pair(tmp_path, make_server, ssize="32M")
+    r = agent_once(prim, sec, check=False)
+    assert r.returncode == 5 and "geometry" in r.stderr
+    info = json.loads(sec.connect("info").pread(4096, 0).split(b"\0", 1)[0])
+    assert info["bound"] is None and info["applied"] is None
+
+
+def test_replica_of_another_volume_is_refused(tmp_path, make_server):
+    prim, sec = make_pair(tmp_path, make_server)
+    agent_once(prim, sec)
+    other = tmp_path / "other"
+    other.mkdir()
+    prepl("init", other / "p", "--volume", other / "p.img", "--size", "16M")
+    prim2 = make_server(other / "p").start()
+    before = sec.connect().pread(16 * MiB, 0)
+    r = agent_once(prim2, sec, check=False)
+    assert r.returncode == 5 and "bound to another volume" in r.stderr
+    assert sec.connect().pread(16 * MiB, 0) == before
