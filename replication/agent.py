@@ -21,6 +21,7 @@ sent, unless both sides were created empty (`init --size`) and the primary
 still holds every interval since its creation: then the chain from the
 start is the exact difference.
 """
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from .state import StateDir
 from .transport import NbdSource, NbdTarget, TransportError, copy_extents, open_nbd
 
 log = logging.getLogger(__name__)
+PSK_USER = "prepl"     # the username `prepl keygen` writes
 
 
 class _Hashing:
@@ -84,7 +86,18 @@ class Agent:
         return uri
 
     def secondary(self, export):
-        return open_nbd(self.secondary_uri, export=export, tls_psk_file=self.tls_psk_file)
+        try:
+            return open_nbd(self.secondary_uri, export=export, tls_psk_file=self.tls_psk_file,
+                            tls_username=PSK_USER if self.tls_psk_file else None)
+        except TransportError as e:
+            # a TLS mismatch does not heal by retrying: say so, with the remedy
+            if self.tls_psk_file and "tls" in str(e).lower():
+                raise RefusedError(f"{e}\nthe TLS handshake failed: the key in "
+                                   f"{self.tls_psk_file} is not the secondary's key")
+            if not self.tls_psk_file and e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise RefusedError(f"{e}\nthe secondary requires TLS: give --tls-psk FILE "
+                                   "(its key) and an nbds:// URI")
+            raise
 
     def replica_info(self):
         h = self.secondary("info")

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
@@ -14,8 +15,8 @@ import sys
 import time
 
 from . import control, state
-from .errors import (EXIT_OK, NotRunningError, PreplError, StateError, UsageError,
-                     InUseError)
+from .errors import (EXIT_OK, NotRunningError, PreplError, RefusedError, StateError,
+                     UsageError, InUseError)
 from .units import check_name, fmt_size, parse_pow2, parse_size
 
 log = logging.getLogger("prepl")
@@ -87,17 +88,22 @@ def _precheck_serve(sd):
 def cmd_serve(args):
     sd = state.StateDir(args.state)
     _precheck_serve(sd)
-    if args.port is not None and args.bind not in LOOPBACK:
-        raise UsageError(f"refusing to serve on {args.bind}: off-loopback service needs TLS, "
-                         "which this version does not offer yet; use --bind 127.0.0.1")
+    if args.port is not None and args.bind not in LOOPBACK and not args.tls_psk:
+        raise UsageError(f"refusing to serve on {args.bind} without TLS: give --tls-psk FILE "
+                         "(made by `prepl keygen FILE`), or --bind 127.0.0.1")
     cmd = ["nbdkit", "--log=stderr", "-P", sd.pidfile]
+    scheme = "nbd"
+    if args.tls_psk:
+        _check_psk_file(args.tls_psk)
+        cmd += ["--tls=require", f"--tls-psk={os.path.abspath(args.tls_psk)}"]
+        scheme = "nbds"
     if args.unix:
         _remove_stale_socket(args.unix)
         cmd += ["-U", os.path.abspath(args.unix)]
-        uri = f"nbd+unix:///?socket={os.path.abspath(args.unix)}"
+        uri = f"{scheme}+unix:///?socket={os.path.abspath(args.unix)}"
     else:
         cmd += ["-p", str(args.port), "-i", args.bind]
-        uri = f"nbd://{args.bind}:{args.port}"
+        uri = f"{scheme}://{args.bind}:{args.port}"
     if args.verbose:
         cmd.append("-v")
     cmd += ["python", PLUGIN, f"state={sd.path}", f"uri={uri}"]
@@ -140,6 +146,37 @@ def cmd_serve(args):
     where = args.unix or f"{args.bind}:{args.port}"
     print(f"serving {st['volume']} on {where} (pid {st['pid']}, log {logpath})")
     return EXIT_OK
+
+
+PSK_USER = "prepl"
+
+
+def cmd_keygen(args):
+    """A TLS pre-shared key file (psktool format, username prepl), 0600."""
+    if os.path.exists(args.file):
+        raise RefusedError(f"{args.file} exists; refusing to overwrite a key (remove it first)")
+    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{PSK_USER}:{secrets.token_hex(32)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"wrote a TLS pre-shared key to {args.file}; copy it to the other node (mode 0600)")
+    return EXIT_OK
+
+
+def _check_psk_file(path):
+    try:
+        st = os.stat(path)
+        with open(path) as f:
+            line = f.readline().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the PSK file {path}: {e.strerror}")
+    user, _, key = line.partition(":")
+    if not user or not key or any(c not in "0123456789abcdefABCDEF" for c in key):
+        raise UsageError(f"{path} is not a PSK file (USER:HEXKEY); make one with `prepl keygen`")
+    if st.st_mode & 0o077:
+        raise UsageError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); "
+                         f"chmod 600 {path}")
 
 
 def _remove_stale_socket(path):
@@ -344,7 +381,13 @@ def parser():
     s.add_argument("--background", action="store_true",
                    help="detach; return once the server answers (log in STATE/server.log)")
     s.add_argument("--timeout", type=float, default=60, help="seconds to wait with --background")
+    s.add_argument("--tls-psk", metavar="FILE",
+                   help="require TLS with this pre-shared key file (see `prepl keygen`)")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("keygen", help="write a new TLS pre-shared key file (mode 0600)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_keygen)
 
     s = sub.add_parser("stop", help="stop the server of a state directory (clean stop)")
     s.add_argument("state")
@@ -358,7 +401,7 @@ def parser():
                        "wrong peer or geometry), 6 timed out (--once; retrying may help).")
     s.add_argument("state", help="the primary's state directory (its server must run)")
     s.add_argument("--secondary", required=True, metavar="URI",
-                   help="the secondary: nbd://HOST:PORT or nbd+unix:///?socket=PATH")
+                   help="the secondary: nbd[s]://HOST:PORT or nbd[s]+unix:///?socket=PATH")
     s.add_argument("--name", type=_name, default="default", help="link name (default: default)")
     s.add_argument("--primary", metavar="URI",
                    help="the primary server's NBD URI (default: what its status says)")
@@ -366,7 +409,8 @@ def parser():
     s.add_argument("--once", action="store_true",
                    help="bring the secondary up to date once (initial sync if needed), then exit")
     s.add_argument("--timeout", type=float, default=600, help="with --once: give up after this")
-    s.add_argument("--tls-psk", metavar="FILE", help="PSK file for nbds:// (not yet supported)")
+    s.add_argument("--tls-psk", metavar="FILE",
+                   help="PSK file (`prepl keygen`) for a secondary served with --tls-psk")
     s.set_defaults(func=cmd_agent)
 
     s = sub.add_parser("status", help="show the state of a volume and its server")

@@ -173,7 +173,7 @@ def test_off_loopback_refused_without_tls(tmp_path):
     st = tmp_path / "st"
     prepl("init", st, "--volume", tmp_path / "v.img", "--size", "1M")
     r = prepl("serve", st, "--port", "10809", "--bind", "0.0.0.0", check=False)
-    assert r.returncode == 2 and "needs TLS" in r.stderr
+    assert r.returncode == 2 and "without TLS" in r.stderr
 
 
 def test_help_is_clear():
