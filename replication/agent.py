@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+import nbd
 import numpy as np
 
 from . import control, manifest
@@ -38,6 +39,14 @@ from .transport import NbdSource, NbdTarget, TransportError, copy_extents, open_
 
 log = logging.getLogger(__name__)
 PSK_USER = "prepl"     # the username `prepl keygen` writes
+
+
+def _close(h):
+    """Polite disconnect; a connection that is already gone is fine."""
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
 
 
 class _Hashing:
@@ -103,8 +112,10 @@ class Agent:
         h = self.secondary("info")
         try:
             return json.loads(h.pread(h.get_size(), 0).split(b"\0", 1)[0])
+        except nbd.Error as e:
+            raise TransportError(f"reading the replica's info failed: {e}")
         finally:
-            h.shutdown()
+            _close(h)
 
     # ---- one cycle --------------------------------------------------------
     def cycle(self):
@@ -112,7 +123,6 @@ class Agent:
         body = self.sd.read_meta()
         info = self.replica_info()
         self._check_peer(body, info)
-        link = body["links"].get(self.name) or {}
         applied = info["applied"]
         base = applied["target"] if applied else None
         if base and not any(iv["seq"] == base["seq"] and iv["closed_by"]
@@ -150,19 +160,21 @@ class Agent:
         self.ctl("link_update", name=self.name, fields={"state": "applying"})
         receipt = self._commit(m)
         # advance: only after the receipt
-        old = link.get("cursor")
         self.ctl("link_update", name=self.name, fields={
             "cursor": snap_name, "state": "idle",
             "last_cycle": {"snappoint": snap_name, "bytes": digest.data_bytes,
                            "zero_bytes": digest.zero_bytes, "seconds": time.time() - t0,
                            "applied_at": receipt["applied_at"], "full": full}})
         # LINK.N keeps its snapshot until the next cycle (snap/LINK.N is then
-        # the image the replica holds, for checks); the previous cursor goes
-        if old and old != snap_name:
+        # the image the replica holds, for checks); the previous cursor goes,
+        # and so do snappoints of this link left by cycles that failed
+        stale = [sp["name"] for sp in self.ctl("snappoint_list")
+                 if sp["name"].startswith(self.name + ".") and sp["name"] != snap_name]
+        for name in stale:
             try:
-                self.ctl("snappoint_delete", name=old)
+                self.ctl("snappoint_delete", name=name)
             except PreplError as e:          # e.g. another link still needs it
-                log.info("kept snappoint %s: %s", old, e)
+                log.info("kept snappoint %s: %s", name, e)
         log.info("cycle %s applied: %d bytes, %d zeroed, %.3f s", snap_name, digest.data_bytes,
                  digest.zero_bytes, time.time() - t0)
         return receipt
@@ -212,12 +224,11 @@ class Agent:
                                  progress_interval=2.0)
             if not runs:
                 dst_h.flush()          # stages an empty interval too
+        except nbd.Error as e:
+            raise TransportError(f"transfer of {snap_name} failed: {e}")
         finally:
-            for h in (src_h, dst_h):
-                try:
-                    h.shutdown()
-                except Exception:
-                    pass
+            _close(src_h)
+            _close(dst_h)
         return d, stats
 
     def _commit(self, m):
@@ -226,8 +237,12 @@ class Agent:
             h.pwrite(json.dumps(m, sort_keys=True).encode(), 0)
             h.flush()
             reply = json.loads(h.pread(65536, 0).split(b"\0", 1)[0])
+        except nbd.Error as e:
+            # the outcome is unknown; the next cycle learns it from the
+            # replica's applied interval (commits are idempotent)
+            raise TransportError(f"commit of interval {m['target']['seq']} interrupted: {e}")
         finally:
-            h.shutdown()
+            _close(h)
         if not reply.get("ok"):
             raise RefusedError(f"the secondary refused the commit: {reply.get('error')}")
         return reply["receipt"]

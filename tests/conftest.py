@@ -49,13 +49,14 @@ class Server:
         self.log = log
         self.proc = None
         self.extra = []           # more `prepl serve` arguments
+        self.env = {}             # more environment (e.g. PREPL_FAULT)
 
     def start(self):
         self.logf = open(self.log, "ab")
         # `prepl serve` execs nbdkit -f: the Popen pid is nbdkit's pid
         self.proc = subprocess.Popen(PREPL + ["serve", self.state, "--unix", self.sock]
                                      + self.extra,
-                                     env=ENV, cwd=REPO, stdin=subprocess.DEVNULL,
+                                     env=dict(ENV, **self.env), cwd=REPO, stdin=subprocess.DEVNULL,
                                      stdout=self.logf, stderr=self.logf)
         ctl = StateDir(self.state).control_socket
 

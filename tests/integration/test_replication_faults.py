@@ -1,0 +1,94 @@
+"""Faults on the replication path: the secondary crashes in the middle of
+an apply (fault point secondary.apply.midway) and the agent is killed in
+the middle of a transfer.  Replication resumes by itself, the replica ends
+equal to the primary, and no read ever sees a half-applied replica."""
+import json
+import random
+import signal
+import subprocess
+import time
+
+from tests.conftest import ENV, PREPL, REPO, prepl, wait_for
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+def pair(tmp_path, make_server):
+    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
+    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
+          "--role", "secondary")
+    return make_server(tmp_path / "p").start(), make_server(tmp_path / "s")
+
+
+def scribble(prim, seed, n=200):
+    rnd = random.Random(seed)
+    h = prim.connect()
+    for _ in range(n):
+        h.pwrite(rnd.randbytes(rnd.choice([4096, 65536, 300000])), rnd.randrange(SIZE - 300000))
+    h.flush()
+    h.shutdown()
+
+
+def agent(prim, sec, *args):
+    return subprocess.Popen(PREPL + ["agent", prim.state, "--secondary",
+                                     f"nbd+unix:///?socket={sec.sock}", *args],
+                            env=ENV, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_secondary_crash_mid_apply_then_resume(tmp_path, make_server):
+    prim, sec = pair(tmp_path, make_server)
+    scribble(prim, 1)
+    sec.env = {"PREPL_FAULT": "secondary.apply.midway"}
+    sec.start()
+    a = agent(prim, sec, "--once", "--timeout", "60")
+    try:
+        wait_for(lambda: sec.proc.poll() is not None, 30, "the secondary to crash mid-apply")
+        assert sec.proc.returncode == 99
+        with open(tmp_path / "s.img", "rb") as f:
+            half = f.read()
+        assert half != prim.connect().pread(SIZE, 0)        # really half-applied on disk
+        sec.env = {}
+        sec.start()                                         # redoes the apply, then serves
+        assert "redoing the apply" in sec.output()
+        out, err = a.communicate(timeout=90)
+        assert a.returncode == 0, err
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert sec.connect().pread(SIZE, 0) == prim.connect().pread(SIZE, 0)
+
+
+def test_agent_killed_mid_transfer_then_resume(tmp_path, make_server):
+    prim, sec = pair(tmp_path, make_server)
+    sec.start()
+    scribble(prim, 2, n=400)
+    a = agent(prim, sec, "--once")
+
+    def staging():
+        h = sec.connect("info")
+        try:
+            return json.loads(h.pread(4096, 0).split(b"\0", 1)[0])["staging"]
+        finally:
+            h.shutdown()
+    try:
+        wait_for(lambda: staging() is not None or a.poll() is not None, 30, "staging to start")
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+    # nbdkit 1.32.5 aborts (connections.c:402 `sock >= 0`) when a client dies
+    # with reads in flight -- the plain `file` plugin does too.  If it took the
+    # primary down, restart it: its recovery after an unclean stop is part of
+    # what this test checks (nothing lost, replication resumes).
+    time.sleep(1)
+    if "raw_send_socket: Assertion" in prim.output():
+        prim.kill()                 # it is aborting (dumping core may take a while)
+        prim.start()
+        assert prim.ctl("status")["recovered"] is not None
+    before = sec.connect().pread(SIZE, 0)
+    assert before == bytes(SIZE) or before == prim.connect().pread(SIZE, 0)   # never a mix
+    prepl("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once")
+    assert sec.connect().pread(SIZE, 0) == prim.connect().pread(SIZE, 0)
+    names = [s["name"] for s in prim.ctl("status")["snappoints"]]
+    assert len(names) == 1, f"stale snappoints of failed cycles remain: {names}"
