@@ -22,10 +22,12 @@ still holds every interval since its creation: then the chain from the
 start is the exact difference.
 """
 import errno
+import fcntl
 import json
 import logging
 import os
-import sys
+import socket
+import threading
 import time
 
 import nbd
@@ -33,7 +35,8 @@ import numpy as np
 
 from . import control, manifest
 from .chain import interval_union
-from .errors import PreplError, RefusedError, StateError, TimedOutError
+from .errors import (InUseError, NotRunningError, PreplError, RefusedError, StateError,
+                     TimedOutError)
 from .state import StateDir
 from .transport import NbdSource, NbdTarget, TransportError, copy_extents, open_nbd
 
@@ -248,25 +251,156 @@ class Agent:
         return reply["receipt"]
 
 
+def _lock_link(sd, name):
+    """One agent per link: an flock on STATE/agent.NAME.lock, held for life."""
+    f = os.fdopen(os.open(sd.p(f"agent.{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          0o600), "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise InUseError(f"another agent (pid {holder}) runs link {name!r} of {sd}; "
+                         "stop it first")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+class SyncServer:
+    """STATE/agent.NAME.sock (0600): `prepl sync` asks for a cycle and, unless
+    --no-wait, gets the receipt of the first cycle that started after it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.cond = threading.Condition()
+        self.requested = threading.Event()
+        self.started = 0          # cycles started
+        self.results = {}         # cycle number -> receipt or error text
+        if os.path.exists(path):
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rwb") as f:
+            req = json.loads(f.readline() or b"{}")
+            with self.cond:
+                want = self.started + 1
+                self.requested.set()
+                if req.get("wait", True):
+                    while want not in self.results:
+                        self.cond.wait()
+                    reply = self.results[want]
+                else:
+                    reply = {"ok": True, "queued": True}
+            f.write(json.dumps(reply).encode() + b"\n")
+            f.flush()
+
+    def begin(self):
+        with self.cond:
+            self.started += 1
+            self.requested.clear()
+            return self.started
+
+    def end(self, n, reply):
+        with self.cond:
+            self.results[n] = reply
+            self.cond.notify_all()
+
+
 def run(args):
-    """`prepl agent`: --once, or a cycle every --interval seconds."""
+    """`prepl agent`: --once, or cycles on the schedule: every --interval
+    seconds, when the open interval holds --max-dirty bytes, or on
+    `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk)
+    lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
+    sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))
     deadline = time.monotonic() + args.timeout
     delay = 0.5
+    next_due = time.monotonic()
     while True:
+        if not args.once:
+            while time.monotonic() < next_due and not sync.requested.is_set():
+                if args.max_dirty and _dirty_bytes(agent) >= args.max_dirty:
+                    break
+                sync.requested.wait(0.2)
+        n = sync.begin() if sync else 0
         try:
             receipt = agent.cycle()
             delay = 0.5
+            if sync:
+                sync.end(n, {"ok": True, "receipt": receipt})
             if args.once:
                 print(f"applied {receipt['target']['name']} on replica {receipt['replica_uuid']}"
                       f" ({receipt['bytes']} bytes)")
                 return 0
-            time.sleep(args.interval)
-        except RefusedError:
+            next_due = time.monotonic() + args.interval
+        except RefusedError as e:
+            if sync:
+                sync.end(n, {"ok": False, "error": str(e), "code": e.code})
             raise
         except (TransportError, PreplError, OSError) as e:
+            if sync:
+                sync.end(n, {"ok": False, "error": str(e), "code": "failed"})
+            try:
+                agent.ctl("link_update", name=args.name,
+                          fields={"state": "disconnected" if isinstance(e, TransportError)
+                                  else "failing"})
+            except PreplError:
+                pass
             if args.once and time.monotonic() + delay > deadline:
                 raise TimedOutError(f"timed out after {args.timeout} s; last error: {e}")
             log.warning("cycle failed (%s); retrying in %.1f s", e, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30)
+            next_due = time.monotonic()
+
+
+def _dirty_bytes(agent):
+    try:
+        st = agent.ctl("status")
+    except PreplError:
+        return 0
+    return st["open_interval"]["changed_blocks"] * st["block_size"]
+
+
+def request_sync(state, name, wait=True, timeout=None):
+    """`prepl sync`: asks the running agent of link `name` for a cycle."""
+    sd = StateDir(state)
+    path = sd.p(f"agent.{name}.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotRunningError(f"no agent is running for link {name!r} of {sd} "
+                                  f"(start one with `prepl agent {sd} --secondary URI "
+                                  f"--name {name}`)")
+        with s.makefile("rwb") as f:
+            f.write(json.dumps({"op": "sync", "wait": wait}).encode() + b"\n")
+            f.flush()
+            reply = json.loads(f.readline() or b"{}")
+    finally:
+        s.close()
+    if not reply.get("ok"):
+        raise (RefusedError if reply.get("code") == "refused" else PreplError)(
+            f"the cycle failed: {reply.get('error')}")
+    return reply

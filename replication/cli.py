@@ -299,6 +299,15 @@ def _show_status(args, st):
               f"{oi['changed_blocks']} blocks changed")
     for sp in st.get("snappoints", []):
         print(f"snappoint {sp['name']}: snapshot {sp['snapshot']}")
+    for name, ln in (st.get("links") or {}).items():
+        if "agent_running" not in ln:
+            continue
+        last = ln.get("last_cycle") or {}
+        rpo = ln.get("rpo_seconds")
+        print(f"link {name}: {ln.get('state')} (agent {'running' if ln['agent_running'] else 'not running'}),"
+              f" replica {ln.get('replica_uuid')}, last applied {ln.get('cursor')}, "
+              f"RPO {'-' if rpo is None else f'{rpo:.1f} s'}, pending {fmt_size(ln['bytes_pending']) if ln['bytes_pending'] else 0} bytes, "
+              f"last cycle {last.get('bytes', 0)} bytes in {last.get('seconds', 0):.2f} s")
 
 
 # ---- snappoints -----------------------------------------------------------
@@ -345,6 +354,17 @@ def cmd_snap_delete(args):
 def cmd_agent(args):
     from . import agent
     return agent.run(args)
+
+
+def cmd_sync(args):
+    from . import agent
+    reply = agent.request_sync(args.state, args.name, wait=not args.no_wait)
+    if args.no_wait:
+        print(f"cycle requested from the agent of link {args.name}")
+    else:
+        r = reply["receipt"]
+        print(f"applied {r['target']['name']} on replica {r['replica_uuid']} ({r['bytes']} bytes)")
+    return EXIT_OK
 
 
 # ---- parser ---------------------------------------------------------------
@@ -406,12 +426,20 @@ def parser():
     s.add_argument("--primary", metavar="URI",
                    help="the primary server's NBD URI (default: what its status says)")
     s.add_argument("--interval", type=float, default=60, help="seconds between cycles")
+    s.add_argument("--max-dirty", type=_size("size"), default=None,
+                   help="also start a cycle once the open interval holds this much (e.g. 256M)")
     s.add_argument("--once", action="store_true",
                    help="bring the secondary up to date once (initial sync if needed), then exit")
     s.add_argument("--timeout", type=float, default=600, help="with --once: give up after this")
     s.add_argument("--tls-psk", metavar="FILE",
                    help="PSK file (`prepl keygen`) for a secondary served with --tls-psk")
     s.set_defaults(func=cmd_agent)
+
+    s = sub.add_parser("sync", help="ask the running agent of a link for a cycle now")
+    s.add_argument("state")
+    s.add_argument("--name", type=_name, default="default")
+    s.add_argument("--no-wait", action="store_true", help="return once the cycle is requested")
+    s.set_defaults(func=cmd_sync)
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")

@@ -28,6 +28,7 @@ What it owns: everything in the state directory while the server runs
   is written durably before the operation returns.
 """
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -511,11 +512,34 @@ class Tracker:
                                   "changed_blocks": self.maps["bmap"].count()},
                 "intervals": len(b["intervals"]),
                 "snappoints": [self.snappoint_info(sp) for sp in b["snappoints"]],
-                "links": b["links"],
+                "links": {name: self.link_status(name, link)
+                          for name, link in b["links"].items()},
                 "writers_in_c": self.vol.writers,
                 "max_concurrent_writers_in_c": self.vol.max_writers,
                 "activity_log_syncs": self.vol.al_syncs,
             }
+
+    def link_status(self, name, link):
+        """What an operator asks of a link: is its agent running, what does
+        the replica hold, how old is it (RPO), how much is waiting."""
+        now = time.time()
+        out = dict(link, name=name)
+        sd_lock = self.sd.p(f"agent.{name}.lock")
+        out["agent_running"] = _flocked(sd_lock)
+        if not out["agent_running"] and link.get("state") not in (None, "idle"):
+            out["state"] = "disconnected"
+        cursor = link.get("cursor")
+        sp = next((x for x in self.body["snappoints"] if x["name"] == cursor), None)
+        out["last_applied"] = {"snappoint": cursor, "time": sp["created"]} if sp else None
+        out["rpo_seconds"] = round(now - sp["created"], 3) if sp else None
+        pending = 0
+        after = sp["seq"] if sp else -1
+        for iv in self.body["intervals"]:
+            if iv["seq"] > after:
+                maps = self.maps if iv["closed_by"] is None else self.closed_interval_maps(iv)
+                pending += maps["bmap"].count() * self.body["block_size"]
+        out["bytes_pending"] = pending
+        return out
 
     def dump_maps(self, limit=100000):
         """Every map as runs [[start, length], ...] (for tests and debugging)."""
@@ -553,6 +577,20 @@ class Tracker:
             self.body["clean"] = True
             self._save()
             log.info("clean stop of %s", self.sd)
+
+
+def _flocked(path):
+    """True if some process holds an flock on path."""
+    try:
+        f = open(path, "r")
+    except FileNotFoundError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def _parse_map_name(name):

@@ -43,6 +43,11 @@ def test_empty_pair_replicates_changes_only(tmp_path, make_server):
     link = StateDir(prim.state).read_meta()["links"]["default"]
     assert link["last_cycle"]["full"] is False
     assert link["last_cycle"]["bytes"] == 4096 * len(written)     # I3: only what changed
+    # ... and counted outside the agent: what the secondary staged (its receipt)
+    seq = json.loads(sec.connect("info").pread(4096, 0).split(b"\0", 1)[0])["applied"]
+    receipt = json.loads(sec.connect(f"commit/{seq['target']['seq']}").pread(65536, 0)
+                         .split(b"\0", 1)[0])["receipt"]
+    assert receipt["bytes"] == 4096 * len(written) and receipt["zero_bytes"] == 0
     for _ in range(3):
         h.pwrite(rnd.randbytes(100000), rnd.randrange(15 * MiB))
         h.zero(2 * MiB, 4 * MiB)

@@ -1,0 +1,54 @@
+"""The agent as a daemon: `prepl sync` returns once a cycle is applied, a
+second agent for the same link is refused, --max-dirty starts a cycle by
+itself, and `prepl sync` without an agent says so (exit 3)."""
+import json
+import signal
+import subprocess
+import time
+
+from replication.state import StateDir
+from tests.conftest import ENV, PREPL, REPO, prepl, wait_for
+
+MiB = 1 << 20
+
+
+def test_agent_daemon(tmp_path, make_server):
+    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", "32M")
+    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", "32M",
+          "--role", "secondary")
+    prim = make_server(tmp_path / "p").start()
+    sec = make_server(tmp_path / "s").start()
+    r = prepl("sync", prim.state, check=False)
+    assert r.returncode == 3 and "no agent is running" in r.stderr
+    uri = f"nbd+unix:///?socket={sec.sock}"
+    a = subprocess.Popen(PREPL + ["agent", prim.state, "--secondary", uri, "--interval", "3600",
+                                  "--max-dirty", "4M"],
+                         env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        h = prim.connect()
+
+        def applied():
+            d = json.loads(sec.connect("info").pread(4096, 0).split(b"\0", 1)[0])
+            return d["applied"]
+        wait_for(applied, 30, "the first cycle")
+        r = prepl("agent", prim.state, "--secondary", uri, "--once", check=False)
+        assert r.returncode == 4 and "another agent" in r.stderr
+        h.pwrite(b"s" * MiB, 0)
+        out = prepl("sync", prim.state).stdout
+        assert "applied" in out
+        assert sec.connect().pread(MiB, 0) == b"s" * MiB
+        # --max-dirty: 6 MiB written, no sync asked, the agent cycles by itself
+        before = applied()["target"]["seq"]
+        h.pwrite(b"d" * 6 * MiB, 8 * MiB)
+        wait_for(lambda: applied()["target"]["seq"] > before, 30, "a --max-dirty cycle")
+        assert sec.connect().pread(6 * MiB, 8 * MiB) == b"d" * 6 * MiB
+        link = StateDir(prim.state).read_meta()["links"]["default"]
+        assert link["state"] == "idle"
+    finally:
+        a.send_signal(signal.SIGTERM)
+        try:
+            a.wait(10)
+        except subprocess.TimeoutExpired:
+            a.kill()
+            a.wait()
