@@ -164,7 +164,7 @@ class Agent:
         receipt = self._commit(m)
         # advance: only after the receipt
         self.ctl("link_update", name=self.name, fields={
-            "cursor": snap_name, "state": "idle",
+            "cursor": snap_name, "state": "idle", "progress": None,
             "last_cycle": {"snappoint": snap_name, "bytes": digest.data_bytes,
                            "zero_bytes": digest.zero_bytes, "seconds": time.time() - t0,
                            "applied_at": receipt["applied_at"], "full": full}})
@@ -218,9 +218,16 @@ class Agent:
 
         def progress(done, total):
             rate = done / max(time.monotonic() - t0, 1e-6)
+            eta = (total - done) / max(rate, 1)
             log.info("transfer %s: %.1f%% %d/%d bytes, %.1f MB/s, ETA %.0f s", snap_name,
-                     100 * done / max(total, 1), done, total, rate / 1e6,
-                     (total - done) / max(rate, 1))
+                     100 * done / max(total, 1), done, total, rate / 1e6, eta)
+            try:        # for `prepl status` (percent, bytes, rate, ETA)
+                self.ctl("link_update", name=self.name, fields={"progress": {
+                    "snappoint": snap_name, "percent": round(100 * done / max(total, 1), 1),
+                    "bytes_done": done, "bytes_total": total,
+                    "rate_MBps": round(rate / 1e6, 1), "eta_seconds": round(eta, 1)}})
+            except PreplError:
+                pass
         try:
             stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
                                  max_request=manifest.PIECE, progress=progress,

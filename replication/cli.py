@@ -308,6 +308,10 @@ def _show_status(args, st):
               f" replica {ln.get('replica_uuid')}, last applied {ln.get('cursor')}, "
               f"RPO {'-' if rpo is None else f'{rpo:.1f} s'}, pending {fmt_size(ln['bytes_pending']) if ln['bytes_pending'] else 0} bytes, "
               f"last cycle {last.get('bytes', 0)} bytes in {last.get('seconds', 0):.2f} s")
+        pr = ln.get("progress")
+        if pr:
+            print(f"  transferring {pr['snappoint']}: {pr['percent']}% ({pr['bytes_done']}/"
+                  f"{pr['bytes_total']} bytes, {pr['rate_MBps']} MB/s, ETA {pr['eta_seconds']} s)")
 
 
 # ---- snappoints -----------------------------------------------------------

@@ -13,7 +13,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "max_concurrent_writers_in_c": int, "activity_log_syncs": int}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
-        "rpo_seconds": float, "bytes_pending": int}
+        "rpo_seconds": float, "bytes_pending": int, "progress": type(None)}
 SNAPPOINT = {"name": str, "interval": int, "created": float, "snapshot": str,
              "invalidated": type(None), "export": str, "changed_regions": int,
              "changed_blocks": int, "copied_regions": int}
