@@ -40,7 +40,7 @@ import numpy as np
 from . import faults, manifest, native
 from .errors import RefusedError, StateError
 from .maps import MapFile
-from .state import StateDir, fsync_dir, volume_size
+from .state import StateDir, volume_size
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ What it owns: everything in the state directory while the server runs
 * The in-memory metadata is the truth while the server runs; every change
   is written durably before the operation returns.
 """
-import errno
 import fcntl
 import logging
 import os

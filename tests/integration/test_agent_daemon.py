@@ -4,7 +4,6 @@ itself, and `prepl sync` without an agent says so (exit 3)."""
 import json
 import signal
 import subprocess
-import time
 
 from replication.state import StateDir
 from tests.conftest import ENV, PREPL, REPO, prepl, wait_for

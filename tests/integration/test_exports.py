@@ -1,6 +1,5 @@
 """Exports, block status and NBD semantics of a primary, through libnbd."""
 import subprocess
-import threading
 
 import nbd
 import pytest

@@ -3,10 +3,8 @@ writes, zeros and trims of random sizes and alignments, interleaved with
 snappoint create/convert/delete; after every step the volume, every
 snapshot image and every map equal the independent model (tests/model.py).
 The same engine runs through NBD in tests/integration/test_model_nbd.py."""
-import os
 import random
 
-import pytest
 
 from replication import state
 from replication.tracker import Tracker
