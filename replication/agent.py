@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -171,8 +172,9 @@ class Agent:
         # LINK.N keeps its snapshot until the next cycle (snap/LINK.N is then
         # the image the replica holds, for checks); the previous cursor goes,
         # and so do snappoints of this link left by cycles that failed
+        mine = re.compile(rf"{re.escape(self.name)}\.[0-9]+")   # not link "NAME.x"'s
         stale = [sp["name"] for sp in self.ctl("snappoint_list")
-                 if sp["name"].startswith(self.name + ".") and sp["name"] != snap_name]
+                 if mine.fullmatch(sp["name"]) and sp["name"] != snap_name]
         for name in stale:
             try:
                 self.ctl("snappoint_delete", name=name)
