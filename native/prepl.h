@@ -87,6 +87,12 @@ uint64_t pr_volume_max_writers(pr_volume *v);
 uint64_t pr_volume_writers(pr_volume *v);
 uint64_t pr_volume_al_syncs(pr_volume *v);
 
+/* Copies n ranges (offsets[i], lengths[i]) from src_fd to the same
+ * offsets of dst_fd; zero != 0 writes zeroes instead (src_fd unused).
+ * Returns 0 or -errno.  Used by the secondary's apply. */
+int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
+                   const uint64_t *lengths, size_t n, int zero);
+
 /* ---- snapshots ---- */
 /* snap_fd: sparse file of the volume's size holding copied regions; vmap:
  * the valid map (bit per region).  Both stay owned by the caller and must

@@ -47,7 +47,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 3
+#define PR_ABI 4
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -520,6 +520,36 @@ uint64_t
 pr_volume_al_syncs (pr_volume *v)
 {
   return __atomic_load_n (&v->al_syncs, __ATOMIC_RELAXED);
+}
+
+/* ---- copies for the secondary's apply ---- */
+
+int
+pr_copy_ranges (int src_fd, int dst_fd, const uint64_t *offsets,
+                const uint64_t *lengths, size_t n, int zero)
+{
+  const uint64_t chunk = 1 << 20;
+  char *buf = malloc (chunk);
+  size_t i;
+  int r = 0;
+
+  if (!buf)
+    return -ENOMEM;
+  if (zero)
+    memset (buf, 0, chunk);
+  for (i = 0; i < n && r == 0; i++) {
+    uint64_t off = offsets[i], end = offsets[i] + lengths[i];
+    while (off < end && r == 0) {
+      uint64_t len = end - off < chunk ? end - off : chunk;
+      if (!zero)
+        r = pread_full (src_fd, buf, len, off);
+      if (r == 0)
+        r = pwrite_full (dst_fd, buf, len, off);
+      off += len;
+    }
+  }
+  free (buf);
+  return r;
 }
 
 /* ---- snapshots ---- */

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -132,6 +132,19 @@ def merge_interval(dst, src, nregions, nblocks):
         _check_map(s, n)
     lib.pr_bm_merge_interval(*(_ptr(x) for x in dst), *(_ptr(x) for x in src),
                              words_for(nregions), words_for(nblocks))
+
+
+def copy_ranges(src_fd, dst_fd, ranges, zero=False):
+    """Copies [(offset, length)] from src_fd to dst_fd at the same offsets
+    (zero: writes zeroes), in C: one call for any number of ranges."""
+    if not ranges:
+        return
+    offs = np.array([r[0] for r in ranges], dtype=np.uint64)
+    lens = np.array([r[1] for r in ranges], dtype=np.uint64)
+    if (offs + lens < offs).any():
+        raise ValueError("range overflows")
+    _raise(lib.pr_copy_ranges(src_fd, dst_fd, _ptr(offs), _ptr(lens), len(ranges),
+                              1 if zero else 0), "copy")
 
 
 # ---- the write path --------------------------------------------------------

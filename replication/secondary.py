@@ -314,23 +314,24 @@ class Replica:
         run_list = self._staged_runs()
         staged = None
         pre_fd = None
-        if serve_reads:
+        # before the first applied interval the replica is no point in time
+        # of anything: there is no image to keep serving, so no pre-image
+        if serve_reads and self.body["applied"] is not None:
             staged = np.unpackbits((self.stage["data"].bits | self.stage["zero"].bits)
                                    .view(np.uint8), bitorder="little")[:self.nblocks]
             pre_fd = os.open(self.sd.p("staging", "pre.img"),
                              os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             os.ftruncate(pre_fd, self.size)
-            for off, length, _ in run_list:
-                _copy(self.fd, pre_fd, off, length)
+            native.copy_ranges(self.fd, pre_fd, [(o, n) for o, n, _ in run_list])
             self.applying = (pre_fd, staged)
         try:
-            for i, (off, length, zero) in enumerate(run_list):
-                if i == len(run_list) // 2:
+            half = len(run_list) // 2
+            for i, part in enumerate((run_list[:half], run_list[half:])):
+                if i:
                     faults.point("secondary.apply.midway")
-                if zero:
-                    _zero(self.fd, off, length)
-                else:
-                    _copy(self.stage["fd"], self.fd, off, length)
+                native.copy_ranges(self.stage["fd"], self.fd,
+                                   [(o, n) for o, n, z in part if not z])
+                native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
             os.fdatasync(self.fd)
             faults.point("secondary.apply.before_record")
             m = st["manifest"]
@@ -379,20 +380,3 @@ def _digest_json(m):
 
 def _base_key(base):
     return "none" if base is None else str(base["seq"])
-
-
-def _copy(src, dst, off, length, chunk=4 << 20):
-    end = off + length
-    while off < end:
-        n = min(chunk, end - off)
-        _pwrite_full(dst, _pread_full(src, n, off), off)
-        off += n
-
-
-def _zero(fd, off, length):
-    zeros = bytes(min(length, 4 << 20))
-    end = off + length
-    while off < end:
-        n = min(len(zeros), end - off)
-        _pwrite_full(fd, zeros[:n], off)
-        off += n

@@ -168,17 +168,16 @@ def test_reads_during_apply_see_the_old_image(pair):
     t.create_snappoint("s1")
     m = ship(t, r, {"seq": 0, "name": "s0"}, "s1")
     seen = []
-    import replication.secondary as sec
-    real_copy = sec._copy
+    real_point = faults.point
 
-    def copy_and_read(src, dst, off, length, chunk=4 << 20):
-        real_copy(src, dst, off, length, chunk)
-        if dst == r.fd:
+    def read_midway(name):        # half of the runs are applied at this point
+        if name == "secondary.apply.midway":
             seen.append(read_replica(r))
-    sec._copy = copy_and_read
+        real_point(name)
+    faults.point = read_midway
     try:
         r.commit(m)
     finally:
-        sec._copy = real_copy
+        faults.point = real_point
     assert seen and all(img == b"1" * SIZE for img in seen), "a read saw a half-applied image"
     assert read_replica(r) == b"2" * (SIZE // 2) + b"1" * (SIZE // 2)
