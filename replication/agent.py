@@ -288,15 +288,7 @@ class SyncServer:
         self.requested = threading.Event()
         self.started = 0          # cycles started
         self.results = {}         # cycle number -> receipt or error text
-        if os.path.exists(path):
-            os.unlink(path)
-        old = os.umask(0o177)
-        try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.sock.listen(8)
+        self.sock = control.listen_private(path)   # we hold the link's lock
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):

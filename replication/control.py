@@ -23,6 +23,22 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 
 
+def listen_private(path, backlog=16):
+    """A listening unix socket at path, mode 0600 from its creation on
+    (a stale socket file there is replaced)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    return sock
+
+
 def answer(handlers, line):
     try:
         req = json.loads(line)
@@ -46,16 +62,7 @@ class ControlServer:
         self.owner = owner
         self.handlers = owner.control_handlers()
         self._stop = threading.Event()
-        if os.path.exists(path):      # we hold the state lock: it is stale
-            os.unlink(path)
-        old = os.umask(0o177)
-        try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.sock.listen(16)
+        self.sock = listen_private(path)      # we hold the state lock: any old one is stale
         self.sock.settimeout(TICK)
         self.thread = threading.Thread(target=self._run, name="prepl-control", daemon=True)
 

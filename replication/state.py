@@ -138,16 +138,21 @@ class StateDir:
         return f
 
     def is_locked(self):
+        return flocked(self.p("lock"))
+
+
+def flocked(path):
+    """True if some process holds an flock on path."""
+    try:
+        f = open(path, "r")
+    except FileNotFoundError:
+        return False
+    with f:
         try:
-            f = open(self.p("lock"), "r")
-        except FileNotFoundError:
-            return False
-        with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            return False
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def new_interval(seq, file_id):

@@ -27,7 +27,6 @@ What it owns: everything in the state directory while the server runs
 * The in-memory metadata is the truth while the server runs; every change
   is written durably before the operation returns.
 """
-import fcntl
 import logging
 import os
 import threading
@@ -38,7 +37,7 @@ import numpy as np
 from . import native
 from .errors import NotFoundError, RefusedError, StateError
 from .maps import MapFile, create_copy, file_digest
-from .state import StateDir, fsync_dir, new_interval, volume_size
+from .state import StateDir, flocked, fsync_dir, new_interval, volume_size
 from .units import check_name
 
 log = logging.getLogger(__name__)
@@ -524,7 +523,7 @@ class Tracker:
         now = time.time()
         out = dict(link, name=name)
         sd_lock = self.sd.p(f"agent.{name}.lock")
-        out["agent_running"] = _flocked(sd_lock)
+        out["agent_running"] = flocked(sd_lock)
         if not out["agent_running"] and link.get("state") not in (None, "idle"):
             out["state"] = "disconnected"
         cursor = link.get("cursor")
@@ -576,20 +575,6 @@ class Tracker:
             self.body["clean"] = True
             self._save()
             log.info("clean stop of %s", self.sd)
-
-
-def _flocked(path):
-    """True if some process holds an flock on path."""
-    try:
-        f = open(path, "r")
-    except FileNotFoundError:
-        return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
 
 
 def _parse_map_name(name):
