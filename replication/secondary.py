@@ -12,7 +12,9 @@ image at the snappoint of the last applied interval.
 * Staging.  Writes and zeroes to the staging export of one interval
   (stage/PRIMARY_UUID/BASE/TARGET) land in STATE/staging/data.img (sparse)
   and two block maps (data blocks, zero blocks); requests must be
-  block-aligned.  Staging a new interval discards an incomplete one.
+  block-aligned.  Staging a new interval discards an incomplete one.  The
+  first interval (initial sync) is staged in place, into the replica: until
+  something is applied the replica is no image of anything to protect.
 * Commit.  A manifest (primary UUID, replica UUID, geometry, base and
   target interval, extent count, bytes, digest of the staged data, see
   replication/manifest.py) is verified against the replica and against
@@ -130,10 +132,10 @@ class Replica:
         if st and st["state"] == "complete":
             log.warning("redoing the apply of interval %s from its durable staging",
                         st["target"])
-            self._open_staging()
+            self._open_staging(st.get("in_place", False))
             self._apply(st, serve_reads=False)
         elif st:
-            self._open_staging()
+            self._open_staging(st.get("in_place", False))
 
     # ---- identity ------------------------------------------------------
     def info(self):
@@ -183,9 +185,14 @@ class Replica:
             self.rw.release_read()
 
     # ---- staging -----------------------------------------------------------
-    def _open_staging(self):
+    def _open_staging(self, in_place):
+        """in_place: the first interval (nothing applied yet, so the replica
+        is no point in time of anything) is staged straight into the replica:
+        an initial sync writes its data once, not twice."""
         create = not os.path.exists(self.sd.p("staging", "data.bmap"))
-        if create:
+        if in_place:
+            fd = os.dup(self.fd)
+        elif create:
             fd = os.open(self.sd.p("staging", "data.img"),
                          os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.size)
@@ -217,8 +224,10 @@ class Replica:
             if st and st["state"] == "complete":
                 raise RefusedError("a complete staging is waiting to be applied")
             self._discard_staging()
-            self._open_staging()
-            self.body["staging"] = dict(key, state="receiving", started=time.time())
+            in_place = self.body["applied"] is None
+            self._open_staging(in_place)
+            self.body["staging"] = dict(key, state="receiving", started=time.time(),
+                                        in_place=in_place)
             self.sd.write_meta(self.body)
             log.info("staging interval %s -> %s from primary %s", base, target, primary_uuid)
 
@@ -329,8 +338,9 @@ class Replica:
             for i, part in enumerate((run_list[:half], run_list[half:])):
                 if i:
                     faults.point("secondary.apply.midway")
-                native.copy_ranges(self.stage["fd"], self.fd,
-                                   [(o, n) for o, n, z in part if not z])
+                if not st.get("in_place"):
+                    native.copy_ranges(self.stage["fd"], self.fd,
+                                       [(o, n) for o, n, z in part if not z])
                 native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
             os.fdatasync(self.fd)
             faults.point("secondary.apply.before_record")

@@ -127,15 +127,19 @@ def test_bad_commits_leave_the_replica_untouched(pair):
     prim, sec = pair
     prim.connect().pwrite(b"a" * 100000, 0)
     prim.ctl("snappoint_create", name="s0")
+    m0, reply = ship(prim, sec, None, "s0")        # an applied, bound replica ...
+    assert reply["ok"]
+    prim.connect().pwrite(b"b" * 100000, 0)
+    prim.ctl("snappoint_create", name="s1")
     before = sec.connect().pread(SIZE, 0)
     for tamper, msg in ((lambda m: m.update(digest="0" * 64), "does not match"),
                         (lambda m: m.update(size=SIZE * 2), "geometry mismatch"),
                         (lambda m: m.update(primary_uuid="other"), "")):
-        _, reply = ship(prim, sec, None, "s0", tamper)
+        _, reply = ship(prim, sec, m0["target"], "s1", tamper)
         assert not reply["ok"] and msg in reply["error"]
-        assert sec.connect().pread(SIZE, 0) == before
-    assert read_doc(sec, "info")["applied"] is None
-    c = sec.connect("commit/0")
+        assert sec.connect().pread(SIZE, 0) == before   # ... stays as it was
+    assert read_doc(sec, "info")["applied"]["target"] == m0["target"]
+    c = sec.connect("commit/1")
     c.pwrite(b"{not json", 0)
     c.flush()
     assert "malformed" in json.loads(c.pread(4096, 0).split(b"\0", 1)[0])["error"]

@@ -106,12 +106,15 @@ def test_bad_manifests_refused(pair, tamper, msg):
     t, r, _ = pair
     t.vol.pwrite(b"a" * 100000, 5000)
     t.create_snappoint("s0")
+    r.commit(ship(t, r, None, "s0"))
+    t.vol.pwrite(b"b" * 100000, 5000)
+    t.create_snappoint("s1")
     before = read_replica(r)
-    m = ship(t, r, None, "s0", tamper)
+    m = ship(t, r, {"seq": 0, "name": "s0"}, "s1", tamper)
     with pytest.raises(RefusedError, match=msg):
         r.commit(m)
-    assert read_replica(r) == before
-    assert r.body["applied"] is None and r.body["bound"] is None
+    assert read_replica(r) == before == read_snap(t, "s0")
+    assert r.body["applied"]["target"]["name"] == "s0"
 
 
 def test_stale_and_foreign_staging_refused(pair, tmp_path):
@@ -136,10 +139,12 @@ def test_stale_and_foreign_staging_refused(pair, tmp_path):
 def test_crash_midway_through_apply_is_redone(pair, tmp_path):
     t, r, _ = pair
     rnd = random.Random(2)
+    t.create_snappoint("s")
+    r.commit(ship(t, r, None, "s"))
     for _ in range(50):
         t.vol.pwrite(rnd.randbytes(4096), rnd.randrange(SIZE // 4096) * 4096)
     t.create_snappoint("s0")
-    m = ship(t, r, None, "s0")
+    m = ship(t, r, {"seq": 0, "name": "s"}, "s0")
     faults.set_for_test("secondary.apply.midway:raise")
     try:
         with pytest.raises(faults.FaultInjected):
