@@ -130,3 +130,46 @@ def test_link_cut_mid_transfer_then_resume(tmp_path, make_server):
         assert proxy.cuts == 1
         assert "cycle failed" in err and "retrying" in err, err   # the cut hit the transfer
     assert sec.connect().pread(SIZE, 0) == prim.connect().pread(SIZE, 0)
+
+
+def test_resumes_within_30s_of_the_secondary_coming_back(tmp_path, make_server):
+    """A running agent (--interval 1) loses its secondary for a few seconds;
+    once the secondary is back, a new interval is applied within 30 s and
+    the replica catches up with the primary."""
+    prim, sec = pair(tmp_path, make_server)
+    sec.start()
+    logf = open(tmp_path / "agent.log", "w")      # a daemon logs a lot: not into a pipe
+    a = subprocess.Popen(PREPL + ["agent", prim.state, "--secondary",
+                                  f"nbd+unix:///?socket={sec.sock}", "--interval", "1"],
+                         env=ENV, cwd=REPO, stdout=logf, stderr=logf)
+    try:
+        def applied():
+            try:
+                h = sec.connect("info")
+                try:
+                    return json.loads(h.pread(4096, 0).split(b"\0", 1)[0])["applied"]
+                finally:
+                    h.shutdown()
+            except Exception:
+                return None
+        wait_for(applied, 30, "the first cycle")
+        sec.kill()                                   # the fault ...
+        scribble(prim, 5, n=50)
+        time.sleep(4)
+        sec.start()                                  # ... ends here
+        back = time.monotonic()
+        seq = applied()["target"]["seq"]
+        wait_for(lambda: (applied() or {"target": {"seq": seq}})["target"]["seq"] > seq, 30,
+                 "a new interval after the secondary came back")
+        assert time.monotonic() - back < 30
+        # once idle, the next cycle makes the replica equal to the primary
+        want = prim.connect().pread(SIZE, 0)
+        wait_for(lambda: sec.connect().pread(SIZE, 0) == want, 30, "the replica to catch up")
+    finally:
+        a.send_signal(signal.SIGTERM)
+        try:
+            a.wait(10)
+        except subprocess.TimeoutExpired:
+            a.kill()
+            a.wait()
+        logf.close()
