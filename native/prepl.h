@@ -86,6 +86,7 @@ void pr_al_get(pr_volume *v, uint64_t *out, uint64_t nwords);
 uint64_t pr_volume_max_writers(pr_volume *v);
 uint64_t pr_volume_writers(pr_volume *v);
 uint64_t pr_volume_al_syncs(pr_volume *v);
+uint64_t pr_volume_writes_total(pr_volume *v);  /* writes, zeroes, trims served */
 
 /* Copies n ranges (offsets[i], lengths[i]) from src_fd to the same
  * offsets of dst_fd; zero != 0 writes zeroes instead (src_fd unused).

@@ -47,7 +47,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 4
+#define PR_ABI 5
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -78,7 +78,7 @@ struct pr_volume {
   uint64_t *al_file;            /* the log as on disk (under al_lock) */
   uint64_t *al_mem;             /* durable and touched since the switch */
   uint64_t *al_prev;            /* al_mem of the previous interval */
-  uint64_t writers, max_writers, al_syncs;      /* atomic counters */
+  uint64_t writers, max_writers, al_syncs, writes;  /* atomic counters */
   int closed;                   /* set under epoch (exclusive) */
 };
 
@@ -412,6 +412,7 @@ static void
 count_in (pr_volume *v)
 {
   uint64_t n = __atomic_add_fetch (&v->writers, 1, __ATOMIC_SEQ_CST);
+  __atomic_fetch_add (&v->writes, 1, __ATOMIC_RELAXED);
   uint64_t m = __atomic_load_n (&v->max_writers, __ATOMIC_RELAXED);
   while (n > m && !__atomic_compare_exchange_n (&v->max_writers, &m, n, 0,
                                                 __ATOMIC_RELAXED,
@@ -514,6 +515,12 @@ uint64_t
 pr_volume_writers (pr_volume *v)
 {
   return __atomic_load_n (&v->writers, __ATOMIC_RELAXED);
+}
+
+uint64_t
+pr_volume_writes_total (pr_volume *v)
+{
+  return __atomic_load_n (&v->writes, __ATOMIC_RELAXED);
 }
 
 uint64_t

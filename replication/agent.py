@@ -328,20 +328,23 @@ class SyncServer:
 
 def run(args):
     """`prepl agent`: --once, or cycles on the schedule: every --interval
-    seconds, when the open interval holds --max-dirty bytes, or on
-    `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
+    seconds, when the open interval holds --max-dirty bytes, after
+    --max-writes writes, or on `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk)
     lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))
     deadline = time.monotonic() + args.timeout
     delay = 0.5
     next_due = time.monotonic()
+    writes_at_cycle = 0
     while True:
         if not args.once:
             while time.monotonic() < next_due and not sync.requested.is_set():
-                if args.max_dirty and _dirty_bytes(agent) >= args.max_dirty:
+                if (args.max_dirty or args.max_writes) and \
+                        _thresholds_reached(agent, args, writes_at_cycle):
                     break
                 sync.requested.wait(0.2)
+            writes_at_cycle = _load(agent)[1]
         n = sync.begin() if sync else 0
         try:
             receipt = agent.cycle()
@@ -374,12 +377,21 @@ def run(args):
             next_due = time.monotonic()
 
 
-def _dirty_bytes(agent):
+def _load(agent):
+    """(bytes changed in the open interval, writes served so far)."""
     try:
         st = agent.ctl("status")
     except PreplError:
-        return 0
-    return st["open_interval"]["changed_blocks"] * st["block_size"]
+        return 0, 0
+    return st["open_interval"]["changed_blocks"] * st["block_size"], st["writes_total"]
+
+
+def _thresholds_reached(agent, args, writes_at_cycle):
+    dirty, writes = _load(agent)
+    if writes < writes_at_cycle:       # the server restarted: its counter too
+        writes_at_cycle = 0
+    return bool((args.max_dirty and dirty >= args.max_dirty) or
+                (args.max_writes and writes - writes_at_cycle >= args.max_writes))
 
 
 def request_sync(state, name, wait=True, timeout=None):

@@ -432,6 +432,8 @@ def parser():
     s.add_argument("--interval", type=float, default=60, help="seconds between cycles")
     s.add_argument("--max-dirty", type=_size("size"), default=None,
                    help="also start a cycle once the open interval holds this much (e.g. 256M)")
+    s.add_argument("--max-writes", type=int, default=None,
+                   help="also start a cycle after this many writes since the last one")
     s.add_argument("--once", action="store_true",
                    help="bring the secondary up to date once (initial sync if needed), then exit")
     s.add_argument("--timeout", type=float, default=600, help="with --once: give up after this")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -288,6 +288,10 @@ class Volume:
     @property
     def writers(self):
         return lib.pr_volume_writers(self._c)
+
+    @property
+    def writes_total(self):
+        return lib.pr_volume_writes_total(self._c)
 
     @property
     def al_syncs(self):

@@ -515,6 +515,7 @@ class Tracker:
                 "writers_in_c": self.vol.writers,
                 "max_concurrent_writers_in_c": self.vol.max_writers,
                 "activity_log_syncs": self.vol.al_syncs,
+                "writes_total": self.vol.writes_total,
             }
 
     def link_status(self, name, link):

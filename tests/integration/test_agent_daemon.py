@@ -1,6 +1,7 @@
 """The agent as a daemon: `prepl sync` returns once a cycle is applied, a
-second agent for the same link is refused, --max-dirty starts a cycle by
-itself, and `prepl sync` without an agent says so (exit 3)."""
+second agent for the same link is refused, --max-dirty and --max-writes
+start a cycle by themselves, and `prepl sync` without an agent says so
+(exit 3)."""
 import json
 import signal
 import subprocess
@@ -21,7 +22,7 @@ def test_agent_daemon(tmp_path, make_server):
     assert r.returncode == 3 and "no agent is running" in r.stderr
     uri = f"nbd+unix:///?socket={sec.sock}"
     a = subprocess.Popen(PREPL + ["agent", prim.state, "--secondary", uri, "--interval", "3600",
-                                  "--max-dirty", "4M"],
+                                  "--max-dirty", "4M", "--max-writes", "300"],
                          env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)
     try:
@@ -42,8 +43,14 @@ def test_agent_daemon(tmp_path, make_server):
         h.pwrite(b"d" * 6 * MiB, 8 * MiB)
         wait_for(lambda: applied()["target"]["seq"] > before, 30, "a --max-dirty cycle")
         assert sec.connect().pread(6 * MiB, 8 * MiB) == b"d" * 6 * MiB
-        link = StateDir(prim.state).read_meta()["links"]["default"]
-        assert link["state"] == "idle"
+        # --max-writes: 400 small writes (far below 4M), the agent cycles again
+        before = applied()["target"]["seq"]
+        for i in range(400):
+            h.pwrite(b"w" * 512, (i % 64) * 4096)
+        wait_for(lambda: applied()["target"]["seq"] > before, 30, "a --max-writes cycle")
+        # the secondary applies before the agent records the cycle: wait for that
+        wait_for(lambda: StateDir(prim.state).read_meta()["links"]["default"]["state"]
+                 == "idle", 30, "the agent to record its cycle")
     finally:
         a.send_signal(signal.SIGTERM)
         try:
