@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from . import control, manifest
 from .chain import interval_union
-from .errors import (InUseError, NotRunningError, PreplError, RefusedError, StateError,
+from .errors import (InUseError, PreplError, RefusedError, StateError,
                      TimedOutError)
 from .state import StateDir
 from .transport import NbdSource, NbdTarget, TransportError, copy_extents, open_nbd
@@ -397,22 +396,10 @@ def _thresholds_reached(agent, args, writes_at_cycle):
 def request_sync(state, name, wait=True, timeout=None):
     """`prepl sync`: asks the running agent of link `name` for a cycle."""
     sd = StateDir(state)
-    path = sd.p(f"agent.{name}.sock")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunningError(f"no agent is running for link {name!r} of {sd} "
-                                  f"(start one with `prepl agent {sd} --secondary URI "
-                                  f"--name {name}`)")
-        with s.makefile("rwb") as f:
-            f.write(json.dumps({"op": "sync", "wait": wait}).encode() + b"\n")
-            f.flush()
-            reply = json.loads(f.readline() or b"{}")
-    finally:
-        s.close()
+    reply = control.exchange(
+        sd.p(f"agent.{name}.sock"), {"op": "sync", "wait": wait}, timeout,
+        f"no agent is running for link {name!r} of {sd} "
+        f"(start one with `prepl agent {sd} --secondary URI --name {name}`)") or {}
     if not reply.get("ok"):
         raise (RefusedError if reply.get("code") == "refused" else PreplError)(
             f"the cycle failed: {reply.get('error')}")

@@ -102,27 +102,35 @@ class ControlServer:
             pass
 
 
-def request(path, op, timeout=60.0, **args):
-    """Sends one request to the server's control socket; returns its result
-    or raises the PreplError the server reported."""
+def exchange(path, message, timeout, not_running):
+    """One JSON line to the unix socket at path, one JSON line back (None if
+    the peer hung up without answering).  not_running: the message of the
+    NotRunningError raised when nobody listens there."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            state = os.path.dirname(path)
-            raise NotRunningError(f"no server is running for {state} (nothing was changed); "
-                                  f"start one with `prepl serve {state} --unix SOCKET`")
+            raise NotRunningError(not_running)
         with s.makefile("rwb") as f:
-            f.write(json.dumps({"op": op, **args}).encode() + b"\n")
+            f.write(json.dumps(message).encode() + b"\n")
             f.flush()
             line = f.readline()
     finally:
         s.close()
-    if not line:
+    return json.loads(line) if line else None
+
+
+def request(path, op, timeout=60.0, **args):
+    """Sends one request to the server's control socket; returns its result
+    or raises the PreplError the server reported."""
+    state = os.path.dirname(path)
+    reply = exchange(path, {"op": op, **args}, timeout,
+                     f"no server is running for {state} (nothing was changed); "
+                     f"start one with `prepl serve {state} --unix SOCKET`")
+    if reply is None:
         raise PreplError("the server closed the control connection without an answer")
-    reply = json.loads(line)
     if not reply.get("ok"):
         raise BY_CODE.get(reply.get("code"), PreplError)(reply.get("error"))
     return reply["result"]
