@@ -143,6 +143,26 @@ def primary(tmp_path, make_server):
     return make
 
 
+def served_pair(tmp_path, make_server, size):
+    """A primary and a secondary of the same geometry (both created empty),
+    each served; returns (primary, secondary) Servers."""
+    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", str(size))
+    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(size),
+          "--role", "secondary")
+    return make_server(tmp_path / "p").start(), make_server(tmp_path / "s").start()
+
+
+def stop_process(proc, timeout=10):
+    """SIGTERM, then SIGKILL after timeout; always reaps it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def dump_maps(server):
     return server.ctl("maps")
 

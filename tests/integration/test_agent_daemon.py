@@ -3,21 +3,16 @@ second agent for the same link is refused, --max-dirty and --max-writes
 start a cycle by themselves, and `prepl sync` without an agent says so
 (exit 3)."""
 import json
-import signal
 import subprocess
 
 from replication.state import StateDir
-from tests.conftest import ENV, PREPL, REPO, prepl, wait_for
+from tests.conftest import stop_process, served_pair, ENV, PREPL, REPO, prepl, wait_for
 
 MiB = 1 << 20
 
 
 def test_agent_daemon(tmp_path, make_server):
-    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", "32M")
-    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", "32M",
-          "--role", "secondary")
-    prim = make_server(tmp_path / "p").start()
-    sec = make_server(tmp_path / "s").start()
+    prim, sec = served_pair(tmp_path, make_server, "32M")
     r = prepl("sync", prim.state, check=False)
     assert r.returncode == 3 and "no agent is running" in r.stderr
     uri = f"nbd+unix:///?socket={sec.sock}"
@@ -52,9 +47,4 @@ def test_agent_daemon(tmp_path, make_server):
         wait_for(lambda: StateDir(prim.state).read_meta()["links"]["default"]["state"]
                  == "idle", 30, "the agent to record its cycle")
     finally:
-        a.send_signal(signal.SIGTERM)
-        try:
-            a.wait(10)
-        except subprocess.TimeoutExpired:
-            a.kill()
-            a.wait()
+        stop_process(a)

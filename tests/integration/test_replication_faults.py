@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from tests.conftest import ENV, PREPL, REPO, prepl, wait_for
+from tests.conftest import stop_process, ENV, PREPL, REPO, prepl, wait_for
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -166,10 +166,5 @@ def test_resumes_within_30s_of_the_secondary_coming_back(tmp_path, make_server):
         want = prim.connect().pread(SIZE, 0)
         wait_for(lambda: sec.connect().pread(SIZE, 0) == want, 30, "the replica to catch up")
     finally:
-        a.send_signal(signal.SIGTERM)
-        try:
-            a.wait(10)
-        except subprocess.TimeoutExpired:
-            a.kill()
-            a.wait()
+        stop_process(a)
         logf.close()

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 from replication.agent import Agent
-from tests.conftest import prepl
+from tests.conftest import served_pair
 from tests.harness.powerdisk import NbdMount
 from tests.integration.test_filesystem import tree
 
@@ -66,11 +66,7 @@ def workload(mnt, rnd, step, synced):
 
 
 def test_ext4_through_cycles(tmp_path, make_server):
-    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
-    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
-          "--role", "secondary")
-    prim = make_server(tmp_path / "p").start()
-    sec = make_server(tmp_path / "s").start()
+    prim, sec = served_pair(tmp_path, make_server, str(SIZE))
     agent = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}", "dr")
     rnd = random.Random(11)
     with NbdMount(tmp_path / "fs", f"nbd+unix:///?socket={prim.sock}",

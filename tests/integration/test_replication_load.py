@@ -7,7 +7,7 @@ import random
 import threading
 
 from replication.agent import Agent
-from tests.conftest import prepl
+from tests.conftest import served_pair
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -37,11 +37,7 @@ def writer(srv, stop, seed):
 
 
 def test_replica_is_a_snapshot_after_every_cycle(tmp_path, make_server):
-    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
-    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
-          "--role", "secondary")
-    prim = make_server(tmp_path / "p").start()
-    sec = make_server(tmp_path / "s").start()
+    prim, sec = served_pair(tmp_path, make_server, str(SIZE))
     agent = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}", "dr")
     stop = threading.Event()
     ts = [threading.Thread(target=writer, args=(prim, stop, s)) for s in range(3)]

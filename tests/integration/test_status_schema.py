@@ -3,7 +3,7 @@ checked here key by key and type by type, on a primary with a link and on
 a secondary."""
 import json
 
-from tests.conftest import prepl
+from tests.conftest import served_pair, prepl
 
 PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volume": str,
            "volume_uuid": str, "generation": int, "size": int, "region_size": int,
@@ -31,11 +31,7 @@ def check(doc, schema):
 
 
 def test_status_schema(tmp_path, make_server):
-    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", "8M")
-    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", "8M",
-          "--role", "secondary")
-    prim = make_server(tmp_path / "p").start()
-    sec = make_server(tmp_path / "s").start()
+    prim, sec = served_pair(tmp_path, make_server, "8M")
     prim.connect().pwrite(b"x" * 8192, 0)
     prepl("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once")
     prim.connect().pwrite(b"y" * 4096, 65536)
