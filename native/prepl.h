@@ -95,8 +95,8 @@ int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
                    const uint64_t *lengths, size_t n, int zero);
 
 /* ---- snapshots ---- */
-/* snap_fd: sparse file of the volume's size holding copied regions; vmap:
- * the valid map (bit per region).  Both stay owned by the caller and must
+/* snap_fd: sparse file of the volume's size holding copied blocks; vmap:
+ * the valid map (bit per block).  Both stay owned by the caller and must
  * live until pr_snap_free. */
 pr_snap *pr_snap_new(int snap_fd, uint64_t *vmap);
 void pr_snap_free(pr_snap *s);

@@ -138,7 +138,7 @@ test_write_path (void)
   CHECK (vol);
   CHECK (pr_volume_switch (vol, map_of (nregions), map_of (nblocks), map_of (nblocks),
                            NULL) == 0);
-  snap = pr_snap_new (tmpfile_of (SIZE), map_of (nregions));
+  snap = pr_snap_new (tmpfile_of (SIZE), map_of (nblocks));
   CHECK (snap);
   CHECK (pr_volume_switch (vol, map_of (nregions), map_of (nblocks), map_of (nblocks),
                            snap) == 0);

@@ -19,11 +19,12 @@
  *      updates and the data write of a region atomic against other
  *      modifications and against snapshot reads of that region, while
  *      writes to other regions proceed in parallel.
- *   3. Copy-on-write into every active, valid snapshot whose valid map
- *      lacks the region: read the old region, write it to the snapshot
- *      file (skipped when it is all zeroes: the file is sparse), then set
- *      the valid bit.  A failure invalidates that snapshot only; the
- *      client's write goes on.
+ *   3. Copy-on-write, at block granularity (like LVM's 4 KiB chunks), into
+ *      every active, valid snapshot whose valid map lacks a touched block:
+ *      read the old blocks, write them to the snapshot file (skipped when
+ *      all zeroes: the file is sparse), then set the valid bits.  A 4 KiB
+ *      write so copies 4 KiB, not its 64 KiB region.  A failure
+ *      invalidates that snapshot only; the client's write goes on.
  *   4. Maps: change map (region bits) and block map (block bits) are set,
  *      and the zero map bits of the touched blocks are cleared, before the
  *      data is written; a zero/trim sets the zero bits of the blocks it
@@ -47,7 +48,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 5
+#define PR_ABI 6
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -342,43 +343,81 @@ all_zero (const char *p, uint64_t n)
   return memcmp (p, z, n) == 0;
 }
 
-static void
-cow_region (pr_volume *v, uint64_t r)
+/* Does an active snapshot still lack block b? */
+static int
+cow_needed (pr_volume *v, uint64_t b)
 {
-  uint64_t roff = r << v->rshift;
-  uint64_t rlen = v->size - roff;
-  char *cow_buf;
-  int i, need = 0, err, zero;
-
+  int i;
   for (i = 0; i < v->nsnaps; i++)
     if (!__atomic_load_n (&v->snaps[i]->err, __ATOMIC_SEQ_CST)
-        && !pr_bm_test (v->snaps[i]->vmap, r))
-      need = 1;
-  if (!need)
-    return;
+        && !pr_bm_test (v->snaps[i]->vmap, b))
+      return 1;
+  return 0;
+}
 
-  if (rlen > ((uint64_t)1 << v->rshift))
-    rlen = (uint64_t)1 << v->rshift;
+/* Copies the old contents of blocks [b0, b1] (all needed by some snapshot)
+ * into every active snapshot that lacks them.  All-zero runs are not
+ * written: the snapshot file is sparse. */
+static void
+cow_run (pr_volume *v, uint64_t b0, uint64_t b1)
+{
+  uint64_t off = b0 << v->bshift;
+  uint64_t end = (b1 + 1) << v->bshift;
+  uint64_t b, s;
+  char *buf;
+  int i, err;
+
+  if (end > v->size)
+    end = v->size;
   /* per call: nbdkit's threads come and go with connections, so a cached
-   * per-thread buffer would leak; malloc of one region is cheap next to
-   * the region's I/O */
-  cow_buf = malloc (rlen);
-  err = cow_buf ? pread_full (v->fd, cow_buf, rlen, roff) : -ENOMEM;
-  zero = err == 0 && all_zero (cow_buf, rlen);
+   * per-thread buffer would leak; malloc is cheap next to the I/O */
+  buf = malloc (end - off);
+  err = buf ? pread_full (v->fd, buf, end - off, off) : -ENOMEM;
 
   for (i = 0; i < v->nsnaps; i++) {
-    pr_snap *s = v->snaps[i];
+    pr_snap *sn = v->snaps[i];
     int e = err;
-    if (__atomic_load_n (&s->err, __ATOMIC_SEQ_CST) || pr_bm_test (s->vmap, r))
-      continue;
-    if (e == 0 && !zero)
-      e = pwrite_full (s->fd, cow_buf, rlen, roff);
-    if (e == 0)
-      pr_bm_set_range (s->vmap, r, 1);
-    else
-      pr_snap_invalidate (s, -e);
+    for (b = b0; b <= b1 && e == 0; ) {
+      uint64_t ro, re;
+      if (__atomic_load_n (&sn->err, __ATOMIC_SEQ_CST) || pr_bm_test (sn->vmap, b)) {
+        b++;
+        continue;
+      }
+      for (s = b; b <= b1 && !pr_bm_test (sn->vmap, b); b++)
+        ;
+      ro = s << v->bshift;
+      re = b << v->bshift;
+      if (re > end)
+        re = end;
+      if (!all_zero (buf + (ro - off), re - ro))
+        e = pwrite_full (sn->fd, buf + (ro - off), re - ro, ro);
+      if (e == 0)
+        pr_bm_set_range (sn->vmap, s, b - s);
+    }
+    if (e)
+      pr_snap_invalidate (sn, -e);
   }
-  free (cow_buf);
+  free (buf);
+}
+
+/* Copy-on-write of the blocks [b0, b1] about to be modified, at block
+ * granularity: a 4 KiB write copies 4 KiB, not its whole region. */
+static void
+cow_blocks (pr_volume *v, uint64_t b0, uint64_t b1)
+{
+  uint64_t b = b0, s;
+
+  if (v->nsnaps == 0)
+    return;
+  while (b <= b1) {
+    while (b <= b1 && !cow_needed (v, b))
+      b++;
+    if (b > b1)
+      break;
+    for (s = b; b <= b1 && cow_needed (v, b); b++)
+      ;
+    cow_run (v, s, b - 1);
+  }
 }
 
 /* ---- data operations ---- */
@@ -424,7 +463,7 @@ static int
 modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
         uint64_t off, uint32_t flags)
 {
-  uint64_t r0, r1, b0, b1, r, zb0, zb1;
+  uint64_t r0, r1, b0, b1, zb0, zb1;
   uint64_t bsize = (uint64_t)1 << v->bshift;
   int err;
 
@@ -446,8 +485,7 @@ modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
   if (err)
     goto out;
   stripes_do (v, r0, r1, pthread_mutex_lock);
-  for (r = r0; r <= r1; r++)
-    cow_region (v, r);
+  cow_blocks (v, b0, b1);
   pr_bm_set_range (v->cmap, r0, r1 - r0 + 1);
   pr_bm_set_range (v->bmap, b0, b1 - b0 + 1);
   pr_bm_clear_range (v->zmap, b0, b1 - b0 + 1);
@@ -630,20 +668,32 @@ pr_snap_read (pr_volume *v, pr_snap *s, char *buf, uint64_t len, uint64_t off)
   if (off > v->size || len > v->size - off)
     return -EINVAL;
   while (off < end && err == 0) {
+    /* one region at a time, under its stripe lock; inside it, runs of
+     * blocks from one source (the snapshot's copy or the volume) */
     uint64_t r = off >> v->rshift;
-    uint64_t n = ((r + 1) << v->rshift) - off;
+    uint64_t rend = (r + 1) << v->rshift;
     pthread_mutex_t *m = &v->stripes[r % NSTRIPES];
-    if (n > end - off)
-      n = end - off;
+    if (rend > end)
+      rend = end;
     pthread_mutex_lock (m);
-    if (!pr_snap_valid (s))
-      err = -ESTALE;
-    else if (pr_bm_test (s->vmap, r))
-      err = pread_full (s->fd, buf, n, off);
-    else
-      err = pread_full (v->fd, buf, n, off);
+    while (off < rend && err == 0) {
+      uint64_t b = off >> v->bshift;
+      int copied = !!pr_bm_test (s->vmap, b);
+      uint64_t n;
+      if (!pr_snap_valid (s)) {
+        err = -ESTALE;
+        break;
+      }
+      do
+        b++;
+      while ((b << v->bshift) < rend && !!pr_bm_test (s->vmap, b) == copied);
+      n = (b << v->bshift) - off;
+      if (n > rend - off)
+        n = rend - off;
+      err = pread_full (copied ? s->fd : v->fd, buf, n, off);
+      buf += n; off += n;
+    }
     pthread_mutex_unlock (m);
-    buf += n; off += n;
   }
   return err;
 }

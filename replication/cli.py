@@ -274,7 +274,7 @@ def cmd_status(args):
 
 def _show_status(args, st):
     if args.json:
-        st["schema"] = "prepl.status/1"
+        st["schema"] = "prepl.status/2"
         _print_json(st)
         return
     print(f"state dir:  {st['state_dir']}")
@@ -449,7 +449,7 @@ def parser():
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")
-    s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/1)")
+    s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/2)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("snappoint", help="create, list, convert or delete snappoints")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -156,10 +156,10 @@ def _log2(n, what):
 
 
 class Snapshot:
-    """C view of one snapshot: its file and its valid map (bit per region)."""
+    """C view of one snapshot: its file and its valid map (bit per block)."""
 
-    def __init__(self, fd, vmap, nregions):
-        _check_map(vmap, nregions, True)
+    def __init__(self, fd, vmap, nblocks):
+        _check_map(vmap, nblocks, True)
         self.fd = fd
         self.vmap = vmap          # keeps the mapped memory alive
         self._c = ffi.gc(lib.pr_snap_new(fd, _ptr(vmap)), lib.pr_snap_free)
@@ -215,7 +215,7 @@ class Volume:
         _check_map(bmap, self.nblocks, True)
         _check_map(zmap, self.nblocks, True)
         if snap is not None:
-            _check_map(snap.vmap, self.nregions, True)
+            _check_map(snap.vmap, self.nblocks, True)
         _raise(lib.pr_volume_switch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
                                     snap._c if snap is not None else ffi.NULL),
                "snapshot start")

@@ -55,7 +55,7 @@ def geometry(body):
 
 def _nbits(body, kind):
     nregions, nblocks, _ = geometry(body)
-    return nregions if kind in ("cmap", "vmap") else nblocks
+    return nregions if kind == "cmap" else nblocks
 
 
 def create_interval_files(sd, body, interval):
@@ -413,7 +413,7 @@ class Tracker:
                 "export": f"snap/{sp['name']}" if snap else None,
                 "changed_regions": maps["cmap"].count(),
                 "changed_blocks": maps["bmap"].count(),
-                "copied_regions": snap.vmap.count() if snap else 0}
+                "copied_blocks": snap.vmap.count() if snap else 0}
 
     def list_snappoints(self):
         with self.lock:

@@ -27,7 +27,7 @@ class Model:
 
     def _modify(self, off, n):
         for img_vmap in self.snaps.values():
-            img_vmap[1].update(self._regions(off, n))
+            img_vmap[1].update(self._blocks(off, n))
         iv = self.intervals[-1]
         iv.cmap.update(self._regions(off, n))
         iv.bmap.update(self._blocks(off, n))

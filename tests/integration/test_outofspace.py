@@ -38,10 +38,10 @@ def test_cow_out_of_space_invalidates_snapshot_only(tmp_path, small_fs, make_ser
     srv.ctl("snappoint_create", name="s")
     h = srv.connect()
     model = bytearray(original)
-    for r in range(64):                      # 64 regions x 64 KiB: far beyond 1.5 MiB
-        data = rnd.randbytes(8192)
+    for r in range(64):                      # 64 x 60 KiB copied: far beyond 1.5 MiB
+        data = rnd.randbytes(REGION - 4096)
         h.pwrite(data, r * REGION + 4096)    # every write must succeed
-        model[r * REGION + 4096:r * REGION + 4096 + 8192] = data
+        model[r * REGION + 4096:(r + 1) * REGION] = data
     h.flush()
     assert h.pread(16 * MiB, 0) == bytes(model)
     st_ = wait_for(lambda: (lambda s: s if s["snappoints"][1]["snapshot"] == "invalid" else None)(

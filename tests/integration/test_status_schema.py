@@ -17,7 +17,7 @@ LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "stat
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None)}
 SNAPPOINT = {"name": str, "interval": int, "created": float, "snapshot": str,
              "invalidated": type(None), "export": str, "changed_regions": int,
-             "changed_blocks": int, "copied_regions": int}
+             "changed_blocks": int, "copied_blocks": int}
 SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "size": int,
              "region_size": int, "block_size": int, "bound": dict, "applied": dict,
              "staging": type(None), "state_dir": str, "volume": str, "volume_uuid": str,
@@ -36,7 +36,7 @@ def test_status_schema(tmp_path, make_server):
     prepl("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once")
     prim.connect().pwrite(b"y" * 4096, 65536)
     p = json.loads(prepl("status", prim.state, "--json").stdout)
-    assert p["schema"] == "prepl.status/1"
+    assert p["schema"] == "prepl.status/2"
     check(p, PRIMARY)
     check(p["snappoints"][0], SNAPPOINT)
     link = p["links"]["default"]
