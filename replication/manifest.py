@@ -62,9 +62,12 @@ class Digest:
             self.items[offset] = f"Z:{offset}:{length}\n".encode()
             self.zero_bytes += length
         else:
-            h = hashlib.sha256(data).hexdigest()
-            self.items[offset] = f"D:{offset}:{length}:{h}\n".encode()
-            self.data_bytes += length
+            self.add_hashed(offset, length, hashlib.sha256(data).hexdigest())
+
+    def add_hashed(self, offset, length, sha256_hex):
+        """A data piece by its SHA-256 (hex), taken when it was written."""
+        self.items[offset] = f"D:{offset}:{length}:{sha256_hex}\n".encode()
+        self.data_bytes += length
 
     @property
     def extents(self):

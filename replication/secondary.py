@@ -22,12 +22,21 @@ image at the snappoint of the last applied interval.
   metadata, then applied, then the interval is recorded as applied and
   the receipt returned.  A commit for an interval already applied returns
   the same receipt (idempotent).
-* Apply.  Costs I/O proportional to the staged bytes: the old contents of
-  the staged blocks are first copied to STATE/staging/pre.img and reads of
-  those blocks are served from there while the replica is rewritten, so a
-  read never mixes two applied points and is never blocked longer than the
-  final switch.  A crash during apply is recovered at the next start by
-  redoing the apply from the durable, complete staging.
+* Apply.  Costs I/O proportional to the staged bytes, and the staged data
+  is copied once.  Once the staging is durable and complete, the switch
+  records the interval as applied and the staging becomes an overlay:
+  reads of staged blocks come from the staging (zero blocks read as
+  zeroes), all others from the replica, so export "" reads as the new
+  point in time from the switch on, and a read never mixes two points (the
+  switch waits for running reads only).  The receipt is returned then.  A
+  merge thread copies the staging into the replica, makes it durable, and
+  drops the overlay; the next staging waits for it.  A crash before the
+  merge ends is recovered at the next start by redoing the merge from the
+  durable, complete staging before anything is served.
+* Hashing.  Each staged write is hashed as it arrives (hashlib drops the
+  GIL); when the staged writes are exactly the manifest's pieces the commit
+  needs no re-read, otherwise (a restart, other request boundaries) the
+  staging is read back and hashed.
 """
 import errno
 import hashlib
@@ -124,7 +133,11 @@ class Replica:
         self.fd = os.open(body["volume"], os.O_RDWR | os.O_CLOEXEC)
         self.lock = threading.RLock()      # staging and commit state
         self.rw = RWLock()                 # replica reads vs the apply switch
-        self.applying = None               # (pre-image fd, staged bits) during apply
+        self.overlay = False               # reads of staged blocks come from the staging
+        self.merger = None                 # the merge thread of the last switch
+        self.merge_error = None
+        self.hashes = {}                   # offset -> (length, sha256) of staged writes
+        self.hash_locks = [threading.Lock() for _ in range(64)]
         os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
         self.stage = None
         self.uri = None
@@ -133,7 +146,8 @@ class Replica:
             log.warning("redoing the apply of interval %s from its durable staging",
                         st["target"])
             self._open_staging(st.get("in_place", False))
-            self._apply(st, serve_reads=False)
+            self._switch(st)
+            self._merge(st)
         elif st:
             self._open_staging(st.get("in_place", False))
 
@@ -169,18 +183,24 @@ class Replica:
         n = len(buf)
         self.rw.acquire_read()
         try:
-            ap = self.applying
-            if ap is None:
+            if not self.overlay:
                 buf[:] = _pread_full(self.fd, n, offset)
                 return
-            pre_fd, staged = ap
+            # the overlay: each block from the staging (data), zeroes, or
+            # the replica; runs of one kind are read at once
             b0, b1 = offset // self.block, (offset + n - 1) // self.block
-            pos = offset
-            for b in range(b0, b1 + 1):
-                end = min((b + 1) * self.block, offset + n)
-                src = pre_fd if staged[b] else self.fd
-                buf[pos - offset:end - offset] = _pread_full(src, end - pos, pos)
-                pos = end
+            kinds = (_bits(self.stage["data"].bits, b0, b1)
+                     + 2 * _bits(self.stage["zero"].bits, b0, b1))
+            cuts = np.flatnonzero(np.diff(kinds)) + 1
+            for first, last in zip([0] + cuts.tolist(), cuts.tolist() + [len(kinds)]):
+                lo = max(offset, (b0 + first) * self.block)
+                hi = min(offset + n, (b0 + last) * self.block)
+                kind = kinds[first]
+                view = memoryview(buf)[lo - offset:hi - offset]
+                if kind >= 2:
+                    view[:] = bytes(hi - lo)
+                else:
+                    view[:] = _pread_full(self.stage["fd"] if kind else self.fd, hi - lo, lo)
         finally:
             self.rw.release_read()
 
@@ -205,6 +225,7 @@ class Replica:
         }
 
     def _discard_staging(self):
+        self.hashes = {}
         if self.stage:
             os.close(self.stage["fd"])
             self.stage = None
@@ -214,9 +235,11 @@ class Replica:
 
     def begin_staging(self, primary_uuid, base, target):
         """The staging area of interval base->target, created on its first
-        write; another incomplete staging is discarded."""
+        write; another incomplete staging is discarded.  Waits for the merge
+        of the previous interval."""
         with self.lock:
             self.check_stage_name(primary_uuid, base, target)
+            self._finish_merge()
             st = self.body["staging"]
             key = {"primary_uuid": primary_uuid, "base": base, "target": target}
             if st and all(st[k] == v for k, v in key.items()) and self.stage:
@@ -242,7 +265,11 @@ class Replica:
     def stage_write(self, buf, offset):
         self._check_aligned(len(buf), offset)
         st = self.stage
-        _pwrite_full(st["fd"], buf, offset)
+        digest = hashlib.sha256(buf).digest()
+        with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
+            # what is on disk at offset is what was hashed last there
+            self.hashes[offset] = (len(buf), digest)
+            _pwrite_full(st["fd"], buf, offset)
         b0, n = offset // self.block, -(-len(buf) // self.block)
         native.bm_clear(st["zero"].bits, self.nblocks, b0, n)
         native.bm_set(st["data"].bits, self.nblocks, b0, n)
@@ -297,8 +324,7 @@ class Replica:
             if not st or st["primary_uuid"] != m["primary_uuid"] or \
                     st["base"] != _base_key(m["base"]) or st["target"] != str(m["target"]["seq"]):
                 raise RefusedError("nothing is staged for this interval; stage it first")
-            run_list = self._staged_runs()
-            d = manifest.digest_of(run_list, lambda o, n: _pread_full(self.stage["fd"], n, o))
+            d = self._staged_digest()
             if (d.extents, d.data_bytes) != (m["extents"], m["bytes"]) or \
                     d.hexdigest() != m["digest"]:
                 raise RefusedError(
@@ -316,57 +342,108 @@ class Replica:
                               **geometry}
             self.sd.write_meta(b)
             faults.point("secondary.commit.staged_durable")
-            return self._apply(st, serve_reads=True)
+            receipt = self._switch(st)
+            self.merger = threading.Thread(target=self._merge_in_background, args=(st,),
+                                           name="prepl-merge", daemon=True)
+            self.merger.start()
+            return receipt
 
-    def _apply(self, st, serve_reads):
-        t0 = time.monotonic()
+    def _staged_digest(self):
+        """The digest of what is staged: from the hashes taken on arrival
+        when the staged writes are exactly the transfer's pieces, else by
+        reading the staging back."""
         run_list = self._staged_runs()
-        staged = None
-        pre_fd = None
-        # before the first applied interval the replica is no point in time
-        # of anything: there is no image to keep serving, so no pre-image
-        if serve_reads and self.body["applied"] is not None:
-            staged = np.unpackbits((self.stage["data"].bits | self.stage["zero"].bits)
-                                   .view(np.uint8), bitorder="little")[:self.nblocks]
-            pre_fd = os.open(self.sd.p("staging", "pre.img"),
-                             os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.ftruncate(pre_fd, self.size)
-            native.copy_ranges(self.fd, pre_fd, [(o, n) for o, n, _ in run_list])
-            self.applying = (pre_fd, staged)
-        try:
-            half = len(run_list) // 2
-            for i, part in enumerate((run_list[:half], run_list[half:])):
-                if i:
-                    faults.point("secondary.apply.midway")
-                if not st.get("in_place"):
-                    native.copy_ranges(self.stage["fd"], self.fd,
-                                       [(o, n) for o, n, z in part if not z])
-                native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
-            os.fdatasync(self.fd)
-            faults.point("secondary.apply.before_record")
-            m = st["manifest"]
+        pieces = list(manifest.pieces(run_list))
+        data = [(o, n) for o, n, z in pieces if not z]
+        if len(data) == len(self.hashes) and all(self.hashes.get(o, (None,))[0] == n
+                                                 for o, n in data):
+            d = manifest.Digest()
+            for o, n, z in pieces:
+                if z:
+                    d.add(o, n, True)
+                else:
+                    d.add_hashed(o, n, self.hashes[o][1].hex())
+            return d
+        return manifest.digest_of(run_list, lambda o, n: _pread_full(self.stage["fd"], n, o))
+
+    def _switch(self, st):
+        """Records the complete, durable staging as the applied interval and
+        serves it as an overlay; returns the receipt."""
+        m = st["manifest"]
+        receipt = self.receipt_for(m["target"]["seq"])
+        if receipt is None:
             receipt = {"replica_uuid": self.body["volume_uuid"],
                        "primary_uuid": m["primary_uuid"], "base": m["base"],
                        "target": m["target"], "manifest_digest": st["manifest_digest"],
                        "bytes": st["bytes"], "zero_bytes": st["zero_bytes"],
                        "applied_at": time.time()}
-            self.rw.acquire_write()        # the switch: waits for running reads only
-            try:
-                self.applying = None
-                self.body["applied"] = {"target": m["target"], "base": m["base"],
-                                        "applied_at": receipt["applied_at"]}
+        self.rw.acquire_write()            # waits for running reads only
+        try:
+            self.overlay = not st.get("in_place")
+            self.body["applied"] = {"target": m["target"], "base": m["base"],
+                                    "applied_at": receipt["applied_at"]}
+            if self.receipt_for(m["target"]["seq"]) is None:
                 self.body["receipts"] = ([receipt] + self.body["receipts"])[:KEEP_RECEIPTS]
-                self._discard_staging()
-                self.sd.write_meta(self.body)
-            finally:
-                self.rw.release_write()
+            self.sd.write_meta(self.body)
         finally:
-            self.applying = None
-            if pre_fd is not None:
-                os.close(pre_fd)
-        log.info("applied interval %s (%d bytes, %d zeroed) in %.3f s", m["target"],
-                 receipt["bytes"], receipt["zero_bytes"], time.monotonic() - t0)
+            self.rw.release_write()
+        log.info("applied interval %s (%d bytes, %d zeroed)", m["target"],
+                 receipt["bytes"], receipt["zero_bytes"])
         return receipt
+
+    def _merge(self, st):
+        """Copies the applied staging into the replica, makes it durable and
+        drops the overlay and the staging."""
+        t0 = time.monotonic()
+        run_list = self._staged_runs()
+        half = len(run_list) // 2
+        for i, part in enumerate((run_list[:half], run_list[half:])):
+            if i:
+                faults.point("secondary.apply.midway")
+            if not st.get("in_place"):
+                native.copy_ranges(self.stage["fd"], self.fd,
+                                   [(o, n) for o, n, z in part if not z])
+            native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
+        os.fdatasync(self.fd)
+        faults.point("secondary.apply.before_record")
+        self.rw.acquire_write()
+        try:
+            self.overlay = False
+            self._discard_staging()
+            self.sd.write_meta(self.body)
+        finally:
+            self.rw.release_write()
+        log.info("merged interval %s into the replica in %.3f s", st["target"],
+                 time.monotonic() - t0)
+
+    def _merge_in_background(self, st):
+        try:
+            self._merge(st)
+        except BaseException as e:      # noqa: B036 -- kept for the next staging
+            log.error("merging interval %s into the replica failed: %s (the overlay keeps "
+                      "serving it; retried before the next staging)", st["target"], e)
+            self.merge_error = e
+
+    def _finish_merge(self):
+        """Waits for the merge thread; retries a failed merge (raises if it
+        fails again)."""
+        if self.merger is not None:
+            self.merger.join()
+            self.merger = None
+        if self.merge_error is not None:
+            self.merge_error = None
+            st = self.body["staging"]
+            if st and st["state"] == "complete":
+                self._merge(st)
+
+    def wait_merged(self):
+        """For tests and shutdown: the last merge is done (its error raised)."""
+        if self.merger is not None:
+            self.merger.join()
+            self.merger = None
+        if self.merge_error is not None:
+            e, self.merge_error = self.merge_error, None
+            raise e
 
     def control_handlers(self):
         return {"status": lambda r: self.status(), "shutdown": lambda r: self.close()}
@@ -381,7 +458,16 @@ class Replica:
 
     def close(self):
         with self.lock:
+            if self.merger is not None:
+                self.merger.join()
             os.fdatasync(self.fd)
+
+
+def _bits(words, b0, b1):
+    """Bits b0..b1 (inclusive) of a bitmap of uint64 words, as uint8 0/1."""
+    w0, w1 = b0 // 64, b1 // 64 + 1
+    bits = np.unpackbits(np.ascontiguousarray(words[w0:w1]).view(np.uint8), bitorder="little")
+    return bits[b0 - w0 * 64:b1 - w0 * 64 + 1]
 
 
 def _digest_json(m):
