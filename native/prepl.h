@@ -94,6 +94,11 @@ uint64_t pr_volume_writes_total(pr_volume *v);  /* writes, zeroes, trims served 
 int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
                    const uint64_t *lengths, size_t n, int zero);
 
+/* Starts writeback of [off, off + len) of fd without waiting for it
+ * (sync_file_range SYNC_FILE_RANGE_WRITE), so a later fdatasync has less
+ * to wait for.  Returns 0 or -errno. */
+int pr_start_writeback(int fd, uint64_t off, uint64_t len);
+
 /* ---- snapshots ---- */
 /* snap_fd: sparse file of the volume's size holding copied blocks; vmap:
  * the valid map (bit per block).  Both stay owned by the caller and must

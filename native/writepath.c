@@ -48,7 +48,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 6
+#define PR_ABI 7
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -568,6 +568,15 @@ pr_volume_al_syncs (pr_volume *v)
 }
 
 /* ---- copies for the secondary's apply ---- */
+
+int
+pr_start_writeback (int fd, uint64_t off, uint64_t len)
+{
+  if (off > INT64_MAX || len > INT64_MAX - off)
+    return -EINVAL;
+  return sync_file_range (fd, (off64_t)off, (off64_t)len,
+                          SYNC_FILE_RANGE_WRITE) == -1 ? -errno : 0;
+}
 
 int
 pr_copy_ranges (int src_fd, int dst_fd, const uint64_t *offsets,

@@ -6,17 +6,24 @@ zero (an NBD zero request).  Both sides derive the runs from block bitmaps
 (data bits, zero bits), so they agree run for run.  Data runs are cut into
 pieces of at most PIECE bytes from the run's start (the agent's requests);
 the digest of a transfer is SHA-256 over, in offset order, each zero run's
-header and each data piece's header and SHA-256.  So the agent can hash
+header and each data piece's header and hash.  So the agent can hash
 pieces as their reads complete, in any order, and the secondary hashes
 what it staged; a commit whose digest differs is refused.
+
+A piece's hash is XXH3-128: it catches lost, misplaced and corrupted
+pieces, at about 15 GB/s against SHA-256's 1.4 GB/s here (SHA-256 of
+every piece on both sides was a fifth of a cycle's CPU).  It is no
+defence against a forger, and needs not be: who can stage and commit is
+decided by the link's TLS key (prepl keygen), not by the manifest.
 """
 import hashlib
 
 import numpy as np
+import xxhash
 
 from . import native
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 PIECE = 1 << 20      # the transfer engine is fastest with 1 MiB requests
 
 
@@ -49,6 +56,11 @@ def pieces(run_list, piece=PIECE):
             off += n
 
 
+def piece_hash(data):
+    """The hash of one data piece, as bytes."""
+    return xxhash.xxh3_128(data).digest()
+
+
 class Digest:
     """Digest of a transfer: add pieces in any order, then hexdigest()."""
 
@@ -62,11 +74,11 @@ class Digest:
             self.items[offset] = f"Z:{offset}:{length}\n".encode()
             self.zero_bytes += length
         else:
-            self.add_hashed(offset, length, hashlib.sha256(data).hexdigest())
+            self.add_hashed(offset, length, piece_hash(data))
 
-    def add_hashed(self, offset, length, sha256_hex):
-        """A data piece by its SHA-256 (hex), taken when it was written."""
-        self.items[offset] = f"D:{offset}:{length}:{sha256_hex}\n".encode()
+    def add_hashed(self, offset, length, h):
+        """A data piece by its piece_hash, taken when it was written."""
+        self.items[offset] = f"D:{offset}:{length}:{h.hex()}\n".encode()
         self.data_bytes += length
 
     @property
@@ -74,7 +86,7 @@ class Digest:
         return len(self.items)
 
     def hexdigest(self):
-        h = hashlib.sha256(b"prepl-transfer-1\n")
+        h = hashlib.sha256(b"prepl-transfer-2\n")
         for off in sorted(self.items):
             h.update(self.items[off])
         return h.hexdigest()

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -145,6 +145,14 @@ def copy_ranges(src_fd, dst_fd, ranges, zero=False):
         raise ValueError("range overflows")
     _raise(lib.pr_copy_ranges(src_fd, dst_fd, _ptr(offs), _ptr(lens), len(ranges),
                               1 if zero else 0), "copy")
+
+
+def start_writeback(fd, offset, length):
+    """Starts writing [offset, offset + length) of fd back to disk, without
+    waiting (sync_file_range)."""
+    if offset < 0 or length < 0:
+        raise ValueError("negative offset or length")
+    _raise(lib.pr_start_writeback(fd, offset, length), "writeback")
 
 
 # ---- the write path --------------------------------------------------------

@@ -33,8 +33,8 @@ image at the snappoint of the last applied interval.
   drops the overlay; the next staging waits for it.  A crash before the
   merge ends is recovered at the next start by redoing the merge from the
   durable, complete staging before anything is served.
-* Hashing.  Each staged write is hashed as it arrives (hashlib drops the
-  GIL); when the staged writes are exactly the manifest's pieces the commit
+* Hashing.  Each staged write is hashed as it arrives (XXH3-128, see
+  replication/manifest.py); when the staged writes are exactly the manifest's pieces the commit
   needs no re-read, otherwise (a restart, other request boundaries) the
   staging is read back and hashed.
 """
@@ -136,7 +136,7 @@ class Replica:
         self.overlay = False               # reads of staged blocks come from the staging
         self.merger = None                 # the merge thread of the last switch
         self.merge_error = None
-        self.hashes = {}                   # offset -> (length, sha256) of staged writes
+        self.hashes = {}                   # offset -> (length, piece hash) of staged writes
         self.hash_locks = [threading.Lock() for _ in range(64)]
         os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
         self.stage = None
@@ -265,11 +265,13 @@ class Replica:
     def stage_write(self, buf, offset):
         self._check_aligned(len(buf), offset)
         st = self.stage
-        digest = hashlib.sha256(buf).digest()
+        digest = manifest.piece_hash(buf)
         with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
             # what is on disk at offset is what was hashed last there
             self.hashes[offset] = (len(buf), digest)
             _pwrite_full(st["fd"], buf, offset)
+        # the commit's fdatasync then waits for little more than the last writes
+        native.start_writeback(st["fd"], offset, len(buf))
         b0, n = offset // self.block, -(-len(buf) // self.block)
         native.bm_clear(st["zero"].bits, self.nblocks, b0, n)
         native.bm_set(st["data"].bits, self.nblocks, b0, n)
@@ -362,7 +364,7 @@ class Replica:
                 if z:
                     d.add(o, n, True)
                 else:
-                    d.add_hashed(o, n, self.hashes[o][1].hex())
+                    d.add_hashed(o, n, self.hashes[o][1])
             return d
         return manifest.digest_of(run_list, lambda o, n: _pread_full(self.stage["fd"], n, o))
 
