@@ -99,6 +99,12 @@ int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
  * to wait for.  Returns 0 or -errno. */
 int pr_start_writeback(int fd, uint64_t off, uint64_t len);
 
+/* Tests only: arms a named fault point of the write path; when a write
+ * reaches it the process exits with status 99 (a crash).  0 disarms. */
+#define PR_FAULT_AL_BEFORE_WRITE 1   /* a new extent's bit, before the log write */
+#define PR_FAULT_AL_AFTER_SYNC 2     /* after the log write and its fdatasync */
+void pr_volume_set_fault(pr_volume *v, int point);
+
 /* ---- snapshots ---- */
 /* snap_fd: sparse file of the volume's size holding copied blocks; vmap:
  * the valid map (bit per block).  Both stay owned by the caller and must

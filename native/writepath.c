@@ -48,7 +48,7 @@
 #include <linux/falloc.h>
 #include "prepl.h"
 
-#define PR_ABI 7
+#define PR_ABI 8
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -81,6 +81,7 @@ struct pr_volume {
   uint64_t *al_prev;            /* al_mem of the previous interval */
   uint64_t writers, max_writers, al_syncs, writes;  /* atomic counters */
   int closed;                   /* set under epoch (exclusive) */
+  int fault;                    /* armed fault point (tests), atomic */
 };
 
 int
@@ -239,17 +240,36 @@ pr_volume_drop_snap (pr_volume *v, pr_snap *snap)
 
 /* ---- activity log ---- */
 
+/* A named fault point of the write path (tests only, see pr_volume_set_fault):
+ * the process ends at once, as in a crash. */
+static void
+fault_point (pr_volume *v, int point)
+{
+  if (__atomic_load_n (&v->fault, __ATOMIC_RELAXED) == point)
+    _exit (99);
+}
+
+void
+pr_volume_set_fault (pr_volume *v, int point)
+{
+  __atomic_store_n (&v->fault, point, __ATOMIC_RELAXED);
+}
+
 static int
 al_write_pages (pr_volume *v, uint64_t first_word, uint64_t last_word)
 {
   const uint64_t wpp = AL_PAGE / 8;
   uint64_t p0 = first_word / wpp, p1 = last_word / wpp;
-  int r = pwrite_full (v->al_fd, (const char *)(v->al_file + p0 * wpp),
-                       (p1 - p0 + 1) * AL_PAGE, v->al_offset + p0 * AL_PAGE);
+  int r;
+
+  fault_point (v, PR_FAULT_AL_BEFORE_WRITE);
+  r = pwrite_full (v->al_fd, (const char *)(v->al_file + p0 * wpp),
+                   (p1 - p0 + 1) * AL_PAGE, v->al_offset + p0 * AL_PAGE);
   if (r == 0 && fdatasync (v->al_fd) == -1)
     r = -errno;
   if (r == 0)
     __atomic_fetch_add (&v->al_syncs, 1, __ATOMIC_RELAXED);
+  fault_point (v, PR_FAULT_AL_AFTER_SYNC);
   return r;
 }
 

@@ -33,7 +33,7 @@ import time
 import nbd
 import numpy as np
 
-from . import control, manifest
+from . import control, faults, manifest
 from .chain import interval_union
 from .errors import (InUseError, PreplError, RefusedError, StateError,
                      TimedOutError)
@@ -162,6 +162,7 @@ class Agent:
              "digest": digest.hexdigest()}
         self.ctl("link_update", name=self.name, fields={"state": "applying"})
         receipt = self._commit(m)
+        faults.point("agent.after_receipt")
         # advance: only after the receipt
         self.ctl("link_update", name=self.name, fields={
             "cursor": snap_name, "state": "idle", "progress": None,

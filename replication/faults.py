@@ -3,7 +3,21 @@
     PREPL_FAULT="secondary.apply.midway"          -> the process exits (crash)
     PREPL_FAULT="secondary.apply.midway:raise"    -> FaultInjected is raised
 
-A point costs one dictionary lookup when no fault is set.
+A point costs one dictionary lookup when no fault is set.  The points:
+
+  primary.al.before_write          a write's new AL extent, before the log write (C)
+  primary.al.after_sync            after the log write and its fdatasync (C)
+  primary.snappoint.after_switch   snappoint: writes go to the new interval,
+                                   nothing of it is durable yet
+  primary.snappoint.after_save     snappoint: metadata durable, log not trimmed
+  secondary.commit.staged_durable  staging durable and complete, not switched
+  secondary.commit.after_switch    interval recorded as applied, receipt not sent
+  secondary.apply.midway           half of the staging merged into the replica
+  secondary.apply.before_record    merge durable, staging not yet dropped
+  agent.after_receipt              receipt in hand, the link's cursor not moved
+
+The C points (primary.al.*) only crash (no :raise).  Each has a test in
+tests/integration/test_crash_sweep.py.
 """
 import os
 
@@ -20,6 +34,11 @@ def point(name):
         if _POINTS[name] == "raise":
             raise FaultInjected(name)
         os._exit(99)
+
+
+def armed(name):
+    """The mode of an armed point ("" = crash, "raise"), or None."""
+    return _POINTS.get(name)
 
 
 def set_for_test(spec):

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -145,6 +145,11 @@ def copy_ranges(src_fd, dst_fd, ranges, zero=False):
         raise ValueError("range overflows")
     _raise(lib.pr_copy_ranges(src_fd, dst_fd, _ptr(offs), _ptr(lens), len(ranges),
                               1 if zero else 0), "copy")
+
+
+# fault points of the C write path (replication/faults.py names them)
+WRITE_PATH_FAULTS = {"primary.al.before_write": lib.PR_FAULT_AL_BEFORE_WRITE,
+                     "primary.al.after_sync": lib.PR_FAULT_AL_AFTER_SYNC}
 
 
 def start_writeback(fd, offset, length):
@@ -283,6 +288,10 @@ class Volume:
 
     def al_trim(self):
         _raise(lib.pr_al_trim(self._c), "activity log write")
+
+    def set_fault(self, point):
+        """Tests only: arms a C fault point (WRITE_PATH_FAULTS), 0 disarms."""
+        lib.pr_volume_set_fault(self._c, point)
 
     def al_bits(self, nwords):
         out = np.zeros(nwords, dtype=np.uint64)

@@ -345,6 +345,7 @@ class Replica:
             self.sd.write_meta(b)
             faults.point("secondary.commit.staged_durable")
             receipt = self._switch(st)
+            faults.point("secondary.commit.after_switch")
             self.merger = threading.Thread(target=self._merge_in_background, args=(st,),
                                            name="prepl-merge", daemon=True)
             self.merger.start()

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from . import native
+from . import faults, native
 from .errors import NotFoundError, RefusedError, StateError
 from .maps import MapFile, create_copy, file_digest
 from .state import StateDir, flocked, fsync_dir, new_interval, volume_size
@@ -115,6 +115,9 @@ class Tracker:
         self._reset_al()
         self.vol = native.Volume(self.vol_fd, self.size, body["region_size"],
                                  body["block_size"], self.al_fd, body["al_extent"], AL_HEADER)
+        for point, code in native.WRITE_PATH_FAULTS.items():
+            if faults.armed(point) is not None:
+                self.vol.set_fault(code)
         self.maps = self._open_maps(self.open_interval)
         self.snaps = {}           # snappoint name -> Snapshot (valid ones)
         self.vol.switch(self._c_maps(self.maps))
@@ -319,6 +322,7 @@ class Tracker:
             old_iv, old_maps = self.open_interval, self.maps
             # from here on the in-memory metadata must follow the switch
             self.vol.switch(self._c_maps(new_maps), snap.c if snap else None)
+            faults.point("primary.snappoint.after_switch")
             t = time.time()
             self.maps = new_maps
             body["next_seq"] = seq + 1
@@ -337,6 +341,7 @@ class Tracker:
             for m in old_maps.values():
                 m.sync()
             self._save()
+            faults.point("primary.snappoint.after_save")
             self.vol.al_trim()
             log.info("snappoint %s created (%s), interval %d closed", name,
                      "dataless" if dataless else "with snapshot", old_iv["seq"])
