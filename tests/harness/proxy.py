@@ -1,14 +1,20 @@
 """A fault proxy for a unix-socket NBD link: pass-through that counts the
-bytes each way and can cut every connection on command.
+bytes each way and, on command, cuts every connection, stalls, throttles,
+or closes the link in the middle of a reply.
 
     with CutProxy(listen_path, target_path) as p:
         ...connect clients to listen_path...
-        p.cut()            # drop every open connection (both sides)
-        p.bytes_up         # client -> server bytes so far
+        p.cut()              # drop every open connection (both sides)
+        p.stall()            # hold all traffic ...
+        p.resume()           # ... and let it flow again
+        p.throttle(2 << 20)  # at most 2 MiB/s each way (None: unlimited)
+        p.close_after(100)   # cut once 100 more bytes went server -> client
+        p.bytes_up           # client -> server bytes so far
 """
 import os
 import socket
 import threading
+import time
 
 
 class CutProxy:
@@ -17,6 +23,10 @@ class CutProxy:
         self.bytes_up = 0
         self.bytes_down = 0
         self.cuts = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._rate = None
+        self._close_down_at = None
         self._lock = threading.Lock()
         self._conns = []
         self._stop = False
@@ -54,7 +64,24 @@ class CutProxy:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                dst.sendall(data)
+                self._flowing.wait()
+                rate = self._rate
+                if rate:                 # chunks of 1/50 s at the rate
+                    step = max(1, rate // 50)
+                    for i in range(0, len(data), step):
+                        dst.sendall(data[i:i + step])
+                        time.sleep(len(data[i:i + step]) / rate)
+                elif counter == "bytes_down" and self._close_down_at is not None:
+                    with self._lock:
+                        room = self._close_down_at - self.bytes_down
+                    if room < len(data):          # mid-reply: part of it, then cut
+                        dst.sendall(data[:max(room, 0)])
+                        self._close_down_at = None
+                        self.cut()
+                        break
+                    dst.sendall(data)
+                else:
+                    dst.sendall(data)
                 with self._lock:
                     setattr(self, counter, getattr(self, counter) + len(data))
         except OSError:
@@ -78,8 +105,26 @@ class CutProxy:
             except OSError:
                 pass
 
+    def stall(self):
+        """Holds all traffic (connections stay open) until resume()."""
+        self._flowing.clear()
+
+    def resume(self):
+        self._flowing.set()
+
+    def throttle(self, bytes_per_second):
+        """Limits each direction of each connection; None lifts the limit."""
+        self._rate = bytes_per_second
+
+    def close_after(self, nbytes):
+        """Cuts every connection once nbytes more went server -> client (the
+        last reply is delivered only in part)."""
+        with self._lock:
+            self._close_down_at = self.bytes_down + nbytes
+
     def stop(self):
         self._stop = True
+        self._flowing.set()
         self.cut()
         try:
             self.sock.close()
