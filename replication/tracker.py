@@ -466,6 +466,7 @@ class Tracker:
         }
 
     LINK_FIELDS = ("replica_uuid", "secondary", "cursor", "state", "last_cycle", "progress")
+    TRANSIENT_LINK_FIELDS = {"state", "progress"}
 
     def link_update(self, name, fields):
         """The agent of link `name` records what it did (only the server
@@ -485,8 +486,9 @@ class Tracker:
             if fields.get("cursor") is not None:
                 self._find(fields["cursor"])
             link.update(fields)
-            self._save()
-            return link
+            if set(fields) - self.TRANSIENT_LINK_FIELDS:
+                self._save()      # what the link did is durable; its state of the
+            return link           # moment and progress are not worth an fsync
 
     def tick(self):
         self.check_snapshots()

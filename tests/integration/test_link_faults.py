@@ -12,6 +12,7 @@ Each time: the primary's writes keep succeeding, no cycle applies anything
 wrong, and once the fault ends the agent finishes by itself and the
 replica equals the primary's image (full-image digests over NBD)."""
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -139,6 +140,36 @@ def test_throttled_link(link):
     assert proxy.bytes_up > 2 * MiB              # overlapping writes: a bit under 4 MiB
     assert took >= 0.8 * proxy.bytes_up / (2 * MiB), f"{proxy.bytes_up} bytes in {took:.1f} s"
     proxy.throttle(None)
+    assert_caught_up(prim, sec)
+
+
+def test_progress_in_status_during_a_slow_transfer(link):
+    """prepl status shows a long transfer's progress: percent, bytes, rate, ETA."""
+    prim, sec, proxy = link()
+    finish(agent(prim, proxy.listen))
+    scribble(prim, 8, 6 * MiB, sizes=(4096,))
+    proxy.throttle(1 * MiB)
+    a = agent(prim, proxy.listen)
+    seen = []
+    try:
+        def progress():
+            ln = json.loads(prepl("status", prim.state, "--json").stdout)["links"]["default"]
+            if ln.get("progress") and ln["state"] == "transferring":
+                seen.append(ln["progress"])
+            return len(seen) >= 2
+        wait_for(progress, 60, "two progress reports in prepl status")
+        proxy.throttle(None)
+        err = finish(a)
+    finally:
+        proxy.throttle(None)
+        stop_process(a)
+    p = seen[-1]
+    assert 0 < p["percent"] < 100 and 0 < p["bytes_done"] < p["bytes_total"]
+    assert p["rate_MBps"] > 0 and p["eta_seconds"] > 0 and p["snappoint"].startswith("default.")
+    assert seen[0]["bytes_done"] <= seen[-1]["bytes_done"]
+    assert "% " in err and "MB/s, ETA" in err          # and the same on stderr
+    ln = json.loads(prepl("status", prim.state, "--json").stdout)["links"]["default"]
+    assert ln["state"] == "idle" and ln["progress"] is None
     assert_caught_up(prim, sec)
 
 
