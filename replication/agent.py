@@ -231,9 +231,10 @@ class Agent:
             except PreplError:
                 pass
         try:
+            # no flush: the commit makes the staging durable before it applies
             stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
                                  max_request=manifest.PIECE, progress=progress,
-                                 progress_interval=2.0)
+                                 progress_interval=2.0, flush=False)
             if not runs:
                 dst_h.flush()          # stages an empty interval too
         except nbd.Error as e:

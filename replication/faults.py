@@ -10,7 +10,7 @@ A point costs one dictionary lookup when no fault is set.  The points:
   primary.snappoint.after_switch   snappoint: writes go to the new interval,
                                    nothing of it is durable yet
   primary.snappoint.after_save     snappoint: metadata durable, log not trimmed
-  secondary.commit.staged_durable  staging durable and complete, not switched
+  secondary.commit.staged_durable  staged data durable, nothing recorded yet
   secondary.commit.after_switch    interval recorded as applied, receipt not sent
   secondary.apply.midway           half of the staging merged into the replica
   secondary.apply.before_record    merge durable, staging not yet dropped

@@ -18,10 +18,10 @@ image at the snappoint of the last applied interval.
 * Commit.  A manifest (primary UUID, replica UUID, geometry, base and
   target interval, extent count, bytes, digest of the staged data, see
   replication/manifest.py) is verified against the replica and against
-  what was staged; the staging is made durable and marked complete in the
-  metadata, then applied, then the interval is recorded as applied and
-  the receipt returned.  A commit for an interval already applied returns
-  the same receipt (idempotent).
+  what was staged; the staged data is made durable, then one metadata
+  write records the staging complete and the interval applied (the
+  switch, below), and the receipt is returned.  A commit for an interval
+  already applied returns the same receipt (idempotent).
 * Apply.  Costs I/O proportional to the staged bytes, and the staged data
   is copied once.  Once the staging is durable and complete, the switch
   records the interval as applied and the staging becomes an overlay:
@@ -333,17 +333,17 @@ class Replica:
                     f"staged data does not match the manifest: staged {d.extents} extents, "
                     f"{d.data_bytes} bytes, digest {d.hexdigest()[:16]}; manifest "
                     f"{m['extents']} extents, {m['bytes']} bytes, digest {m['digest'][:16]}")
-            # durable and complete, then apply
+            # the staged data durable, then one metadata write records it
+            # complete and applied (the switch); the merge comes after
             os.fdatasync(self.stage["fd"])
             self.stage["data"].sync()
             self.stage["zero"].sync()
+            faults.point("secondary.commit.staged_durable")
             st.update(state="complete", manifest=m, manifest_digest=_digest_json(m),
                       bytes=d.data_bytes, zero_bytes=d.zero_bytes)
             if b["bound"] is None:
                 b["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
                               **geometry}
-            self.sd.write_meta(b)
-            faults.point("secondary.commit.staged_durable")
             receipt = self._switch(st)
             faults.point("secondary.commit.after_switch")
             self.merger = threading.Thread(target=self._merge_in_background, args=(st,),
