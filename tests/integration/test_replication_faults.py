@@ -158,7 +158,7 @@ def test_resumes_within_30s_of_the_secondary_coming_back(tmp_path, make_server):
         time.sleep(4)
         sec.start()                                  # ... ends here
         back = time.monotonic()
-        seq = applied()["target"]["seq"]
+        seq = wait_for(applied, 30, "the secondary's info export")["target"]["seq"]
         wait_for(lambda: (applied() or {"target": {"seq": seq}})["target"]["seq"] > seq, 30,
                  "a new interval after the secondary came back")
         assert time.monotonic() - back < 30
