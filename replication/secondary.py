@@ -66,6 +66,7 @@ class RWLock:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self.longest_write_hold = 0.0      # seconds: how long readers were kept out
 
     def acquire_read(self):
         with self._cond:
@@ -84,12 +85,15 @@ class RWLock:
             while self._writer:
                 self._cond.wait()
             self._writer = True
+            self._since = time.monotonic()
             while self._readers:
                 self._cond.wait()
 
     def release_write(self):
         with self._cond:
             self._writer = False
+            self.longest_write_hold = max(self.longest_write_hold,
+                                          time.monotonic() - self._since)
             self._cond.notify_all()
 
 
@@ -380,14 +384,16 @@ class Replica:
                        "target": m["target"], "manifest_digest": st["manifest_digest"],
                        "bytes": st["bytes"], "zero_bytes": st["zero_bytes"],
                        "applied_at": time.time()}
+        # durable first (reads still see the previous point meanwhile), then
+        # the switch itself: the lock is held for a flag, not for an fsync
+        self.body["applied"] = {"target": m["target"], "base": m["base"],
+                                "applied_at": receipt["applied_at"]}
+        if self.receipt_for(m["target"]["seq"]) is None:
+            self.body["receipts"] = ([receipt] + self.body["receipts"])[:KEEP_RECEIPTS]
+        self.sd.write_meta(self.body)
         self.rw.acquire_write()            # waits for running reads only
         try:
             self.overlay = not st.get("in_place")
-            self.body["applied"] = {"target": m["target"], "base": m["base"],
-                                    "applied_at": receipt["applied_at"]}
-            if self.receipt_for(m["target"]["seq"]) is None:
-                self.body["receipts"] = ([receipt] + self.body["receipts"])[:KEEP_RECEIPTS]
-            self.sd.write_meta(self.body)
         finally:
             self.rw.release_write()
         log.info("applied interval %s (%d bytes, %d zeroed)", m["target"],
@@ -409,13 +415,13 @@ class Replica:
             native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
         os.fdatasync(self.fd)
         faults.point("secondary.apply.before_record")
-        self.rw.acquire_write()
+        self.rw.acquire_write()            # reads leave the staging
         try:
             self.overlay = False
-            self._discard_staging()
-            self.sd.write_meta(self.body)
         finally:
             self.rw.release_write()
+        self._discard_staging()
+        self.sd.write_meta(self.body)
         log.info("merged interval %s into the replica in %.3f s", st["target"],
                  time.monotonic() - t0)
 

@@ -190,6 +190,23 @@ def test_crash_midway_through_apply_is_redone(pair, tmp_path):
         r._lockfile = r2._lockfile
 
 
+def test_a_large_apply_keeps_readers_out_for_less_than_100ms(pair):
+    """The switch and the end of the merge hold the replica's lock for a
+    flag flip, not for the copy or an fsync."""
+    t, r, _ = pair
+    rnd = random.Random(5)
+    t.create_snappoint("s")
+    r.commit(ship(t, r, None, "s"))
+    r.wait_merged()
+    t.vol.pwrite(rnd.randbytes(SIZE), 0)            # every block changes
+    t.create_snappoint("s0")
+    r.rw.longest_write_hold = 0.0
+    r.commit(ship(t, r, {"seq": 0, "name": "s"}, "s0"))
+    r.wait_merged()
+    assert read_replica(r) == read_snap(t, "s0")
+    assert 0 < r.rw.longest_write_hold < 0.1, r.rw.longest_write_hold
+
+
 def test_reads_during_merge_see_the_new_image(pair):
     t, r, _ = pair
     t.vol.pwrite(b"1" * SIZE, 0)
