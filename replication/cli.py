@@ -121,7 +121,9 @@ def cmd_serve(args):
     logpath = sd.p("server.log")
     rfd, wfd = os.pipe()
     try:
-        with open(logpath, "ab") as logf:
+        logfd = os.open(logpath, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.fchmod(logfd, 0o600)         # a log from an older prepl may be 0644
+        with os.fdopen(logfd, "ab") as logf:
             subprocess.run(["setsid", "-f", "nbdkit", "-f"] + cmd[1:], check=True,
                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                            pass_fds=(wfd,))

@@ -26,10 +26,12 @@ Opening or listing an export never changes state.
 import errno
 import logging
 import os
+import re
+import uuid
 
 import numpy as np
 
-from .errors import PreplError, UsageError  # noqa: F401 (PreplError: plugin)
+from .errors import PreplError, StateError, UsageError  # noqa: F401 (PreplError: plugin)
 from .tracker import Tracker
 from .control import ControlServer
 from .secondary import COMMIT_EXPORT_SIZE, Replica
@@ -42,6 +44,33 @@ EXTENT_HOLE = 1     # nbdkit.EXTENT_HOLE
 EXTENT_ZERO = 2     # nbdkit.EXTENT_ZERO
 MAX_EXTENT_BLOCKS = 1 << 20   # blocks described per extents call at most
 SNAP_PREFIX = "snap/"
+SEQ = re.compile(r"0|[1-9][0-9]{0,17}")    # an interval number: ASCII decimal, canonical
+
+
+def parse_seq(text):
+    """The interval number spelled canonically by text, else None ("007",
+    "-1", "1e3" and non-ASCII digits are not interval numbers)."""
+    return int(text) if isinstance(text, str) and SEQ.fullmatch(text) else None
+
+
+def is_uuid(text):
+    try:
+        return str(uuid.UUID(text)) == text
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def check_stage_export(primary_uuid, base, target):
+    """The grammar of stage/PRIMARY_UUID/BASE/TARGET: a canonical UUID,
+    BASE "none" or an interval number, TARGET an interval number after
+    BASE.  Raises OSError(EINVAL)."""
+    b = None if base == "none" else parse_seq(base)
+    t = parse_seq(target)
+    if not is_uuid(primary_uuid) or (b is None and base != "none") or t is None \
+            or (b is not None and t <= b):
+        raise OSError(errno.EINVAL, "malformed staging export name: stage/PRIMARY_UUID/BASE/"
+                      "TARGET takes a volume UUID, BASE 'none' or an interval number and "
+                      "TARGET an interval number after BASE")
 
 
 class Server:
@@ -64,16 +93,24 @@ class Server:
     def config_complete(self):
         if not self.state:
             raise UsageError("missing parameter state=DIR (the prepl state directory)")
-        if StateDir(self.state).read_meta()["role"] == "secondary":
-            self.replica = Replica(self.state)
-        else:
-            self.tracker = Tracker(self.state)
+        try:
+            if StateDir(self.state).read_meta()["role"] == "secondary":
+                self.replica = Replica(self.state)
+            else:
+                self.tracker = Tracker(self.state)
+        except FileNotFoundError as e:      # a map, snapshot or staging file is gone
+            raise StateError(f"{e.filename} is missing: the state directory {self.state} is "
+                             "damaged; refusing to serve it")
 
     @property
     def owner(self):
         return self.tracker or self.replica
 
     def after_fork(self):
+        try:        # nbdkit (umask 022) wrote it 0644 just before calling us
+            os.chmod(self.owner.sd.pidfile, 0o600)
+        except FileNotFoundError:
+            pass
         self.owner.uri = self.uri
         if self.tracker:
             self.tracker.start()
@@ -105,8 +142,8 @@ class Server:
             snap = self.tracker.snapshot(name[len(SNAP_PREFIX):])
             if snap is not None:
                 return SnapHandle(self.tracker, name[len(SNAP_PREFIX):], snap)
-        raise OSError(errno.ENOENT, f"unknown export {name!r}: exports are \"\" (the volume) "
-                      "and snap/NAME for snappoints with a valid snapshot")
+        raise OSError(errno.ENOENT, f"unknown export {name[:200]!r}: exports are \"\" (the "
+                      "volume) and snap/NAME for snappoints with a valid snapshot")
 
     def _open_secondary(self, name, readonly):
         r = self.replica
@@ -117,14 +154,18 @@ class Server:
             return DocHandle(json.dumps(r.info(), sort_keys=True).encode())
         if parts[0] == "stage" and len(parts) == 4 and not readonly:
             try:
+                check_stage_export(*parts[1:])
                 r.check_stage_name(*parts[1:])
+            except OSError as e:
+                log.error("refused staging export %r: %s", name[:200], e.strerror)
+                raise
             except PreplError as e:
-                log.error("refused staging export %r: %s", name, e)
+                log.error("refused staging export %r: %s", name[:200], e)
                 raise OSError(errno.EPERM, str(e))
             return StageHandle(r, *parts[1:])
-        if parts[0] == "commit" and len(parts) == 2 and parts[1].isdigit():
-            return CommitHandle(r, int(parts[1]))
-        raise OSError(errno.ENOENT, f"unknown export {name!r} on a secondary")
+        if parts[0] == "commit" and len(parts) == 2 and parse_seq(parts[1]) is not None:
+            return CommitHandle(r, parse_seq(parts[1]))
+        raise OSError(errno.ENOENT, f"unknown export {name[:200]!r} on a secondary")
 
 
 class Handle:
@@ -242,10 +283,12 @@ class StageHandle(Handle):
         raise OSError(errno.EPERM, "the staging export is write-only")
 
     def pwrite(self, buf, offset, flags=0):
+        self.r._check_aligned(len(buf), offset)    # a refused request starts nothing
         self._start()
         self.r.stage_write(buf, offset)
 
     def zero(self, count, offset, flags=0):
+        self.r._check_aligned(count, offset)
         self._start()
         self.r.stage_zero(count, offset)
 
@@ -277,8 +320,7 @@ class CommitHandle(Handle):
             return
         try:
             m = json.loads(text)
-            if not isinstance(m, dict) or m.get("target", {}).get("seq") != self.target:
-                raise PreplError(f"malformed manifest for commit/{self.target}")
+            check_manifest_shape(m, self.target)
             self.result = {"ok": True, "receipt": self.r.commit(m)}
         except (ValueError, AttributeError) as e:
             self.result = {"ok": False, "error": f"malformed manifest: {e}"}
@@ -296,6 +338,26 @@ class CommitHandle(Handle):
         doc = json.dumps(res, sort_keys=True).encode()
         data = doc[offset:offset + len(buf)]
         buf[:] = data + bytes(len(buf) - len(data))
+
+
+def check_manifest_shape(m, target):
+    """Refuses (PreplError) a manifest whose fields have the wrong types,
+    that is not for commit/TARGET, or whose target is not after its base,
+    before anything looks at its values."""
+    def interval(v):
+        return isinstance(v, dict) and type(v.get("seq")) is int and v["seq"] >= 0
+    ok = (isinstance(m, dict)
+          and interval(m.get("target")) and m["target"]["seq"] == target
+          and (m.get("base") is None or (interval(m["base"]) and m["base"]["seq"] < target))
+          and all(type(m.get(k)) is int for k in ("size", "region_size", "block_size",
+                                                    "extents", "bytes"))
+          and all(isinstance(m.get(k), str) for k in ("primary_uuid", "replica_uuid",
+                                                       "digest")))
+    if not ok:
+        raise PreplError(f"malformed manifest for commit/{target}: it needs integer size, "
+                         "region_size, block_size, extents, bytes, string primary_uuid, "
+                         f"replica_uuid, digest, a target {{\"seq\": {target}}} and a base "
+                         "that is null or an earlier {\"seq\": N}")
 
 
 def default_logging():

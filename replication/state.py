@@ -31,6 +31,10 @@ ROLES = ("primary", "secondary")
 DEFAULT_REGION = 64 << 10
 DEFAULT_BLOCK = 4 << 10
 DEFAULT_AL_EXTENT = 4 << 20
+# keys every metadata body has since `prepl init`, with their types
+REQUIRED = {"volume_uuid": str, "volume": str, "size": int, "region_size": int,
+            "block_size": int, "role": str, "generation": int, "clean": bool,
+            "intervals": list, "snappoints": list, "links": dict}
 
 
 def _canonical(body):
@@ -92,12 +96,24 @@ class StateDir:
         except (ValueError, KeyError, TypeError):
             raise StateError(f"{path} is corrupt (not a prepl metadata document); "
                              "restore it from a backup or re-create the state directory")
-        if not isinstance(fmt, int) or fmt > FORMAT:
+        if type(fmt) is not int or fmt < 1:
+            raise StateError(f"{path} is corrupt (format {fmt!r} is no prepl metadata "
+                             "format); restore it from a backup or re-create the state "
+                             "directory")
+        if fmt > FORMAT:
             raise StateError(f"{path} has format {fmt!r}, newer than this prepl understands "
                              f"({FORMAT}): upgrade prepl")
         if checksum != "sha256:" + hashlib.sha256(_canonical(body)).hexdigest():
             raise StateError(f"{path} is corrupt (checksum mismatch); nothing was changed. "
                              "Restore it from a backup or re-create the state directory")
+        bad = sorted(k for k, t in REQUIRED.items() if type(body.get(k)) is not t) \
+            if isinstance(body, dict) else ["body"]
+        if not bad and (body["role"] not in ROLES or body["size"] <= 0):
+            bad = ["role" if body["role"] not in ROLES else "size"]
+        if bad:
+            raise StateError(f"{path} is corrupt (missing or invalid: {', '.join(bad)}) although "
+                             "its checksum matches; nothing was changed. Restore it from a "
+                             "backup or re-create the state directory")
         return body
 
     def write_meta(self, body):
