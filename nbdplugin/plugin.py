@@ -55,7 +55,12 @@ def extents(h, count, offset, flags): return h.extents(count, offset)
 
 def open(readonly):
     try:
-        return srv.open(nbdkit.export_name(), readonly)
+        name = nbdkit.export_name()
+    except UnicodeDecodeError:               # not UTF-8: no export has such a name
+        nbdkit.set_error(2)
+        raise OSError(2, "export name is not UTF-8") from None
+    try:
+        return srv.open(name, readonly)
     except OSError as e:
         _fail(e)
 

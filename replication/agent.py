@@ -128,10 +128,16 @@ class Agent:
         self._check_peer(body, info)
         applied = info["applied"]
         base = applied["target"] if applied else None
-        if base and not any(iv["seq"] == base["seq"] and iv["closed_by"]
+        # the replica's interval must be this primary's very interval: same
+        # number, closed by the same snappoint at the same time (a stale copy
+        # of this primary has intervals of the same numbers, not the same ones)
+        if base and not any(iv["seq"] == base["seq"] and iv["closed_by"] == base.get("name")
+                            and iv.get("closed_at") == base.get("time")
                             for iv in body["intervals"]):
-            raise RefusedError(f"the replica applied interval {base['seq']}, which this primary "
-                               "no longer holds; a full resync is needed")
+            raise RefusedError(f"the replica applied interval {base['seq']} "
+                               f"({base.get('name')}), which this primary does not hold (a "
+                               "stale copy of the primary, or the snappoint was deleted); a "
+                               "full resync is needed")
         full = base is None and not self._can_skip_initial_sync(body, info)
         self.ctl("link_update", name=self.name,
                  fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,

@@ -75,6 +75,12 @@ class Snapshot:
         self.fd = os.open(self.img_path, flags, 0o600)
         if create:
             os.ftruncate(self.fd, body["size"])
+        elif os.fstat(self.fd).st_size != body["size"]:
+            have = os.fstat(self.fd).st_size
+            os.close(self.fd)
+            raise StateError(f"snapshot image {self.img_path} has {have} bytes, expected "
+                             f"{body['size']}: it was damaged; refusing to serve it as a "
+                             "snapshot (nothing was changed)")
         self.vmap = MapFile(self.vmap_path, _nbits(body, "vmap"), create=create)
         self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits)
 
@@ -112,20 +118,22 @@ class Tracker:
         self._check_closed_digests()
         if not body["clean"]:
             self.recovered = self._recover()
+        # every file is opened and checked before anything is written: a
+        # start refused for a damaged file leaves the log as it was
+        self.maps = self._open_maps(self.open_interval)
+        snaps = [(sp["name"], Snapshot(self.sd, body, sp["snapshot"]))
+                 for sp in body["snappoints"] if sp["snapshot"]]
         self._reset_al()
         self.vol = native.Volume(self.vol_fd, self.size, body["region_size"],
                                  body["block_size"], self.al_fd, body["al_extent"], AL_HEADER)
         for point, code in native.WRITE_PATH_FAULTS.items():
             if faults.armed(point) is not None:
                 self.vol.set_fault(code)
-        self.maps = self._open_maps(self.open_interval)
         self.snaps = {}           # snappoint name -> Snapshot (valid ones)
         self.vol.switch(self._c_maps(self.maps))
-        for sp in body["snappoints"]:
-            if sp["snapshot"]:
-                s = Snapshot(self.sd, body, sp["snapshot"])
-                self.snaps[sp["name"]] = s
-                self.vol.switch(self._c_maps(self.maps), s.c)
+        for name, s in snaps:
+            self.snaps[name] = s
+            self.vol.switch(self._c_maps(self.maps), s.c)
         self.closed_maps = {}     # seq -> {kind: MapFile} (read-only, lazily)
         self.closed = False
         self.uri = None           # where the server listens (set by the server)
