@@ -14,6 +14,8 @@ A point costs one dictionary lookup when no fault is set.  The points:
   secondary.commit.after_switch    interval recorded as applied, receipt not sent
   secondary.apply.midway           half of the staging merged into the replica
   secondary.apply.before_record    merge durable, staging not yet dropped
+  secondary.merge.recorded         staging dropped from the metadata, its files not
+                                   yet removed
   agent.after_receipt              receipt in hand, the link's cursor not moved
 
 The C points (primary.al.*) only crash (no :raise).  Each has a test in

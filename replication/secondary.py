@@ -426,8 +426,13 @@ class Replica:
             self.overlay = False
         finally:
             self.rw.release_write()
-        self._discard_staging()
+        # the metadata forgets the staging before its files go: a crash in
+        # between leaves orphan files (the next staging clears them), never
+        # a "complete" staging whose files are gone
+        self.body["staging"] = None
         self.sd.write_meta(self.body)
+        faults.point("secondary.merge.recorded")
+        self._discard_staging()
         log.info("merged interval %s into the replica in %.3f s", st["target"],
                  time.monotonic() - t0)
 

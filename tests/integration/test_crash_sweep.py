@@ -43,6 +43,7 @@ POINTS = {
     "secondary.commit.after_switch": "secondary",
     "secondary.apply.midway": "secondary",
     "secondary.apply.before_record": "secondary",
+    "secondary.merge.recorded": "secondary",     # (the soak found this window)
     "agent.after_receipt": "agent",
     None: None,                       # a power cut at a random moment of a cycle
 }

@@ -4,6 +4,7 @@ replica must equal the primary's snapshot at the applied snappoint (I1),
 bad manifests are refused with the replica untouched, commits are
 idempotent, and a crash in the middle of an apply is redone at restart."""
 import hashlib
+import os
 import random
 
 import pytest
@@ -205,6 +206,32 @@ def test_a_large_apply_keeps_readers_out_for_less_than_100ms(pair):
     r.wait_merged()
     assert read_replica(r) == read_snap(t, "s0")
     assert 0 < r.rw.longest_write_hold < 0.1, r.rw.longest_write_hold
+
+
+def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch):
+    """Regression (found by scripts/soak): the merge removed the staging's
+    files before the metadata dropped the staging, so a kill -9 between two
+    unlinks left a "complete" staging with data.img gone, and the secondary
+    refused to start.  Every unlink must find the staging gone from disk."""
+    t, r, _ = pair
+    t.vol.pwrite(b"1" * SIZE, 0)
+    t.create_snappoint("s0")
+    r.commit(ship(t, r, None, "s0"))
+    r.wait_merged()
+    t.vol.pwrite(b"2" * 100000, 0)
+    t.create_snappoint("s1")
+    m = ship(t, r, {"seq": 0, "name": "s0"}, "s1")
+    on_disk = []
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **k):
+        on_disk.append(state.StateDir(r.sd.path).read_meta()["staging"])
+        return real_unlink(path, *a, **k)
+    monkeypatch.setattr(os, "unlink", unlink)
+    r.commit(m)
+    r.wait_merged()
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert on_disk and all(st is None for st in on_disk), on_disk
 
 
 def test_reads_during_merge_see_the_new_image(pair):
