@@ -20,11 +20,10 @@ import warnings
 import nbd
 import pytest
 
-from replication import manifest
-from replication.chain import interval_union
 from replication.state import StateDir, _canonical
 from tests.conftest import ENV, PREPL, REPO, prepl, runs_to_set, served_pair, wait_for
 from tests.harness.rawnbd import CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, RawNbd
+from tests.integration.test_secondary_exports import read_doc, ship
 
 MiB = 1 << 20
 EPERM, ENOMEM, EINVAL, ENOSPC = 1, 12, 22, 28      # NBD error values
@@ -47,14 +46,6 @@ def tree(root):
     return out
 
 
-def read_doc(srv, export):
-    h = srv.connect(export)
-    try:
-        return json.loads(h.pread(h.get_size(), 0).split(b"\0", 1)[0])
-    finally:
-        h.shutdown()
-
-
 def well_behaved(prim=None, sec=None, replica=None, seed=0):
     """A well-behaved client afterwards: a write to the primary lands and
     reads back from a new connection; the secondary answers info and its
@@ -71,38 +62,6 @@ def well_behaved(prim=None, sec=None, replica=None, seed=0):
             "volume_uuid"]
         if replica is not None:
             assert sec.connect().pread(len(replica), 0) == replica
-
-
-def ship(prim, sec, base, name, tamper=None):
-    """One interval the agent's way, with libnbd: snap/NAME -> staging, the
-    manifest -> commit/TARGET; returns (manifest, reply)."""
-    sd = StateDir(prim.state)
-    body = sd.read_meta()
-    target = next(iv for iv in body["intervals"] if iv["closed_by"] == name)
-    data, zero = interval_union(sd, body, base["seq"] if base else None, target["seq"])
-    runs = manifest.runs(data, zero, -(-body["size"] // body["block_size"]),
-                         body["block_size"], body["size"])
-    src = prim.connect(f"snap/{name}")
-    dst = sec.connect(f"stage/{body['volume_uuid']}/{base['seq'] if base else 'none'}/"
-                      f"{target['seq']}")
-    d = manifest.Digest()
-    for off, n, z in manifest.pieces(runs):
-        if z:
-            dst.zero(n, off)
-            d.add(off, n, True)
-        else:
-            buf = src.pread(n, off)
-            dst.pwrite(buf, off)
-            d.add(off, n, False, buf)
-    dst.flush()
-    m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
-         "replica_uuid": read_doc(sec, "info")["replica_uuid"], "size": body["size"],
-         "region_size": body["region_size"], "block_size": body["block_size"],
-         "base": base, "target": {"seq": target["seq"], "name": name},
-         "extents": d.extents, "bytes": d.data_bytes, "digest": d.hexdigest()}
-    if tamper:
-        tamper(m)
-    return m, commit(sec, target["seq"], m)
 
 
 def commit(sec, seq, m):
