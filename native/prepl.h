@@ -96,7 +96,7 @@ int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
 
 /* Starts writeback of [off, off + len) of fd without waiting for it
  * (sync_file_range SYNC_FILE_RANGE_WRITE), so a later fdatasync has less
- * to wait for; len 0 means to the end of the file.  Returns 0 or -errno. */
+ * to wait for.  Returns 0 or -errno. */
 int pr_start_writeback(int fd, uint64_t off, uint64_t len);
 
 /* Tests only: arms a named fault point of the write path; when a write

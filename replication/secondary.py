@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 COMMIT_EXPORT_SIZE = 1 << 20
 KEEP_RECEIPTS = 16
-WRITEBACK_EVERY = 4 << 20
 
 
 class RWLock:
@@ -142,7 +141,6 @@ class Replica:
         self.merger = None                 # the merge thread of the last switch
         self.merge_error = None
         self.hashes = {}                   # offset -> (length, piece hash) of staged writes
-        self.unsynced = 0                  # bytes staged since the last writeback kick
         self.hash_locks = [threading.Lock() for _ in range(64)]
         os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
         self.stage = None
@@ -276,12 +274,8 @@ class Replica:
             # what is on disk at offset is what was hashed last there
             self.hashes[offset] = (len(buf), digest)
             _pwrite_full(st["fd"], buf, offset)
-        # every few MiB, start the writeback of what is staged so far: the
-        # commit's fdatasync then waits for little more than the last writes
-        self.unsynced += len(buf)       # approximate across threads: a hint only
-        if self.unsynced >= WRITEBACK_EVERY:
-            self.unsynced = 0
-            native.start_writeback(st["fd"], 0, 0)
+        # the commit's fdatasync then waits for little more than the last writes
+        native.start_writeback(st["fd"], offset, len(buf))
         b0, n = offset // self.block, -(-len(buf) // self.block)
         native.bm_clear(st["zero"].bits, self.nblocks, b0, n)
         native.bm_set(st["data"].bits, self.nblocks, b0, n)
