@@ -143,6 +143,11 @@ class Agent:
                  fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,
                          "state": "syncing" if full else "transferring"})
         seq = body["next_seq"]
+        # the server's view, not only the file's: a snappoint whose metadata
+        # write failed (e.g. ENOSPC) may still hold its name in the server
+        taken = {sp["name"] for sp in self.ctl("snappoint_list")}
+        while f"{self.name}.{seq}" in taken:
+            seq += 1
         snap_name = f"{self.name}.{seq}"
         t0 = time.time()
         self.ctl("snappoint_create", name=snap_name)
