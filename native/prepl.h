@@ -99,6 +99,16 @@ int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
  * to wait for.  Returns 0 or -errno. */
 int pr_start_writeback(int fd, uint64_t off, uint64_t len);
 
+/* The secondary's staged write, whole, without the GIL: hashes len bytes
+ * of buf (XXH3-128, canonical big-endian, into hash[16]), writes them at
+ * off of fd, then marks blocks [b0, b0 + nb) as
+ * data (set in data_map, cleared in zero_map; atomic per word).  The caller
+ * checks that the ranges fit.  Returns 0 or -errno (the maps are left
+ * alone when the write fails). */
+int pr_stage_write(int fd, const void *buf, uint64_t len, uint64_t off,
+                   uint64_t *data_map, uint64_t *zero_map, uint64_t b0,
+                   uint64_t nb, unsigned char *hash);
+
 /* Tests only: arms a named fault point of the write path; when a write
  * reaches it the process exits with status 99 (a crash).  0 disarms. */
 #define PR_FAULT_AL_BEFORE_WRITE 1   /* a new extent's bit, before the log write */

@@ -46,9 +46,11 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <linux/falloc.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 #include "prepl.h"
 
-#define PR_ABI 8
+#define PR_ABI 9
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -596,6 +598,25 @@ pr_start_writeback (int fd, uint64_t off, uint64_t len)
     return -EINVAL;
   return sync_file_range (fd, (off64_t)off, (off64_t)len,
                           SYNC_FILE_RANGE_WRITE) == -1 ? -errno : 0;
+}
+
+int
+pr_stage_write (int fd, const void *buf, uint64_t len, uint64_t off,
+                uint64_t *data_map, uint64_t *zero_map, uint64_t b0,
+                uint64_t nb, unsigned char *hash)
+{
+  XXH128_canonical_t c;
+  int r;
+  if (off > INT64_MAX || len > INT64_MAX - off)
+    return -EINVAL;
+  XXH128_canonicalFromHash (&c, XXH3_128bits (buf, (size_t)len));
+  memcpy (hash, c.digest, sizeof c.digest);
+  r = pwrite_full (fd, buf, len, off);
+  if (r < 0)
+    return r;
+  pr_bm_clear_range (zero_map, b0, nb);
+  pr_bm_set_range (data_map, b0, nb);
+  return 0;
 }
 
 int

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -158,6 +158,26 @@ def start_writeback(fd, offset, length):
     if offset < 0 or length < 0:
         raise ValueError("negative offset or length")
     _raise(lib.pr_start_writeback(fd, offset, length), "writeback")
+
+
+def stage_write(fd, buf, offset, data_map, zero_map, nbits, block):
+    """The secondary's staged write in one C call without the GIL: writes
+    buf at offset of fd, marks its blocks (of `block`
+    bytes) as data and not zero in the two maps, and returns the XXH3-128
+    hash of buf (manifest.piece_hash's bytes).  Raises OSError; the maps are
+    then unchanged."""
+    n = len(buf)
+    if offset < 0 or block <= 0:
+        raise ValueError("negative offset or block size")
+    _check_map(data_map, nbits, True)
+    _check_map(zero_map, nbits, True)
+    b0 = offset // block
+    _check_range(nbits, b0, -(-(offset % block + n) // block))
+    out = ffi.new("unsigned char[16]")
+    _raise(lib.pr_stage_write(fd, ffi.from_buffer(buf), n, offset, _ptr(data_map),
+                              _ptr(zero_map), b0, -(-(offset % block + n) // block), out),
+           "staged write")
+    return bytes(ffi.buffer(out, 16))
 
 
 # ---- the write path --------------------------------------------------------

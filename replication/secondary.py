@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -115,6 +116,56 @@ def _pwrite_full(fd, data, off):
         view, off = view[n:], off + n
 
 
+
+class _Writeback:
+    """Starts the writeback of staged data in a thread of its own, once per
+    STEP bytes staged, so the commit's fdatasync finds little left to write
+    and no request pays for starting it.  (A sync_file_range per staged
+    request cost a 1400-request transfer about 0.08 s; with none at all the
+    commit's fdatasync took about as long.)"""
+    STEP = 8 << 20
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.queue = queue.SimpleQueue()
+        self.thread = None
+        self.kicks = 0
+
+    def staged(self, fd, n):
+        with self.lock:
+            self.pending += n
+            if self.pending < self.STEP:
+                return
+            self.pending = 0
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="prepl-writeback",
+                                               daemon=True)
+                self.thread.start()
+            # its own descriptor: the staging may be closed or removed meanwhile
+            self.queue.put(os.dup(fd))
+
+    def _run(self):
+        while True:
+            fd = self.queue.get()
+            if fd is None:
+                return
+            try:
+                native.start_writeback(fd, 0, 0)      # 0: to the end of the file
+                self.kicks += 1
+            except OSError as e:      # advisory: the commit's fdatasync reports errors
+                log.debug("starting the staging's writeback: %s", e)
+            finally:
+                os.close(fd)
+
+    def close(self):
+        with self.lock:
+            thread, self.thread = self.thread, None
+        if thread is not None:
+            self.queue.put(None)
+            thread.join()
+
+
 class Replica:
     def __init__(self, path):
         self.sd = StateDir(path)
@@ -142,6 +193,7 @@ class Replica:
         self.merge_error = None
         self.hashes = {}                   # offset -> (length, piece hash) of staged writes
         self.hash_locks = [threading.Lock() for _ in range(64)]
+        self.writeback = _Writeback()
         os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
         self.stage = None
         self.uri = None
@@ -269,16 +321,14 @@ class Replica:
     def stage_write(self, buf, offset):
         self._check_aligned(len(buf), offset)
         st = self.stage
-        digest = manifest.piece_hash(buf)
         with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
-            # what is on disk at offset is what was hashed last there
-            self.hashes[offset] = (len(buf), digest)
-            _pwrite_full(st["fd"], buf, offset)
-        # the commit's fdatasync then waits for little more than the last writes
-        native.start_writeback(st["fd"], offset, len(buf))
-        b0, n = offset // self.block, -(-len(buf) // self.block)
-        native.bm_clear(st["zero"].bits, self.nblocks, b0, n)
-        native.bm_set(st["data"].bits, self.nblocks, b0, n)
+            # what is on disk at offset is what was hashed last there; a
+            # failed write leaves no hash (the commit then reads it back)
+            self.hashes.pop(offset, None)
+            self.hashes[offset] = (len(buf), native.stage_write(
+                st["fd"], buf, offset, st["data"].bits, st["zero"].bits, self.nblocks,
+                self.block))
+        self.writeback.staged(st["fd"], len(buf))
 
     def stage_zero(self, length, offset):
         self._check_aligned(length, offset)
@@ -474,6 +524,7 @@ class Replica:
         with self.lock:
             if self.merger is not None:
                 self.merger.join()
+            self.writeback.close()
             os.fdatasync(self.fd)
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from replication import faults, manifest, state
+from replication import faults, manifest, secondary, state
 from replication.chain import interval_union
 from replication.errors import RefusedError
 from replication.secondary import Replica
@@ -95,6 +95,9 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
     real_digest_of = manifest.digest_of
     monkeypatch.setattr(manifest, "digest_of",
                         lambda *a, **k: read_backs.append(1) or real_digest_of(*a, **k))
+    # the staging's writeback is started every 256 KiB staged, here
+    monkeypatch.setattr(secondary._Writeback, "STEP", 256 << 10)
+    fds = len(os.listdir("/proc/self/fd"))
     rnd = random.Random(1)
     base = None
     for i in range(5):
@@ -115,6 +118,9 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
     # taken on arrival; other boundaries make the commit read the staging back
     assert len(read_backs) == (5 if split else 0)
     assert r.body["bound"]["primary_uuid"] == t.body["volume_uuid"]
+    r.writeback.close()
+    assert r.writeback.kicks > 0
+    assert len(os.listdir("/proc/self/fd")) == fds, "the writeback thread closed its descriptors"
 
 
 @pytest.mark.parametrize("tamper,msg", [
