@@ -344,6 +344,7 @@ def run(args):
     --max-writes writes, or on `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk)
     lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
+    _renice(getattr(args, "nice", 0))
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))
     deadline = time.monotonic() + args.timeout
     delay = 0.5
@@ -387,6 +388,15 @@ def run(args):
             time.sleep(delay)
             delay = min(delay * 2, 30)
             next_due = time.monotonic()
+
+
+def _renice(n):
+    """Lowers the agent's CPU priority to niceness n (never raises it: a
+    unit file's Nice= above n stays)."""
+    cur = os.getpriority(os.PRIO_PROCESS, 0)
+    if n > cur:
+        os.setpriority(os.PRIO_PROCESS, 0, n)
+        log.info("running at niceness %d", n)
 
 
 def _load(agent):

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_EXPORT_SIZE = 1 << 20
 KEEP_RECEIPTS = 16
+KEEP_STAGING = 0.25     # a staging data file up to this share of the replica is reused
 
 
 class RWLock:
@@ -166,6 +167,68 @@ class _Writeback:
             thread.join()
 
 
+class _Reaper:
+    """Removes staging files moved to STATE/trash/ in a thread of its own,
+    shrinking each from its end a step at a time first: freeing a file of
+    scattered blocks at once (unlink) took seconds on a filesystem mounted
+    with discard, and nothing should wait for it.  Files left by a stop are
+    taken up again at the next start."""
+    STEP = 8 << 20
+
+    def __init__(self, directory):
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="prepl-reaper", daemon=True)
+        self.thread.start()
+        for name in sorted(os.listdir(directory)):
+            self._queue(os.path.join(directory, name))
+
+    def _queue(self, path):
+        with self.cond:
+            self.pending += 1
+        self.queue.put(path)
+
+    def discard(self, path):
+        """Moves path into the trash (at once) and queues its removal."""
+        dest = os.path.join(self.dir, f"{time.time_ns()}.img")
+        os.rename(path, dest)
+        self._queue(dest)
+
+    def _run(self):
+        while True:
+            path = self.queue.get()
+            if path is None:
+                return
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    size = os.fstat(fd).st_size
+                    while size > 0:
+                        size = max(0, size - self.STEP)
+                        os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                os.unlink(path)
+            except OSError as e:
+                log.warning("removing the old staging file %s: %s", path, e)
+            finally:
+                with self.cond:
+                    self.pending -= 1
+                    self.cond.notify_all()
+
+    def wait(self):
+        """Until every queued file is gone (tests, shutdown)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.pending == 0)
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+
+
 class Replica:
     def __init__(self, path):
         self.sd = StateDir(path)
@@ -194,6 +257,7 @@ class Replica:
         self.hashes = {}                   # offset -> (length, piece hash) of staged writes
         self.hash_locks = [threading.Lock() for _ in range(64)]
         self.writeback = _Writeback()
+        self.reaper = _Reaper(self.sd.p("trash"))
         os.makedirs(self.sd.p("staging"), mode=0o700, exist_ok=True)
         self.stage = None
         self.uri = None
@@ -269,8 +333,10 @@ class Replica:
         if in_place:
             fd = os.dup(self.fd)
         elif create:
+            # a data file kept from the last interval is written over: only
+            # the blocks of the maps created here count, the rest is never read
             fd = os.open(self.sd.p("staging", "data.img"),
-                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.size)
         else:
             fd = os.open(self.sd.p("staging", "data.img"), os.O_RDWR | os.O_CLOEXEC)
@@ -281,12 +347,22 @@ class Replica:
         }
 
     def _discard_staging(self):
+        """Forgets the staging: its maps are removed; its data file is kept
+        for the next staging while it holds at most KEEP_STAGING of the
+        replica's size (its blocks are then allocated already, and nothing
+        is freed per interval), else it goes to the reaper."""
         self.hashes = {}
         if self.stage:
             os.close(self.stage["fd"])
             self.stage = None
         for name in os.listdir(self.sd.p("staging")):
-            os.unlink(self.sd.p("staging", name))
+            path = self.sd.p("staging", name)
+            if name == "data.img":
+                if os.stat(path).st_blocks * 512 <= self.size * KEEP_STAGING:
+                    continue
+                self.reaper.discard(path)
+            else:
+                os.unlink(path)
         self.body["staging"] = None
 
     def begin_staging(self, primary_uuid, base, target):
@@ -525,6 +601,7 @@ class Replica:
             if self.merger is not None:
                 self.merger.join()
             self.writeback.close()
+            self.reaper.close()
             os.fdatasync(self.fd)
 
 

@@ -230,16 +230,79 @@ def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch)
     t.create_snappoint("s1")
     m = ship(t, r, {"seq": 0, "name": "s0"}, "s1")
     on_disk = []
-    real_unlink = os.unlink
+    real_unlink, real_rename = os.unlink, os.rename
 
     def unlink(path, *a, **k):
         on_disk.append(state.StateDir(r.sd.path).read_meta()["staging"])
         return real_unlink(path, *a, **k)
+
+    def rename(src, dst, *a, **k):       # data.img into the trash
+        if str(src).startswith(r.sd.p("staging") + "/"):
+            on_disk.append(state.StateDir(r.sd.path).read_meta()["staging"])
+        return real_rename(src, dst, *a, **k)
     monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(secondary, "KEEP_STAGING", 0)      # data.img goes too
     r.commit(m)
     r.wait_merged()
     monkeypatch.setattr(os, "unlink", real_unlink)
-    assert on_disk and all(st is None for st in on_disk), on_disk
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert len(on_disk) >= 3 and all(st is None for st in on_disk), on_disk
+
+
+def test_small_staging_file_is_reused_a_large_one_reaped(pair, monkeypatch):
+    """The staging's data file is kept for the next interval while it holds
+    at most KEEP_STAGING of the replica (written over, never freed per
+    interval); a larger one goes to STATE/trash and the reaper removes it
+    without anyone waiting.  Stale blocks of a kept file are never served."""
+    t, r, tmp_path = pair
+    data = tmp_path / "s" / "staging" / "data.img"
+    trash = tmp_path / "s" / "trash"
+    rnd = random.Random(7)
+    t.vol.pwrite(rnd.randbytes(SIZE), 0)
+    t.create_snappoint("s0")
+    r.commit(ship(t, r, None, "s0"))            # in place: no data file
+    r.wait_merged()
+    base = {"seq": 0, "name": "s0"}
+    t.vol.pwrite(rnd.randbytes(65536), 0)       # a small interval
+    t.create_snappoint("s1")
+    m = ship(t, r, base, "s1")
+    r.commit(m)
+    r.wait_merged()
+    assert read_replica_file(tmp_path) == read_snap(t, "s1")
+    ino = os.stat(data).st_ino                  # kept
+    t.vol.pwrite(rnd.randbytes(65536), SIZE // 2)     # other blocks
+    t.create_snappoint("s2")
+    m2 = ship(t, r, m["target"], "s2")
+    r.commit(m2)
+    assert read_replica(r) == read_snap(t, "s2"), "the overlay serves no stale block"
+    r.wait_merged()
+    assert os.stat(data).st_ino == ino, "the same file was written over"
+    assert read_replica_file(tmp_path) == read_snap(t, "s2")
+    t.vol.pwrite(rnd.randbytes(SIZE // 2), 0)   # half the replica: > KEEP_STAGING
+    t.create_snappoint("s3")
+    r.commit(ship(t, r, m2["target"], "s3"))
+    r.wait_merged()
+    assert not data.exists()
+    r.reaper.wait()
+    assert os.listdir(trash) == []
+    assert read_replica(r) == read_snap(t, "s3")
+
+
+def test_trash_left_by_a_stop_is_removed_at_the_next_start(pair):
+    t, r, tmp_path = pair
+    r.close()
+    r._lockfile.close()
+    trash = tmp_path / "s" / "trash"
+    (trash / "123.img").write_bytes(b"x" * 100000)
+    r2 = Replica(tmp_path / "s")
+    try:
+        r2.reaper.wait()
+        assert os.listdir(trash) == []
+    finally:
+        r2.close()
+        r2._lockfile.close()
+        r._lockfile = open(os.devnull)      # the fixture closes it again
 
 
 def test_reads_during_merge_see_the_new_image(pair):
