@@ -110,123 +110,115 @@ def _pread_full(fd, n, off):
     return bytes(out)
 
 
-def _pwrite_full(fd, data, off):
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, off)
-        view, off = view[n:], off + n
-
-
-
-class _Writeback:
-    """Starts the writeback of staged data in a thread of its own, once per
-    STEP bytes staged, so the commit's fdatasync finds little left to write
-    and no request pays for starting it.  (A sync_file_range per staged
-    request cost a 1400-request transfer about 0.08 s; with none at all the
-    commit's fdatasync took about as long.)"""
-    STEP = 8 << 20
+class _Worker:
+    """A daemon thread working through a queue of items (work(item)); a
+    failure is logged and the next item taken.  wait() returns once every
+    item put so far is done; close() ends the thread."""
+    name = "prepl-worker"
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.pending = 0
-        self.queue = queue.SimpleQueue()
-        self.thread = None
-        self.kicks = 0
-
-    def staged(self, fd, n):
-        with self.lock:
-            self.pending += n
-            if self.pending < self.STEP:
-                return
-            self.pending = 0
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="prepl-writeback",
-                                               daemon=True)
-                self.thread.start()
-            # its own descriptor: the staging may be closed or removed meanwhile
-            self.queue.put(os.dup(fd))
-
-    def _run(self):
-        while True:
-            fd = self.queue.get()
-            if fd is None:
-                return
-            try:
-                native.start_writeback(fd, 0, 0)      # 0: to the end of the file
-                self.kicks += 1
-            except OSError as e:      # advisory: the commit's fdatasync reports errors
-                log.debug("starting the staging's writeback: %s", e)
-            finally:
-                os.close(fd)
-
-    def close(self):
-        with self.lock:
-            thread, self.thread = self.thread, None
-        if thread is not None:
-            self.queue.put(None)
-            thread.join()
-
-
-class _Reaper:
-    """Removes staging files moved to STATE/trash/ in a thread of its own,
-    shrinking each from its end a step at a time first: freeing a file of
-    scattered blocks at once (unlink) took seconds on a filesystem mounted
-    with discard, and nothing should wait for it.  Files left by a stop are
-    taken up again at the next start."""
-    STEP = 8 << 20
-
-    def __init__(self, directory):
-        self.dir = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.cond = threading.Condition()
         self.pending = 0
         self.queue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="prepl-reaper", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.thread.start()
-        for name in sorted(os.listdir(directory)):
-            self._queue(os.path.join(directory, name))
 
-    def _queue(self, path):
+    def put(self, item):
         with self.cond:
             self.pending += 1
-        self.queue.put(path)
-
-    def discard(self, path):
-        """Moves path into the trash (at once) and queues its removal."""
-        dest = os.path.join(self.dir, f"{time.time_ns()}.img")
-        os.rename(path, dest)
-        self._queue(dest)
+        self.queue.put(item)
 
     def _run(self):
         while True:
-            path = self.queue.get()
-            if path is None:
+            item = self.queue.get()
+            if item is None:
                 return
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    size = os.fstat(fd).st_size
-                    while size > 0:
-                        size = max(0, size - self.STEP)
-                        os.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
-                os.unlink(path)
+                self.work(item)
             except OSError as e:
-                log.warning("removing the old staging file %s: %s", path, e)
+                log.warning("%s: %s", self.name, e)
             finally:
                 with self.cond:
                     self.pending -= 1
                     self.cond.notify_all()
 
+    def work(self, item):
+        raise NotImplementedError
+
     def wait(self):
-        """Until every queued file is gone (tests, shutdown)."""
         with self.cond:
             self.cond.wait_for(lambda: self.pending == 0)
 
     def close(self):
         self.queue.put(None)
         self.thread.join()
+
+
+class _Writeback(_Worker):
+    """Starts the writeback of staged data in a thread of its own, once per
+    STEP bytes staged, so the commit's fdatasync finds little left to write
+    and no request pays for starting it.  (A sync_file_range per staged
+    request cost a 1400-request transfer about 0.08 s; with none at all the
+    commit's fdatasync took about as long.)  Advisory: the commit's
+    fdatasync reports write errors."""
+    name = "prepl-writeback"
+    STEP = 8 << 20
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.staged_bytes = 0
+        self.kicks = 0
+
+    def staged(self, fd, n):
+        with self.lock:
+            self.staged_bytes += n
+            if self.staged_bytes < self.STEP:
+                return
+            self.staged_bytes = 0
+            # its own descriptor: the staging may be closed or removed meanwhile
+            self.put(os.dup(fd))
+
+    def work(self, fd):
+        try:
+            native.start_writeback(fd, 0, 0)      # 0: to the end of the file
+            self.kicks += 1
+        finally:
+            os.close(fd)
+
+
+class _Reaper(_Worker):
+    """Removes staging files moved to STATE/trash/ in a thread of its own,
+    shrinking each from its end a step at a time first: freeing a file of
+    scattered blocks at once (unlink) took seconds on a filesystem mounted
+    with discard, and nothing should wait for it.  Files left by a stop are
+    taken up again at the next start."""
+    name = "prepl-reaper"
+    STEP = 8 << 20
+
+    def __init__(self, directory):
+        super().__init__()
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name in sorted(os.listdir(directory)):
+            self.put(os.path.join(directory, name))
+
+    def discard(self, path):
+        """Moves path into the trash (at once) and queues its removal."""
+        dest = os.path.join(self.dir, f"{time.time_ns()}.img")
+        os.rename(path, dest)
+        self.put(dest)
+
+    def work(self, path):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            while size > 0:
+                size = max(0, size - self.STEP)
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        os.unlink(path)
 
 
 class Replica:
