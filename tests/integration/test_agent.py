@@ -68,6 +68,14 @@ def test_initial_sync_of_a_volume_with_data(tmp_path, make_server):
     assert sec.connect().pread(8 * MiB, 0) == prim.connect().pread(8 * MiB, 0)
 
 
+def test_nice_out_of_range_is_a_usage_error(tmp_path, make_server):
+    prim, sec = make_pair(tmp_path, make_server)
+    r = agent_once(prim, sec, "--nice", "25", check=False)
+    assert r.returncode == 2 and "--nice" in r.stderr
+    r = agent_once(prim, sec, "--nice", "0")       # normal priority: works as well
+    assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)
+
+
 def test_wrong_geometry_is_refused(tmp_path, make_server):
     prim, sec = make_pair(tmp_path, make_server, ssize="32M")
     r = agent_once(prim, sec, check=False)

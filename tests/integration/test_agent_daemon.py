@@ -1,7 +1,7 @@
 """The agent as a daemon: `prepl sync` returns once a cycle is applied, a
 second agent for the same link is refused, --max-dirty and --max-writes
 start a cycle by themselves, and `prepl sync` without an agent says so
-(exit 3)."""
+(exit 3); the agent runs at niceness 10 unless told otherwise."""
 import json
 import subprocess
 
@@ -27,6 +27,9 @@ def test_agent_daemon(tmp_path, make_server):
             d = json.loads(sec.connect("info").pread(4096, 0).split(b"\0", 1)[0])
             return d["applied"]
         wait_for(applied, 30, "the first cycle")
+        # the agent runs at niceness 10 (--nice's default), read from the kernel
+        with open(f"/proc/{a.pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[16]) == 10
         r = prepl("agent", prim.state, "--secondary", uri, "--once", check=False)
         assert r.returncode == 4 and "another agent" in r.stderr
         h.pwrite(b"s" * MiB, 0)
