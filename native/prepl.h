@@ -101,10 +101,9 @@ int pr_start_writeback(int fd, uint64_t off, uint64_t len);
 
 /* The secondary's staged write, whole, without the GIL: hashes len bytes
  * of buf (XXH3-128, canonical big-endian, into hash[16]), writes them at
- * off of fd, then marks blocks [b0, b0 + nb) as
- * data (set in data_map, cleared in zero_map; atomic per word).  The caller
- * checks that the ranges fit.  Returns 0 or -errno (the maps are left
- * alone when the write fails). */
+ * off of fd, then marks blocks [b0, b0 + nb) as data (set in data_map,
+ * cleared in zero_map; atomic per word).  The caller checks that the ranges
+ * fit.  Returns 0 or -errno (the maps are left alone when the write fails). */
 int pr_stage_write(int fd, const void *buf, uint64_t len, uint64_t off,
                    uint64_t *data_map, uint64_t *zero_map, uint64_t b0,
                    uint64_t nb, unsigned char *hash);

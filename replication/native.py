@@ -162,21 +162,20 @@ def start_writeback(fd, offset, length):
 
 def stage_write(fd, buf, offset, data_map, zero_map, nbits, block):
     """The secondary's staged write in one C call without the GIL: writes
-    buf at offset of fd, marks its blocks (of `block`
-    bytes) as data and not zero in the two maps, and returns the XXH3-128
-    hash of buf (manifest.piece_hash's bytes).  Raises OSError; the maps are
-    then unchanged."""
+    buf at offset of fd, marks its blocks (of `block` bytes) as data and
+    not zero in the two maps, and returns the XXH3-128 hash of buf
+    (manifest.piece_hash's bytes).  Raises OSError; the maps are then
+    unchanged."""
     n = len(buf)
     if offset < 0 or block <= 0:
         raise ValueError("negative offset or block size")
     _check_map(data_map, nbits, True)
     _check_map(zero_map, nbits, True)
-    b0 = offset // block
-    _check_range(nbits, b0, -(-(offset % block + n) // block))
+    b0, nb = offset // block, -(-(offset % block + n) // block)
+    _check_range(nbits, b0, nb)
     out = ffi.new("unsigned char[16]")
     _raise(lib.pr_stage_write(fd, ffi.from_buffer(buf), n, offset, _ptr(data_map),
-                              _ptr(zero_map), b0, -(-(offset % block + n) // block), out),
-           "staged write")
+                              _ptr(zero_map), b0, nb, out), "staged write")
     return bytes(ffi.buffer(out, 16))
 
 
