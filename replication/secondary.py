@@ -257,7 +257,7 @@ class Replica:
         if st and st["state"] == "complete":
             log.warning("redoing the apply of interval %s from its durable staging",
                         st["target"])
-            self._open_staging(st.get("in_place", False))
+            self._open_staging(st.get("in_place", False), complete=True)
             self._switch(st)
             self._merge(st)
         elif st:
@@ -317,25 +317,33 @@ class Replica:
             self.rw.release_read()
 
     # ---- staging -----------------------------------------------------------
-    def _open_staging(self, in_place):
+    def _open_staging(self, in_place, complete=False):
         """in_place: the first interval (nothing applied yet, so the replica
         is no point in time of anything) is staged straight into the replica:
-        an initial sync writes its data once, not twice."""
-        create = not os.path.exists(self.sd.p("staging", "data.bmap"))
+        an initial sync writes its data once, not twice.  A staging still
+        receiving whose files are not all there (a stop while an earlier one
+        was being removed) starts afresh: the agent sends its interval whole
+        again.  A complete staging must be whole (else StateError)."""
+        maps = [self.sd.p("staging", n) for n in ("data.bmap", "zero.bmap")]
+        data = self.sd.p("staging", "data.img")
+        create = not complete and not all(map(os.path.exists, maps + ([] if in_place else [data])))
+        if create:
+            for path in maps:
+                if os.path.exists(path):
+                    os.unlink(path)
         if in_place:
             fd = os.dup(self.fd)
         elif create:
             # a data file kept from the last interval is written over: only
             # the blocks of the maps created here count, the rest is never read
-            fd = os.open(self.sd.p("staging", "data.img"),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.size)
         else:
-            fd = os.open(self.sd.p("staging", "data.img"), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
         self.stage = {
             "fd": fd,
-            "data": MapFile(self.sd.p("staging", "data.bmap"), self.nblocks, create=create),
-            "zero": MapFile(self.sd.p("staging", "zero.bmap"), self.nblocks, create=create),
+            "data": MapFile(maps[0], self.nblocks, create=create),
+            "zero": MapFile(maps[1], self.nblocks, create=create),
         }
 
     def _discard_staging(self):
@@ -347,14 +355,15 @@ class Replica:
         if self.stage:
             os.close(self.stage["fd"])
             self.stage = None
-        for name in os.listdir(self.sd.p("staging")):
+        # the maps go first: a stop in between leaves a staging that starts
+        # afresh (see _open_staging), never maps without their data file
+        names = sorted(os.listdir(self.sd.p("staging")), key=lambda n: n == "data.img")
+        for name in names:
             path = self.sd.p("staging", name)
-            if name == "data.img":
-                if os.stat(path).st_blocks * 512 <= self.size * KEEP_STAGING:
-                    continue
-                self.reaper.discard(path)
-            else:
+            if name != "data.img":
                 os.unlink(path)
+            elif os.stat(path).st_blocks * 512 > self.size * KEEP_STAGING:
+                self.reaper.discard(path)
         self.body["staging"] = None
 
     def begin_staging(self, primary_uuid, base, target):

@@ -329,3 +329,54 @@ def test_reads_during_merge_see_the_new_image(pair):
     new = b"2" * (SIZE // 2) + b"1" * (SIZE // 2)
     assert seen and all(img == new for img in seen), "a read saw a half-applied image"
     assert read_replica(r) == b"2" * (SIZE // 2) + b"1" * (SIZE // 2)
+
+
+def test_receiving_staging_with_half_removed_files_starts_afresh(pair):
+    """A stop between two unlinks of an old staging (the metadata still says
+    receiving) must not keep the secondary from starting: the staging starts
+    afresh and the agent's next transfer fills it whole."""
+    t, r, tmp_path = pair
+    t.vol.pwrite(b"1" * SIZE, 0)
+    t.create_snappoint("s0")
+    r.commit(ship(t, r, None, "s0"))
+    r.wait_merged()
+    base = {"seq": 0, "name": "s0"}
+    for i, gone in enumerate(("data.bmap", "data.img")):
+        t.vol.pwrite(bytes([50 + i]) * 200000, 4096 * (i + 1))
+        t.create_snappoint(f"s{i + 1}")
+        ship(t, r, base, f"s{i + 1}")                  # staged, not committed
+        assert r.body["staging"]["state"] == "receiving"
+        r.close()
+        r._lockfile.close()
+        os.unlink(tmp_path / "s" / "staging" / gone)   # half of an interrupted removal
+        r = Replica(tmp_path / "s")
+        m = ship(t, r, base, f"s{i + 1}")
+        r.commit(m)
+        assert read_replica(r) == read_snap(t, f"s{i + 1}")
+        r.wait_merged()
+        assert read_replica_file(tmp_path) == read_snap(t, f"s{i + 1}")
+        base = m["target"]
+    r.close()
+    r._lockfile.close()
+
+
+def test_complete_staging_with_a_missing_map_is_refused(pair, monkeypatch):
+    """A complete staging (the interval is recorded as applied) is redone
+    from its files at start; with a map gone it must be refused, never
+    redone as if nothing had been staged."""
+    t, r, tmp_path = pair
+    t.vol.pwrite(b"1" * SIZE, 0)
+    t.create_snappoint("s0")
+    r.commit(ship(t, r, None, "s0"))
+    r.wait_merged()
+    t.vol.pwrite(b"2" * 200000, 4096)
+    t.create_snappoint("s1")
+    monkeypatch.setattr(Replica, "_merge_in_background", lambda self, st: None)
+    r.commit(ship(t, r, {"seq": 0, "name": "s0"}, "s1"))
+    assert r.body["staging"]["state"] == "complete"
+    r.close()
+    r._lockfile.close()
+    os.unlink(tmp_path / "s" / "staging" / "data.bmap")
+    with pytest.raises(FileNotFoundError):
+        Replica(tmp_path / "s")
+    r._lockfile = open(os.devnull)
