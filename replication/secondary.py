@@ -112,16 +112,22 @@ def _pread_full(fd, n, off):
 
 class _Worker:
     """A daemon thread working through a queue of items (work(item)); a
-    failure is logged and the next item taken.  wait() returns once every
-    item put so far is done; close() ends the thread."""
+    failure is logged and the next item taken.  Items put before start()
+    wait for it: the server starts its threads in after_fork, never while
+    nbdkit is still starting up.  wait() returns once every item put so
+    far is done; close() ends the thread."""
     name = "prepl-worker"
 
     def __init__(self):
         self.cond = threading.Condition()
         self.pending = 0
         self.queue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self.thread.start()
+        self.thread = None
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
 
     def put(self, item):
         with self.cond:
@@ -145,13 +151,20 @@ class _Worker:
     def work(self, item):
         raise NotImplementedError
 
+    def abandon(self, item):
+        """An item left undone by close() before start()."""
+
     def wait(self):
         with self.cond:
             self.cond.wait_for(lambda: self.pending == 0)
 
     def close(self):
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            return
+        while not self.queue.empty():
+            self.abandon(self.queue.get())
 
 
 class _Writeback(_Worker):
@@ -185,6 +198,8 @@ class _Writeback(_Worker):
             self.kicks += 1
         finally:
             os.close(fd)
+
+    abandon = os.close
 
 
 class _Reaper(_Worker):
@@ -596,6 +611,11 @@ class Replica:
         return dict(self.info(), state_dir=self.sd.path, volume=self.body["volume"],
                     volume_uuid=self.body["volume_uuid"], generation=self.body["generation"],
                     pid=os.getpid(), uri=self.uri)
+
+    def start(self):
+        """The background threads (from the server's after_fork)."""
+        self.writeback.start()
+        self.reaper.start()
 
     def close(self):
         with self.lock:

@@ -114,6 +114,8 @@ class Server:
         self.owner.uri = self.uri
         if self.tracker:
             self.tracker.start()
+        if self.replica:
+            self.replica.start()
         self.control = ControlServer(self.owner.sd.control_socket, self.owner)
         self.control.start()
 

@@ -29,6 +29,7 @@ def pair(tmp_path):
     t = Tracker(tmp_path / "p")
     t.start()
     r = Replica(tmp_path / "s")
+    r.start()
     yield t, r, tmp_path
     r.wait_merged()
     t.close()
@@ -296,6 +297,7 @@ def test_trash_left_by_a_stop_is_removed_at_the_next_start(pair):
     trash = tmp_path / "s" / "trash"
     (trash / "123.img").write_bytes(b"x" * 100000)
     r2 = Replica(tmp_path / "s")
+    r2.start()
     try:
         r2.reaper.wait()
         assert os.listdir(trash) == []
