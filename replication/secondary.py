@@ -336,16 +336,16 @@ class Replica:
         """in_place: the first interval (nothing applied yet, so the replica
         is no point in time of anything) is staged straight into the replica:
         an initial sync writes its data once, not twice.  A staging still
-        receiving whose files are not all there (a stop while an earlier one
-        was being removed) starts afresh: the agent sends its interval whole
-        again.  A complete staging must be whole (else StateError)."""
+        receiving without data.bmap (a stop while an earlier staging was
+        being removed: data.bmap goes first, data.img last) starts afresh;
+        the agent sends its interval whole again.  Any other missing file,
+        and any missing file of a complete staging, is damage: the map's
+        FileNotFoundError ends the start."""
         maps = [self.sd.p("staging", n) for n in ("data.bmap", "zero.bmap")]
         data = self.sd.p("staging", "data.img")
-        create = not complete and not all(map(os.path.exists, maps + ([] if in_place else [data])))
-        if create:
-            for path in maps:
-                if os.path.exists(path):
-                    os.unlink(path)
+        create = not complete and not os.path.exists(maps[0])
+        if create and os.path.exists(maps[1]):
+            os.unlink(maps[1])
         if in_place:
             fd = os.dup(self.fd)
         elif create:
@@ -370,9 +370,10 @@ class Replica:
         if self.stage:
             os.close(self.stage["fd"])
             self.stage = None
-        # the maps go first: a stop in between leaves a staging that starts
-        # afresh (see _open_staging), never maps without their data file
-        names = sorted(os.listdir(self.sd.p("staging")), key=lambda n: n == "data.img")
+        # data.bmap first, data.img last: a stop in between leaves a staging
+        # that starts afresh (see _open_staging)
+        names = sorted(os.listdir(self.sd.p("staging")),
+                       key=lambda n: (n == "data.img", n != "data.bmap"))
         for name in names:
             path = self.sd.p("staging", name)
             if name != "data.img":

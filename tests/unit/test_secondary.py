@@ -343,14 +343,15 @@ def test_receiving_staging_with_half_removed_files_starts_afresh(pair):
     r.commit(ship(t, r, None, "s0"))
     r.wait_merged()
     base = {"seq": 0, "name": "s0"}
-    for i, gone in enumerate(("data.bmap", "data.img")):
+    for i, gone in enumerate((["data.bmap"], ["data.bmap", "zero.bmap"])):
         t.vol.pwrite(bytes([50 + i]) * 200000, 4096 * (i + 1))
         t.create_snappoint(f"s{i + 1}")
         ship(t, r, base, f"s{i + 1}")                  # staged, not committed
         assert r.body["staging"]["state"] == "receiving"
         r.close()
         r._lockfile.close()
-        os.unlink(tmp_path / "s" / "staging" / gone)   # half of an interrupted removal
+        for name in gone:                              # an interrupted removal
+            os.unlink(tmp_path / "s" / "staging" / name)
         r = Replica(tmp_path / "s")
         m = ship(t, r, base, f"s{i + 1}")
         r.commit(m)
