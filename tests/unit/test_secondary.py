@@ -89,6 +89,14 @@ def ship(t, r, base, name, tamper=None, split=False):
     return m
 
 
+def first_interval(t, r):
+    """Volume of "1"s applied as interval 0 (snappoint s0) and merged."""
+    t.vol.pwrite(b"1" * SIZE, 0)
+    t.create_snappoint("s0")
+    r.commit(ship(t, r, None, "s0"))
+    r.wait_merged()
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["hashed-on-arrival", "read-back"])
 def test_intervals_apply_exactly(pair, split, monkeypatch):
     t, r, tmp_path = pair
@@ -223,10 +231,7 @@ def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch)
     unlinks left a "complete" staging with data.img gone, and the secondary
     refused to start.  Every unlink must find the staging gone from disk."""
     t, r, _ = pair
-    t.vol.pwrite(b"1" * SIZE, 0)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))
-    r.wait_merged()
+    first_interval(t, r)
     t.vol.pwrite(b"2" * 100000, 0)
     t.create_snappoint("s1")
     m = ship(t, r, {"seq": 0, "name": "s0"}, "s1")
@@ -338,10 +343,7 @@ def test_receiving_staging_with_half_removed_files_starts_afresh(pair):
     receiving) must not keep the secondary from starting: the staging starts
     afresh and the agent's next transfer fills it whole."""
     t, r, tmp_path = pair
-    t.vol.pwrite(b"1" * SIZE, 0)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))
-    r.wait_merged()
+    first_interval(t, r)
     base = {"seq": 0, "name": "s0"}
     for i, gone in enumerate((["data.bmap"], ["data.bmap", "zero.bmap"])):
         t.vol.pwrite(bytes([50 + i]) * 200000, 4096 * (i + 1))
@@ -368,10 +370,7 @@ def test_complete_staging_with_a_missing_map_is_refused(pair, monkeypatch):
     from its files at start; with a map gone it must be refused, never
     redone as if nothing had been staged."""
     t, r, tmp_path = pair
-    t.vol.pwrite(b"1" * SIZE, 0)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))
-    r.wait_merged()
+    first_interval(t, r)
     t.vol.pwrite(b"2" * 200000, 4096)
     t.create_snappoint("s1")
     monkeypatch.setattr(Replica, "_merge_in_background", lambda self, st: None)
