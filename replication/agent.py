@@ -344,7 +344,7 @@ def run(args):
     --max-writes writes, or on `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk)
     lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
-    _renice(getattr(args, "nice", 0))
+    _renice(args.nice)
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))
     deadline = time.monotonic() + args.timeout
     delay = 0.5
