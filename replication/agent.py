@@ -33,12 +33,13 @@ import time
 import nbd
 import numpy as np
 
-from . import control, faults, manifest
+from . import control, faults, manifest, pack
 from .chain import interval_union
 from .errors import (InUseError, PreplError, RefusedError, StateError,
-                     TimedOutError)
+                     TimedOutError, UsageError)
 from .state import StateDir
-from .transport import NbdSource, NbdTarget, TransportError, copy_extents, open_nbd
+from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, NbdSource, NbdTarget, TransportError,
+                        copy_extents, copy_requests, open_nbd)
 
 log = logging.getLogger(__name__)
 PSK_USER = "prepl"     # the username `prepl keygen` writes
@@ -74,14 +75,35 @@ class _Hashing:
         self.src.start_read(buf, offset, hashed)
 
 
+class _PackHashing(_Hashing):
+    """The same for reads of a pack export: a read is one batch's data,
+    hashed piece by piece at the pieces' volume offsets."""
+
+    def __init__(self, src, digest, batches):
+        super().__init__(src, digest)
+        self.entries = {b.stream_offset: b.entries for b in batches}
+
+    def start_read(self, buf, offset, done):
+        def hashed(err):
+            if not err:
+                pos = 0
+                for off, n, zero in self.entries[offset]:
+                    if not zero:
+                        self.digest.add(off, n, False, buf[pos:pos + n])
+                        pos += n
+            done(err)
+        self.src.start_read(buf, offset, hashed)
+
+
 class Agent:
     def __init__(self, state, secondary_uri, name="default", primary_uri=None,
-                 tls_psk_file=None):
+                 tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT):
         self.sd = StateDir(state)
         self.name = name
         self.secondary_uri = secondary_uri
         self.tls_psk_file = tls_psk_file
         self._primary_uri = primary_uri
+        self.max_in_flight = max_in_flight
         self.n = 0
 
     # ---- the two servers ------------------------------------------------
@@ -149,8 +171,17 @@ class Agent:
         while f"{self.name}.{seq}" in taken:
             seq += 1
         snap_name = f"{self.name}.{seq}"
+        primary_uri = self.primary_uri()      # asked before the timed part starts
         t0 = time.time()
+        phases = {}
+        mark = [time.monotonic()]
+
+        def phase(name):
+            now = time.monotonic()
+            phases[name] = round(now - mark[0], 4)
+            mark[0] = now
         self.ctl("snappoint_create", name=snap_name)
+        phase("snappoint")
         body = self.sd.read_meta()
         target = next(iv for iv in body["intervals"] if iv["closed_by"] == snap_name)
         nblocks = -(-body["size"] // body["block_size"])
@@ -163,7 +194,11 @@ class Agent:
             data, zero = interval_union(self.sd, body, base["seq"] if base else None,
                                         target["seq"])
         runs = manifest.runs(data, zero, nblocks, body["block_size"], body["size"])
-        digest, stats = self._transfer(body, snap_name, base, target, runs)
+        phase("plan")
+        digest, stats = self._transfer(primary_uri, body, snap_name, base, target, runs,
+                                       full)
+        phase("transfer")
+        phases["transfer_copy"] = round(stats["seconds"], 4)
         m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
              "replica_uuid": info["replica_uuid"], "size": body["size"],
              "region_size": body["region_size"], "block_size": body["block_size"],
@@ -173,13 +208,15 @@ class Agent:
              "digest": digest.hexdigest()}
         self.ctl("link_update", name=self.name, fields={"state": "applying"})
         receipt = self._commit(m)
+        phase("commit")
         faults.point("agent.after_receipt")
         # advance: only after the receipt
         self.ctl("link_update", name=self.name, fields={
             "cursor": snap_name, "state": "idle", "progress": None,
             "last_cycle": {"snappoint": snap_name, "bytes": digest.data_bytes,
                            "zero_bytes": digest.zero_bytes, "seconds": time.time() - t0,
-                           "applied_at": receipt["applied_at"], "full": full}})
+                           "applied_at": receipt["applied_at"], "full": full,
+                           "phases": phases}})
         # LINK.N keeps its snapshot until the next cycle (snap/LINK.N is then
         # the image the replica holds, for checks); the previous cursor goes,
         # and so do snappoints of this link left by cycles that failed
@@ -217,16 +254,32 @@ class Agent:
         return (body["tracked_since_empty"] and info["tracked_since_empty"]
                 and not body.get("chain_truncated"))
 
-    def _transfer(self, body, snap_name, base, target, runs):
+    def _transfer(self, primary_uri, body, snap_name, base, target, runs, full):
         """Streams the runs with the AIO engine (replication/transport.py),
-        hashing each data piece as its read completes."""
-        src_h = open_nbd(self.primary_uri(), export=f"snap/{snap_name}")
-        dst_h = self.secondary(f"stage/{body['volume_uuid']}/"
-                               f"{base['seq'] if base else 'none'}/{target['seq']}")
+        hashing each data piece as its read completes: an initial sync from
+        snap/NAME into stage/..., a cycle packed (replication/pack.py) from
+        pack/NAME/BASE/FP into batch/..."""
         d = manifest.Digest()
         for off, n, z in runs:
             if z:
                 d.add(off, n, True)
+        stage = f"{body['volume_uuid']}/{base['seq'] if base else 'none'}/{target['seq']}"
+        if full:
+            src_export, dst_export, plan = f"snap/{snap_name}", f"stage/{stage}", None
+        else:
+            plan = pack.batches(runs, batch_bytes=min(pack.BATCH_BYTES, self.max_in_flight))
+            src_export = (f"pack/{snap_name}/{base['seq'] if base else 'none'}/"
+                          f"{pack.fingerprint(runs)}")
+            dst_export = f"batch/{stage}"
+        src_h = open_nbd(primary_uri, export=src_export)
+        try:
+            dst_h = self.secondary(dst_export)
+        except TransportError as e:
+            _close(src_h)
+            if e.errno == errno.ENOENT and plan is not None:
+                raise RefusedError(f"{e}\nthe secondary does not know batch exports: it runs "
+                                   "an older prepl; upgrade it") from None
+            raise
         t0 = time.monotonic()
 
         def progress(done, total):
@@ -241,11 +294,22 @@ class Agent:
                     "rate_MBps": round(rate / 1e6, 1), "eta_seconds": round(eta, 1)}})
             except PreplError:
                 pass
+        # no flush: the commit makes the staging durable before it applies
+        opts = {"progress": progress, "progress_interval": 2.0, "flush": False,
+                "max_bytes_in_flight": self.max_in_flight}
         try:
-            # no flush: the commit makes the staging durable before it applies
-            stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
-                                 max_request=manifest.PIECE, progress=progress,
-                                 progress_interval=2.0, flush=False)
+            if plan is None:
+                stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
+                                     max_request=manifest.PIECE, **opts)
+            else:
+                want = sum(b.data_bytes for b in plan)
+                if src_h.get_size() != want:
+                    raise TransportError(f"{src_export} has {src_h.get_size()} bytes, the "
+                                         f"interval's data {want}")
+                reqs = [(b.stream_offset, b.data_bytes, False, b.stream_offset,
+                         pack.encode_header(b.entries)) for b in plan]
+                stats = copy_requests(_PackHashing(NbdSource(src_h), d, plan),
+                                      NbdTarget(dst_h), reqs, **opts)
             if not runs:
                 dst_h.flush()          # stages an empty interval too
         except nbd.Error as e:
@@ -342,7 +406,10 @@ def run(args):
     """`prepl agent`: --once, or cycles on the schedule: every --interval
     seconds, when the open interval holds --max-dirty bytes, after
     --max-writes writes, or on `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
-    agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk)
+    if args.max_in_flight < 4096:
+        raise UsageError(f"--max-in-flight {args.max_in_flight} is too small: at least 4K")
+    agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk,
+                  args.max_in_flight)
     lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
     _renice(args.nice)
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))

@@ -8,6 +8,10 @@ Exports of a primary (ARCHITECTURE §3):
                snapshot; block status: blocks written in the interval NAME
                closes are data (zeroed/trimmed ones: data + zero flag),
                every other block a hole *without* the zero flag.
+  pack/NAME/BASE/FP
+               read-only, not listed: the data pieces of the interval union
+               (BASE, NAME] one after the other (replication/pack.py); FP
+               must be the fingerprint of that union's run list
 Exports of a secondary (only "" is listed):
   ""           the replica, read-only
   info         a small JSON document: replica UUID, binding, geometry, last
@@ -17,6 +21,8 @@ Exports of a secondary (only "" is listed):
                (BASE "none" for an initial sync); refused at open if the
                replica is bound to another primary or BASE is not the last
                applied interval
+  batch/PRIMARY_UUID/BASE/TARGET
+               the same staging, written in batches (replication/pack.py)
   commit/TARGET
                write a manifest (JSON) at offset 0, then flush: the replica
                verifies and applies it; reading returns the receipt (also
@@ -31,6 +37,8 @@ import uuid
 
 import numpy as np
 
+from . import manifest, pack
+from .chain import interval_union
 from .errors import PreplError, StateError, UsageError  # noqa: F401 (PreplError: plugin)
 from .tracker import Tracker
 from .control import ControlServer
@@ -44,6 +52,8 @@ EXTENT_HOLE = 1     # nbdkit.EXTENT_HOLE
 EXTENT_ZERO = 2     # nbdkit.EXTENT_ZERO
 MAX_EXTENT_BLOCKS = 1 << 20   # blocks described per extents call at most
 SNAP_PREFIX = "snap/"
+PACK_PREFIX = "pack/"
+BATCH_EXPORT_SIZE = 1 << 60   # the batch export's offsets are not used
 SEQ = re.compile(r"0|[1-9][0-9]{0,17}")    # an interval number: ASCII decimal, canonical
 
 
@@ -144,8 +154,37 @@ class Server:
             snap = self.tracker.snapshot(name[len(SNAP_PREFIX):])
             if snap is not None:
                 return SnapHandle(self.tracker, name[len(SNAP_PREFIX):], snap)
+        if name.startswith(PACK_PREFIX):
+            return self._open_pack(name)
         raise OSError(errno.ENOENT, f"unknown export {name[:200]!r}: exports are \"\" (the "
                       "volume) and snap/NAME for snappoints with a valid snapshot")
+
+    def _open_pack(self, name):
+        t = self.tracker
+        parts = name.split("/")
+        base = parse_seq(parts[2]) if len(parts) == 4 else None
+        if len(parts) != 4 or (base is None and parts[2] != "none"):
+            raise OSError(errno.EINVAL, "malformed pack export name: pack/NAME/BASE/FP takes "
+                          "a snappoint, BASE 'none' or an interval number and a fingerprint")
+        snap = t.snapshot(parts[1])
+        if snap is None:
+            raise OSError(errno.ENOENT, f"snappoint {parts[1][:64]!r} has no valid snapshot")
+        with t.lock:
+            try:
+                target = t.body["intervals"][t._interval_closed_by(parts[1])]["seq"]
+                if base is not None and base >= target:
+                    raise StateError(f"interval {base} is not before interval {target}")
+                data, zero = interval_union(t.sd, t.body, base, target)
+            except (StateError, OSError) as e:
+                log.error("refused pack export %r: %s", name[:200], e)
+                raise OSError(errno.EINVAL, str(e))
+        bs = t.body["block_size"]
+        run_list = manifest.runs(data, zero, t.nblocks, bs, t.size)
+        if pack.fingerprint(run_list) != parts[3]:
+            log.error("refused pack export %r: the run list of intervals (%s, %d] here has "
+                      "fingerprint %s", name[:200], parts[2], target, pack.fingerprint(run_list))
+            raise OSError(errno.EINVAL, "the fingerprint does not match this server's run list")
+        return PackHandle(t, snap, pack.Stream(run_list))
 
     def _open_secondary(self, name, readonly):
         r = self.replica
@@ -154,7 +193,7 @@ class Server:
             return ReplicaHandle(r)
         if name == "info":
             return DocHandle(json.dumps(r.info(), sort_keys=True).encode())
-        if parts[0] == "stage" and len(parts) == 4 and not readonly:
+        if parts[0] in ("stage", "batch") and len(parts) == 4 and not readonly:
             try:
                 check_stage_export(*parts[1:])
                 r.check_stage_name(*parts[1:])
@@ -164,7 +203,7 @@ class Server:
             except PreplError as e:
                 log.error("refused staging export %r: %s", name[:200], e)
                 raise OSError(errno.EPERM, str(e))
-            return StageHandle(r, *parts[1:])
+            return (StageHandle if parts[0] == "stage" else BatchHandle)(r, *parts[1:])
         if parts[0] == "commit" and len(parts) == 2 and parse_seq(parts[1]) is not None:
             return CommitHandle(r, parse_seq(parts[1]))
         raise OSError(errno.ENOENT, f"unknown export {name[:200]!r} on a secondary")
@@ -244,6 +283,25 @@ class SnapHandle(Handle):
         return out
 
 
+class PackHandle(Handle):
+    """pack/NAME/BASE/FP: the interval's data pieces, packed."""
+
+    def __init__(self, tracker, snap, stream):
+        self.vol = tracker.vol
+        self.snap = snap
+        self.stream = stream
+        self.size = stream.size
+
+    def pread(self, buf, offset):
+        mv = memoryview(buf)
+        try:
+            segments = self.stream.segments(offset, len(mv))
+        except ValueError as e:
+            raise OSError(errno.EINVAL, str(e))
+        for pos, off, n in segments:
+            self.vol.snap_pread(self.snap.c, mv[pos:pos + n], off)
+
+
 class ReplicaHandle(Handle):
     def __init__(self, replica):
         self.size = replica.size
@@ -299,6 +357,36 @@ class StageHandle(Handle):
     def flush(self):
         self._start()             # an interval may have no changed block at all
         self.r.stage_flush()
+
+
+class BatchHandle(StageHandle):
+    """batch/PRIMARY/BASE/TARGET: the staging, a batch per write; a batch
+    is checked whole (format, every entry's range and alignment) before
+    any of it is staged."""
+    can_zero = False
+
+    def __init__(self, replica, primary_uuid, base, target):
+        super().__init__(replica, primary_uuid, base, target)
+        self.size = BATCH_EXPORT_SIZE
+        self.block_size = (1, 4096, pack.MAX_BATCH)
+
+    def pwrite(self, buf, offset, flags=0):
+        try:
+            entries = pack.decode(buf)
+        except ValueError as e:
+            log.error("refused a batch of %d bytes: %s", len(buf), e)
+            raise OSError(errno.EINVAL, str(e))
+        r = self.r
+        for off, n, _, _ in entries:
+            r._check_aligned(n, off)
+        self._start()
+        for off, n, zero, data in entries:
+            if zero:
+                r.stage_zero(n, off)
+            else:
+                r.stage_write(data, off)
+
+    zero = trim = Handle._refused
 
 
 class CommitHandle(Handle):

@@ -463,18 +463,38 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
     bytes of zero extents, the number of target requests (writes + zeroes)
     and the wall time.  Raises TransportError (see the module docstring).
     """
-    if max_in_flight < 1 or max_bytes_in_flight < 1:
-        raise ValueError("max_in_flight and max_bytes_in_flight must be >= 1")
     if not 1 <= max_request <= MAX_DATA_REQUEST:
         raise ValueError(f"max_request must be in 1..{MAX_DATA_REQUEST}")
-    t0 = time.monotonic()
     can_zero = dst.can_zero()
     reqs = plan_requests(extents, max_request, MAX_ZERO_REQUEST if can_zero else max_request)
+    return copy_requests(src, dst, [(o, n, z, o, b"") for o, n, z in reqs],
+                         max_in_flight=max_in_flight, progress=progress,
+                         progress_interval=progress_interval, flush=flush,
+                         stall_timeout=stall_timeout, max_bytes_in_flight=max_bytes_in_flight)
+
+
+def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=None,
+                  progress_interval=0.5, flush=True, stall_timeout=None,
+                  max_bytes_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT):
+    """The engine under copy_extents, for requests that need not land where
+    they were read: each of ``reqs`` is ``(src_offset, length, zero,
+    dst_offset, header)``.  A data request reads ``length`` bytes at
+    ``src_offset`` (none when 0) and writes ``header + data`` at
+    ``dst_offset``; a zero request zeroes ``length`` bytes at ``dst_offset``
+    (header empty).  Requests must not overlap on the target.  Options,
+    result and errors as copy_extents; ``bytes_written`` includes headers."""
+    if max_in_flight < 1 or max_bytes_in_flight < 1:
+        raise ValueError("max_in_flight and max_bytes_in_flight must be >= 1")
+    t0 = time.monotonic()
+    can_zero = dst.can_zero()
     total = sum(r[1] for r in reqs)
-    limit = min(src.size(), dst.size())
-    if reqs and reqs[-1][0] + reqs[-1][1] > limit:
-        raise ValueError(f"extent ends at {reqs[-1][0] + reqs[-1][1]}, beyond the "
-                         f"source/target size {limit}")
+    src_end = max((r[0] + r[1] for r in reqs if not r[2]), default=0)
+    dst_end = max((r[3] + len(r[4]) + r[1] for r in reqs), default=0)
+    if src_end > src.size() or dst_end > dst.size():
+        raise ValueError(f"a request ends beyond the source ({src_end} > {src.size()}) "
+                         f"or the target ({dst_end} > {dst.size()})")
+    if any(r[2] and r[4] for r in reqs):
+        raise ValueError("a zero request has no header")
 
     stats = {"bytes_read": 0, "bytes_written": 0, "bytes_zeroed": 0,
              "requests": 0, "seconds": 0.0}
@@ -484,8 +504,7 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
             progress(0, 0)
         return stats
 
-    biggest = max((r[1] for r in reqs if not r[2] or not can_zero), default=0)
-    bufsize = min(max_request, biggest)
+    bufsize = max((len(r[4]) + r[1] for r in reqs if not r[2] or not can_zero), default=0)
     slots = []           # memoryviews of bytearrays, allocated as needed, reused
     free = []            # indices of free slots
     zero_mv = memoryview(bytearray(bufsize)) if not can_zero else None
@@ -503,23 +522,23 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
 
     def fail(i, what, msg, err=None):
         if state["error"] is None:
-            off, length, _ = reqs[i]
+            off, length = reqs[i][3], reqs[i][1]
             state["error"] = TransportError(
                 f"{what} of {length} bytes at offset {off} failed: {msg}",
                 offset=off, errno=err)
             log.debug("%s", state["error"])
 
     def start_write(i, slot):
-        off, length, zero = reqs[i]
+        _, length, zero, off, header = reqs[i]
         cb = (lambda e, i=i, s=slot: events.append((WRITE, i, s, e)))
         if zero and can_zero:
             dst.start_zero(length, off, cb)
         else:
-            dst.start_write((zero_mv if zero else slots[slot])[:length], off, cb)
+            dst.start_write((zero_mv if zero else slots[slot])[:len(header) + length], off, cb)
         stats["requests"] += 1
 
     def start(i):
-        off, length, zero = reqs[i]
+        off, length, zero, _, header = reqs[i]
         if zero:
             start_write(i, None)
             return
@@ -529,8 +548,14 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
             slot = len(slots)
             slots.append(memoryview(bytearray(bufsize)))
         try:
-            src.start_read(slots[slot][:length], off,
-                           lambda e, i=i, s=slot: events.append((READ, i, s, e)))
+            h = len(header)
+            if h:
+                slots[slot][:h] = header
+            if length:
+                src.start_read(slots[slot][h:h + length], off,
+                               lambda e, i=i, s=slot: events.append((READ, i, s, e)))
+            else:
+                start_write(i, slot)
         except BaseException:
             free.append(slot)
             raise
@@ -539,7 +564,7 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
         nonlocal in_flight, bytes_in_flight
         in_flight -= 1
         if not (reqs[i][2] and can_zero):
-            bytes_in_flight -= reqs[i][1]
+            bytes_in_flight -= len(reqs[i][4]) + reqs[i][1]
         if slot is not None:
             free.append(slot)
 
@@ -548,7 +573,7 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
         while events:
             stage, i, slot, err = events.popleft()
             last_event = time.monotonic()
-            off, length, zero = reqs[i]
+            length, zero, header = reqs[i][1], reqs[i][2], reqs[i][4]
             if err:
                 fail(i, "read" if stage == READ else ("zero" if zero and can_zero else "write"),
                      _errstr(err), err)
@@ -569,14 +594,14 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
                     if not can_zero:
                         stats["bytes_written"] += length
                 else:
-                    stats["bytes_written"] += length
+                    stats["bytes_written"] += len(header) + length
                 done_bytes += length
                 finish(i, slot)
         # 2. new requests
         while state["error"] is None and in_flight < max_in_flight and next_req < len(reqs):
             i = next_req
             length, zero = reqs[i][1], reqs[i][2]
-            payload = 0 if zero and can_zero else length
+            payload = 0 if zero and can_zero else len(reqs[i][4]) + length
             if in_flight and bytes_in_flight + payload > max_bytes_in_flight:
                 break
             next_req += 1
@@ -605,7 +630,7 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
             # the connection failed; libnbd completes its commands with an
             # error (ENOTCONN) through the callbacks, which we drain next
             if state["error"] is None:
-                off = reqs[next_req - 1][0] if next_req else 0
+                off = reqs[next_req - 1][3] if next_req else 0
                 state["error"] = TransportError(f"connection failed near offset "
                                                 f"{off}: {e}", offset=off, errno=e.errnum)
                 log.debug("%s", state["error"])

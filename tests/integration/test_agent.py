@@ -76,6 +76,21 @@ def test_nice_out_of_range_is_a_usage_error(tmp_path, make_server):
     assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)
 
 
+def test_max_in_flight(tmp_path, make_server):
+    prim, sec = make_pair(tmp_path, make_server)
+    for bad in ("1K", "0", "lots"):
+        r = agent_once(prim, sec, "--max-in-flight", bad, check=False)
+        assert r.returncode == 2 and "--max-in-flight" in r.stderr, r.stderr
+    assert StateDir(prim.state).read_meta()["links"].get("default", {}).get("cursor") is None
+    # the smallest window: one 4 KiB batch at a time, still the whole interval
+    h = prim.connect()
+    rnd = random.Random(11)
+    for _ in range(50):
+        h.pwrite(rnd.randbytes(4096 * rnd.randint(1, 3)), rnd.randrange(16 * MiB // 4096 - 3) * 4096)
+    agent_once(prim, sec, "--max-in-flight", "4K")
+    assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)
+
+
 def test_wrong_geometry_is_refused(tmp_path, make_server):
     prim, sec = make_pair(tmp_path, make_server, ssize="32M")
     r = agent_once(prim, sec, check=False)

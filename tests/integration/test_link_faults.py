@@ -206,11 +206,11 @@ def test_staging_fills_the_secondary_fs(link, tmp_path):
 def test_snapshot_fills_the_primary_fs(link, tmp_path):
     prim, sec, proxy = link(primary_fs="6m")
     finish(agent(prim, proxy.listen))
-    # scattered 4 KiB blocks: many small requests, so the agent's reads of
-    # the snapshot go on for as long as the throttled writes do
+    # with 64 KiB in flight, the agent's reads of the snapshot go on for as
+    # long as the throttled writes do
     scribble(prim, 6, 6 * MiB, sizes=(4096,))
     proxy.throttle(512 * 1024)                      # about 10 s of transfer
-    a = agent(prim, proxy.listen)
+    a = agent(prim, proxy.listen, "--max-in-flight", "64K")
     stop = threading.Event()
     writes, errors = [], []
 

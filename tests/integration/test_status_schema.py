@@ -43,6 +43,13 @@ def test_status_schema(tmp_path, make_server):
     check(link, LINK)
     assert link["bytes_pending"] == 4096 and link["agent_running"] is False
     assert link["state"] == "idle" and 0 <= link["rpo_seconds"] < 60
+    lc = link["last_cycle"]
+    check(lc, {"snappoint": str, "bytes": int, "zero_bytes": int, "seconds": float,
+               "applied_at": float, "full": bool, "phases": dict})
+    ph = lc["phases"]
+    assert set(ph) == {"snappoint", "plan", "transfer", "transfer_copy", "commit"}
+    assert all(v >= 0 for v in ph.values()) and ph["transfer_copy"] <= ph["transfer"]
+    assert sum(ph.values()) - ph["transfer_copy"] <= lc["seconds"] + 0.01
     s = json.loads(prepl("status", sec.state, "--json").stdout)
     check(s, SECONDARY)
     assert s["applied"]["target"]["name"] == link["cursor"]

@@ -1,0 +1,122 @@
+"""replication/pack.py against independent models: batches hold exactly the
+manifest's pieces in order, none split; a batch decodes to what was
+encoded; malformed batches are refused whole; a stream range maps back to
+the volume bytes it stands for."""
+import random
+import struct
+
+import pytest
+
+from replication import manifest, pack
+
+MiB = 1 << 20
+
+
+def random_runs(rnd, size=64 * MiB, block=4096, n=200):
+    """Sorted, non-overlapping, non-adjacent-of-one-kind runs, some longer
+    than a piece, some zero."""
+    out, pos = [], 0
+    for _ in range(n):
+        pos += rnd.randrange(1, 64) * block
+        length = rnd.choice((1, 3, 16, 300, 700)) * block
+        if pos + length > size:
+            break
+        out.append((pos, length, rnd.random() < 0.2))
+        pos += length
+    return out
+
+
+def test_batches_hold_the_pieces_in_order_none_split():
+    rnd = random.Random(1)
+    for trial in range(20):
+        runs = random_runs(rnd)
+        bb = rnd.choice((64 << 10, 1 << 20, 3 << 20))
+        me = rnd.choice((1, 5, 4096))
+        plan = pack.batches(runs, bb, me)
+        assert [e for b in plan for e in b.entries] == list(manifest.pieces(runs))
+        stream = 0
+        for b in plan:
+            assert b.stream_offset == stream
+            data = sum(n for _, n, z in b.entries if not z)
+            assert b.data_bytes == data
+            assert 1 <= len(b.entries) <= me
+            # over the limit only when one piece alone is
+            assert data <= bb or len([e for e in b.entries if not e[2]]) == 1
+            stream += data
+        assert stream == sum(n for _, n, z in runs if not z)
+    assert pack.batches([]) == []
+
+
+def test_batches_are_full_before_a_new_one_starts():
+    runs = [(i * 8192, 4096, False) for i in range(10)]
+    plan = pack.batches(runs, batch_bytes=3 * 4096, max_entries=100)
+    assert [len(b.entries) for b in plan] == [3, 3, 3, 1]
+    plan = pack.batches(runs, batch_bytes=1 << 20, max_entries=4)
+    assert [len(b.entries) for b in plan] == [4, 4, 2]
+
+
+def test_encode_decode_round_trip():
+    rnd = random.Random(2)
+    for _ in range(50):
+        entries, data = [], b""
+        for _ in range(rnd.randrange(0, 30)):
+            zero = rnd.random() < 0.3
+            n = rnd.randrange(1, 1 << 40) if zero else rnd.randrange(0, 5000)
+            entries.append((rnd.randrange(0, 1 << 50), n, zero))
+            if not zero:
+                data += rnd.randbytes(n)
+        buf = bytearray(pack.encode_header(entries) + data)
+        assert len(buf) == pack.header_size(len(entries)) + len(data)
+        out = pack.decode(buf)
+        assert [(o, n, z) for o, n, z, _ in out] == entries
+        assert b"".join(bytes(d) for _, _, z, d in out if not z) == data
+        assert all(d is None for _, _, z, d in out if z)
+
+
+@pytest.mark.parametrize("mangle, msg", [
+    (lambda b: b[:10], "shorter than its header"),
+    (lambda b: b"XREPLBT1" + b[8:], "bad magic"),
+    (lambda b: b[:12] + struct.pack("<I", 1) + b[16:], "bad magic"),         # reserved
+    (lambda b: b[:8] + struct.pack("<I", 1000) + b[12:], "does not fit"),
+    (lambda b: b[:-1], "need more bytes"),
+    (lambda b: b + b"x", "after the data"),
+])
+def test_malformed_batches_refused(mangle, msg):
+    entries = [(0, 4096, False), (8192, 1 << 33, True), (65536, 4096, False)]
+    good = pack.encode_header(entries) + bytes(8192)
+    assert len(pack.decode(good)) == 3
+    with pytest.raises(ValueError, match=msg):
+        pack.decode(bytearray(mangle(good)))
+
+
+def test_stream_segments_map_back_to_the_volume():
+    rnd = random.Random(3)
+    size = 8 * MiB
+    vol = rnd.randbytes(size)
+    for _ in range(10):
+        runs = random_runs(rnd, size=size, n=60)
+        s = pack.Stream(runs)
+        model = b"".join(vol[o:o + n] for o, n, z in runs if not z)
+        assert s.size == len(model)
+        for _ in range(30):
+            if not s.size:
+                break
+            off = rnd.randrange(s.size)
+            n = rnd.randrange(1, s.size - off + 1)
+            got = bytearray(n)
+            for pos, voff, k in s.segments(off, n):
+                got[pos:pos + k] = vol[voff:voff + k]
+            assert bytes(got) == model[off:off + n]
+        with pytest.raises(ValueError):
+            s.segments(s.size, 1)
+        with pytest.raises(ValueError):
+            s.segments(-1, 1)
+
+
+def test_fingerprint_tells_run_lists_apart():
+    runs = [(0, 4096, False), (8192, 4096, True)]
+    fp = pack.fingerprint(runs)
+    assert fp == pack.fingerprint(list(runs)) and len(fp) == 32
+    for other in ([(0, 4096, False)], [(0, 4096, False), (8192, 4096, False)],
+                  [(0, 4096, False), (12288, 4096, True)], []):
+        assert pack.fingerprint(other) != fp
