@@ -108,6 +108,17 @@ int pr_stage_write(int fd, const void *buf, uint64_t len, uint64_t off,
                    uint64_t *data_map, uint64_t *zero_map, uint64_t b0,
                    uint64_t nb, unsigned char *hash);
 
+/* A batch of staged writes in one call: entry i writes lens[i] bytes of
+ * data (the entries' data back to back) at offs[i], as pr_stage_write with
+ * blocks of `block` bytes, its hash into hashes + 16 * i.  The caller
+ * checks that every range fits the maps and that the lengths add up.
+ * Returns 0 or -errno; *done is the number of entries written (all of
+ * them on success). */
+int pr_stage_batch(int fd, const unsigned char *data, const uint64_t *offs,
+                   const uint64_t *lens, size_t n, uint64_t *data_map,
+                   uint64_t *zero_map, uint64_t block, unsigned char *hashes,
+                   size_t *done);
+
 /* Tests only: arms a named fault point of the write path; when a write
  * reaches it the process exits with status 99 (a crash).  0 disarms. */
 #define PR_FAULT_AL_BEFORE_WRITE 1   /* a new extent's bit, before the log write */
@@ -124,6 +135,11 @@ void pr_snap_free(pr_snap *s);
  * the snapshot is invalid. */
 int pr_snap_read(pr_volume *v, pr_snap *s, char *buf, uint64_t len,
                  uint64_t off);
+/* n snapshot reads in one call: lens[i] bytes at offs[i] into buf + pos[i]
+ * (the caller checks that each fits buf).  0 or the first -errno. */
+int pr_snap_read_segments(pr_volume *v, pr_snap *s, char *buf,
+                          const uint64_t *pos, const uint64_t *offs,
+                          const uint64_t *lens, size_t n);
 int pr_snap_valid(pr_snap *s);
 /* errno of the copy-on-write failure that invalidated it (0 if none). */
 int pr_snap_error(pr_snap *s);

@@ -50,7 +50,7 @@
 #include <xxhash.h>
 #include "prepl.h"
 
-#define PR_ABI 9
+#define PR_ABI 10
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -620,6 +620,31 @@ pr_stage_write (int fd, const void *buf, uint64_t len, uint64_t off,
 }
 
 int
+pr_stage_batch (int fd, const unsigned char *data, const uint64_t *offs,
+                const uint64_t *lens, size_t n, uint64_t *data_map,
+                uint64_t *zero_map, uint64_t block, unsigned char *hashes,
+                size_t *done)
+{
+  uint64_t pos = 0;
+  size_t i;
+
+  *done = 0;
+  if (block == 0)
+    return -EINVAL;
+  for (i = 0; i < n; i++) {
+    uint64_t b0 = offs[i] / block;
+    uint64_t nb = (offs[i] % block + lens[i] + block - 1) / block;
+    int r = pr_stage_write (fd, data + pos, lens[i], offs[i], data_map,
+                            zero_map, b0, nb, hashes + 16 * i);
+    if (r < 0)
+      return r;
+    pos += lens[i];
+    *done = i + 1;
+  }
+  return 0;
+}
+
+int
 pr_copy_ranges (int src_fd, int dst_fd, const uint64_t *offsets,
                 const uint64_t *lengths, size_t n, int zero)
 {
@@ -745,5 +770,18 @@ pr_snap_read (pr_volume *v, pr_snap *s, char *buf, uint64_t len, uint64_t off)
     }
     pthread_mutex_unlock (m);
   }
+  return err;
+}
+
+int
+pr_snap_read_segments (pr_volume *v, pr_snap *s, char *buf,
+                       const uint64_t *pos, const uint64_t *offs,
+                       const uint64_t *lens, size_t n)
+{
+  size_t i;
+  int err = 0;
+
+  for (i = 0; i < n && err == 0; i++)
+    err = pr_snap_read (v, s, buf + pos[i], lens[i], offs[i]);
   return err;
 }

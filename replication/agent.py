@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 
@@ -271,15 +272,7 @@ class Agent:
             src_export = (f"pack/{snap_name}/{base['seq'] if base else 'none'}/"
                           f"{pack.fingerprint(runs)}")
             dst_export = f"batch/{stage}"
-        src_h = open_nbd(primary_uri, export=src_export)
-        try:
-            dst_h = self.secondary(dst_export)
-        except TransportError as e:
-            _close(src_h)
-            if e.errno == errno.ENOENT and plan is not None:
-                raise RefusedError(f"{e}\nthe secondary does not know batch exports: it runs "
-                                   "an older prepl; upgrade it") from None
-            raise
+        src_h, dst_h = self._connect(primary_uri, src_export, dst_export)
         t0 = time.monotonic()
 
         def progress(done, total):
@@ -318,6 +311,34 @@ class Agent:
             _close(src_h)
             _close(dst_h)
         return d, stats
+
+    def _connect(self, primary_uri, src_export, dst_export):
+        """(source, target) handles, the two handshakes at once (each is a
+        few round trips; libnbd releases the GIL while it waits)."""
+        box = {}
+
+        def open_dst():
+            try:
+                box["h"] = self.secondary(dst_export)
+            except BaseException as e:      # noqa: BLE001 (raised below, in the caller)
+                box["e"] = e
+        t = threading.Thread(target=open_dst, name="prepl-connect", daemon=True)
+        t.start()
+        try:
+            src_h = open_nbd(primary_uri, export=src_export)
+        finally:
+            t.join()
+            if "h" in box and sys.exc_info()[0] is not None:
+                _close(box.pop("h"))
+        if "e" in box:
+            _close(src_h)
+            e = box.pop("e")
+            if isinstance(e, TransportError) and e.errno == errno.ENOENT and \
+                    dst_export.startswith("batch/"):
+                raise RefusedError(f"{e}\nthe secondary does not know batch exports: it runs "
+                                   "an older prepl; upgrade it") from None
+            raise e
+        return src_h, box["h"]
 
     def _commit(self, m):
         h = self.secondary(f"commit/{m['target']['seq']}")

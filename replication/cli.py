@@ -85,13 +85,26 @@ def _precheck_serve(sd):
     return body
 
 
+def nbdkit_threads(role, asked=None):
+    """nbdkit's worker threads per connection: asked, else nbdkit's 16 on a
+    primary (its clients' I/O may block on the disk) and the number of CPUs
+    (at least 2) on a secondary, whose one big client, the agent, sends
+    requests that are CPU work in C.  Measured on 2 CPUs: a 10 % cycle took
+    0.14-0.147 s with 2 threads on the secondary, 0.165 s with 16 (more
+    threads only contend for the GIL and the socket)."""
+    if asked is not None:
+        return asked
+    return 16 if role == "primary" else max(2, min(16, os.cpu_count() or 2))
+
+
 def cmd_serve(args):
     sd = state.StateDir(args.state)
-    _precheck_serve(sd)
+    body = _precheck_serve(sd)
     if args.port is not None and args.bind not in LOOPBACK and not args.tls_psk:
         raise UsageError(f"refusing to serve on {args.bind} without TLS: give --tls-psk FILE "
                          "(made by `prepl keygen FILE`), or --bind 127.0.0.1")
-    cmd = ["nbdkit", "--log=stderr", "-P", sd.pidfile]
+    cmd = ["nbdkit", "--log=stderr", "-P", sd.pidfile,
+           "-t", str(nbdkit_threads(body["role"], args.threads))]
     scheme = "nbd"
     if args.tls_psk:
         _check_psk_file(args.tls_psk)
@@ -409,6 +422,9 @@ def parser():
     s.add_argument("--timeout", type=float, default=60, help="seconds to wait with --background")
     s.add_argument("--tls-psk", metavar="FILE",
                    help="require TLS with this pre-shared key file (see `prepl keygen`)")
+    s.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N",
+                   help="nbdkit worker threads per connection (default: 16 on a primary, "
+                        "the number of CPUs, at least 2, on a secondary)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("keygen", help="write a new TLS pre-shared key file (mode 0600)")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._native import ffi, lib
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -179,6 +179,40 @@ def stage_write(fd, buf, offset, data_map, zero_map, nbits, block):
     return bytes(ffi.buffer(out, 16))
 
 
+def stage_batch(fd, data, offsets, lengths, data_map, zero_map, nbits, block):
+    """stage_write for several entries in one C call: entry i writes
+    lengths[i] bytes of data (the entries' bytes back to back) at
+    offsets[i].  Returns the list of their hashes.  Raises OSError
+    (``done``: how many entries were written, their maps updated) or
+    ValueError for ranges outside the maps or lengths that do not add up."""
+    offs = np.asarray(offsets, dtype=np.uint64)
+    lens = np.asarray(lengths, dtype=np.uint64)
+    n = len(offs)
+    if len(lens) != n or block <= 0:
+        raise ValueError("offsets and lengths differ in number, or block size <= 0")
+    if int(lens.sum(dtype=np.uint64)) != len(data) or np.any(lens > len(data)):
+        raise ValueError(f"the entries' lengths do not add up to the {len(data)} bytes given")
+    _check_map(data_map, nbits, True)
+    _check_map(zero_map, nbits, True)
+    if n and np.any(offs > np.uint64(nbits * block)):
+        raise ValueError("an entry starts outside the maps")
+    b = np.uint64(block)
+    ends = (offs + lens + b - np.uint64(1)) // b        # no overflow: all bounded above
+    if n and int(ends.max()) > nbits:
+        raise ValueError(f"an entry ends outside a map of {nbits} blocks")
+    hashes = ffi.new("unsigned char[]", 16 * max(n, 1))
+    done = ffi.new("size_t *")
+    offs, lens = np.ascontiguousarray(offs), np.ascontiguousarray(lens)
+    r = lib.pr_stage_batch(fd, ffi.from_buffer(data), _ptr(offs), _ptr(lens), n,
+                           _ptr(data_map), _ptr(zero_map), block, hashes, done)
+    if r < 0:
+        e = OSError(-r, f"staged write: {os.strerror(-r)}")
+        e.done = done[0]
+        raise e
+    raw = bytes(ffi.buffer(hashes, 16 * n))
+    return [raw[16 * i:16 * i + 16] for i in range(n)]
+
+
 # ---- the write path --------------------------------------------------------
 
 def _log2(n, what):
@@ -301,6 +335,20 @@ class Volume:
                              len(buf), offset)
         if r:
             self._fail(r, len(buf), offset)
+
+    def snap_pread_segments(self, snap, buf, segments):
+        """snap_pread of several (position in buf, volume offset, length)
+        segments in one C call."""
+        a = np.array(segments, dtype=np.uint64).reshape(-1, 3)
+        if len(a) and (int((a[:, 0] + a[:, 2]).max()) > len(buf)
+                       or int(a[:, 2].max()) > len(buf)):
+            raise ValueError("a segment does not fit the buffer")
+        pos, offs, lens = (np.ascontiguousarray(a[:, i]) for i in range(3))
+        r = lib.pr_snap_read_segments(self._c, snap._c,
+                                      ffi.from_buffer(buf, require_writable=True),
+                                      _ptr(pos), _ptr(offs), _ptr(lens), len(a))
+        if r:
+            self._fail(r, len(buf), 0)
 
     def flush(self):
         _raise(lib.pr_flush(self._c), "flush")

@@ -86,9 +86,10 @@ def encode_header(entries):
 
 
 def decode(buf):
-    """[(offset, length, zero, data)] of a batch (data: a memoryview slice of
-    buf for data entries, None for zero entries).  Raises ValueError with
-    what is wrong; nothing is decoded partially."""
+    """(entries, data) of a batch: entries [(offset, length, zero)], data a
+    memoryview of buf holding the data entries' bytes back to back.  Raises
+    ValueError with what is wrong (also for entries that are not in
+    increasing offset order, or overlap); nothing is decoded partially."""
     mv = memoryview(buf).cast("B")
     if len(mv) < HEADER.size:
         raise ValueError(f"a batch of {len(mv)} bytes is shorter than its header")
@@ -100,21 +101,22 @@ def decode(buf):
     if hsize > len(mv):
         raise ValueError(f"a batch header of {count} entries does not fit in {len(mv)} bytes")
     e = np.frombuffer(mv[HEADER.size:hsize], ENTRY)
-    out = []
-    pos = hsize
+    entries = []
+    need = hsize
+    end = 0
     for off, length in zip(e["offset"].tolist(), e["length"].tolist()):
-        if length & ZERO_FLAG:
-            out.append((off, length & ~ZERO_FLAG, True, None))
-            continue
-        if length > len(mv) - pos:
-            raise ValueError(f"the data entries of a batch of {len(mv)} bytes with a "
-                             f"{hsize}-byte header need more bytes than it has")
-        out.append((off, length, False, mv[pos:pos + length]))
-        pos += length
-    if pos != len(mv):
-        raise ValueError(f"a batch of {len(mv)} bytes has {len(mv) - pos} bytes after the "
-                         "data of its entries")
-    return out
+        zero = bool(length & ZERO_FLAG)
+        length &= ~ZERO_FLAG
+        if off < end:
+            raise ValueError(f"batch entries out of order or overlapping at offset {off}")
+        end = off + length
+        if not zero:
+            need += length
+        entries.append((off, length, zero))
+    if need != len(mv):
+        raise ValueError(f"a batch of {len(mv)} bytes with a {hsize}-byte header has data "
+                         f"entries of {need - hsize} bytes")
+    return entries, mv[hsize:]
 
 
 class Stream:

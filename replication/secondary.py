@@ -423,6 +423,31 @@ class Replica:
                 self.block))
         self.writeback.staged(st["fd"], len(buf))
 
+    def stage_batch(self, entries, data):
+        """A decoded batch (replication/pack.py): its data entries staged in
+        one C call without the GIL, then its zero entries.  The caller has
+        checked every entry's range and alignment."""
+        st = self.stage
+        writes = [(o, n) for o, n, z in entries if not z]
+        locks = sorted({(o // manifest.PIECE) % len(self.hash_locks) for o, _ in writes})
+        for i in locks:
+            self.hash_locks[i].acquire()
+        try:
+            for o, _ in writes:         # a failed write leaves no hash (see stage_write)
+                self.hashes.pop(o, None)
+            hashes = native.stage_batch(st["fd"], data, [o for o, _ in writes],
+                                        [n for _, n in writes], st["data"].bits,
+                                        st["zero"].bits, self.nblocks, self.block)
+            for (o, n), h in zip(writes, hashes):
+                self.hashes[o] = (n, h)
+        finally:
+            for i in locks:
+                self.hash_locks[i].release()
+        self.writeback.staged(st["fd"], len(data))
+        for o, n, z in entries:
+            if z:
+                self.stage_zero(n, o)
+
     def stage_zero(self, length, offset):
         self._check_aligned(length, offset)
         st = self.stage
@@ -449,6 +474,7 @@ class Replica:
     def commit(self, m):
         """Verifies manifest m against the replica and the staging, applies
         the interval atomically, returns the receipt.  Idempotent."""
+        t0 = time.monotonic()
         with self.lock:
             for key in ("primary_uuid", "replica_uuid", "size", "region_size", "block_size",
                         "base", "target", "extents", "bytes", "digest", "version"):
@@ -482,9 +508,11 @@ class Replica:
                     f"{m['extents']} extents, {m['bytes']} bytes, digest {m['digest'][:16]}")
             # the staged data durable, then one metadata write records it
             # complete and applied (the switch); the merge comes after
+            t1 = time.monotonic()
             os.fdatasync(self.stage["fd"])
             self.stage["data"].sync()
             self.stage["zero"].sync()
+            t2 = time.monotonic()
             faults.point("secondary.commit.staged_durable")
             st.update(state="complete", manifest=m, manifest_digest=_digest_json(m),
                       bytes=d.data_bytes, zero_bytes=d.zero_bytes)
@@ -492,6 +520,9 @@ class Replica:
                 b["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
                               **geometry}
             receipt = self._switch(st)
+            log.info("commit of interval %s: verified in %.3f s, staging durable in %.3f s, "
+                     "switched in %.3f s", m["target"]["seq"], t1 - t0, t2 - t1,
+                     time.monotonic() - t2)
             faults.point("secondary.commit.after_switch")
             self.merger = threading.Thread(target=self._merge_in_background, args=(st,),
                                            name="prepl-merge", daemon=True)

@@ -298,8 +298,7 @@ class PackHandle(Handle):
             segments = self.stream.segments(offset, len(mv))
         except ValueError as e:
             raise OSError(errno.EINVAL, str(e))
-        for pos, off, n in segments:
-            self.vol.snap_pread(self.snap.c, mv[pos:pos + n], off)
+        self.vol.snap_pread_segments(self.snap.c, mv, segments)
 
 
 class ReplicaHandle(Handle):
@@ -372,19 +371,14 @@ class BatchHandle(StageHandle):
 
     def pwrite(self, buf, offset, flags=0):
         try:
-            entries = pack.decode(buf)
+            entries, data = pack.decode(buf)
         except ValueError as e:
             log.error("refused a batch of %d bytes: %s", len(buf), e)
             raise OSError(errno.EINVAL, str(e))
-        r = self.r
-        for off, n, _, _ in entries:
-            r._check_aligned(n, off)
+        for off, n, _ in entries:
+            self.r._check_aligned(n, off)
         self._start()
-        for off, n, zero, data in entries:
-            if zero:
-                r.stage_zero(n, off)
-            else:
-                r.stage_write(data, off)
+        self.r.stage_batch(entries, data)
 
     zero = trim = Handle._refused
 

@@ -55,3 +55,4 @@ def test_status_schema(tmp_path, make_server):
     assert s["applied"]["target"]["name"] == link["cursor"]
     text = prepl("status", prim.state).stdout
     assert "link default: idle" in text and "RPO" in text
+

@@ -65,3 +65,54 @@ def test_bad_input_changes_nothing(tmp_path):
     finally:
         os.close(rfd)
     assert not bits(data) and not bits(zero)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_matches_single_writes(tmp_path, seed):
+    """native.stage_batch == one stage_write per entry: bytes, maps, hashes."""
+    rnd = random.Random(100 + seed)
+    fds, maps = [], []
+    for name in ("batch.img", "single.img"):
+        fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, NBITS * BLOCK)
+        fds.append(fd)
+        z = np.zeros(native.words_for(NBITS), np.uint64)
+        native.bm_set(z, NBITS, 0, NBITS)
+        maps.append((np.zeros_like(z), z))
+    try:
+        for _ in range(5):
+            starts = sorted(rnd.sample(range(0, NBITS, 8), rnd.randint(0, 6)))
+            entries = [(b * BLOCK, rnd.randint(1, 8) * BLOCK - rnd.choice([0, 7])) for b in starts]
+            payload = [rnd.randbytes(n) for _, n in entries]
+            got = native.stage_batch(fds[0], memoryview(b"".join(payload)),
+                                     [o for o, _ in entries], [n for _, n in entries],
+                                     *maps[0], NBITS, BLOCK)
+            want = [native.stage_write(fds[1], p, o, *maps[1], NBITS, BLOCK)
+                    for (o, _), p in zip(entries, payload)]
+            assert got == want == [manifest.piece_hash(p) for p in payload]
+            assert bits(maps[0][0]) == bits(maps[1][0]) and bits(maps[0][1]) == bits(maps[1][1])
+        assert os.pread(fds[0], NBITS * BLOCK, 0) == os.pread(fds[1], NBITS * BLOCK, 0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_batch_bad_input_changes_nothing(tmp_path):
+    data = np.zeros(native.words_for(NBITS), np.uint64)
+    zero = np.zeros_like(data)
+    buf = bytes(2 * BLOCK)
+    for offs, lens, msg in (([0], [BLOCK], "add up"),                  # lengths != data
+                            ([0, BLOCK], [BLOCK], "differ in number"),
+                            ([(NBITS - 1) * BLOCK], [2 * BLOCK], "outside a map"),
+                            ([1 << 62], [2 * BLOCK], "outside the maps"),
+                            ([0], [3 * BLOCK], "add up")):
+        with pytest.raises(ValueError, match=msg):
+            native.stage_batch(0, buf, offs, lens, data, zero, NBITS, BLOCK)
+    rfd = os.open(os.devnull, os.O_RDONLY)    # the first write fails: nothing done
+    try:
+        with pytest.raises(OSError) as e:
+            native.stage_batch(rfd, buf, [0, BLOCK], [BLOCK, BLOCK], data, zero, NBITS, BLOCK)
+        assert e.value.errno == errno.EBADF and e.value.done == 0
+    finally:
+        os.close(rfd)
+    assert not bits(data) and not bits(zero)
