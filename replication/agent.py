@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 
@@ -94,6 +93,36 @@ class _PackHashing(_Hashing):
                         pos += n
             done(err)
         self.src.start_read(buf, offset, hashed)
+
+
+class _Opening:
+    """A connection being opened in a thread, so that handshakes overlap
+    (each is a few round trips; libnbd releases the GIL while it waits)."""
+
+    def __init__(self, open_fn):
+        self._box = {}
+
+        def run():
+            try:
+                self._box["h"] = open_fn()
+            except BaseException as e:      # noqa: BLE001 (raised by result())
+                self._box["e"] = e
+        self._thread = threading.Thread(target=run, name="prepl-connect", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        """The handle (now the caller's), or the opening's exception."""
+        self._thread.join()
+        if "e" in self._box:
+            raise self._box.pop("e")
+        return self._box.pop("h")
+
+    def discard(self):
+        """Closes the handle unless result() took it."""
+        self._thread.join()
+        h = self._box.pop("h", None)
+        if h is not None:
+            _close(h)
 
 
 class Agent:
@@ -196,19 +225,17 @@ class Agent:
                                         target["seq"])
         runs = manifest.runs(data, zero, nblocks, body["block_size"], body["size"])
         phase("plan")
-        digest, stats = self._transfer(primary_uri, body, snap_name, base, target, runs,
-                                       full)
-        phase("transfer")
-        phases["transfer_copy"] = round(stats["seconds"], 4)
-        m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
-             "replica_uuid": info["replica_uuid"], "size": body["size"],
-             "region_size": body["region_size"], "block_size": body["block_size"],
-             "base": base, "target": {"seq": target["seq"], "name": snap_name,
-                                      "time": target["closed_at"]},
-             "extents": digest.extents, "bytes": digest.data_bytes,
-             "digest": digest.hexdigest()}
-        self.ctl("link_update", name=self.name, fields={"state": "applying"})
-        receipt = self._commit(m)
+        # the commit's connection is opened while the transfer runs
+        commit = _Opening(lambda: self.secondary(f"commit/{target['seq']}"))
+        try:
+            digest, stats = self._transfer(primary_uri, body, snap_name, base, target, runs,
+                                           full)
+            phase("transfer")
+            phases["transfer_copy"] = round(stats["seconds"], 4)
+            receipt = self._commit(self._manifest(body, info, base, target, snap_name,
+                                                  digest), commit)
+        finally:
+            commit.discard()
         phase("commit")
         faults.point("agent.after_receipt")
         # advance: only after the receipt
@@ -313,45 +340,65 @@ class Agent:
         return d, stats
 
     def _connect(self, primary_uri, src_export, dst_export):
-        """(source, target) handles, the two handshakes at once (each is a
-        few round trips; libnbd releases the GIL while it waits)."""
-        box = {}
-
-        def open_dst():
-            try:
-                box["h"] = self.secondary(dst_export)
-            except BaseException as e:      # noqa: BLE001 (raised below, in the caller)
-                box["e"] = e
-        t = threading.Thread(target=open_dst, name="prepl-connect", daemon=True)
-        t.start()
+        """(source, target) handles, the two handshakes at once."""
+        dst = _Opening(lambda: self.secondary(dst_export))
         try:
             src_h = open_nbd(primary_uri, export=src_export)
-        finally:
-            t.join()
-            if "h" in box and sys.exc_info()[0] is not None:
-                _close(box.pop("h"))
-        if "e" in box:
+        except BaseException:
+            dst.discard()
+            raise
+        try:
+            return src_h, dst.result()
+        except TransportError as e:
             _close(src_h)
-            e = box.pop("e")
-            if isinstance(e, TransportError) and e.errno == errno.ENOENT and \
-                    dst_export.startswith("batch/"):
+            if e.errno == errno.ENOENT and dst_export.startswith("batch/"):
                 raise RefusedError(f"{e}\nthe secondary does not know batch exports: it runs "
                                    "an older prepl; upgrade it") from None
-            raise e
-        return src_h, box["h"]
+            raise
+        except BaseException:
+            _close(src_h)
+            raise
 
-    def _commit(self, m):
-        h = self.secondary(f"commit/{m['target']['seq']}")
+    def _manifest(self, body, info, base, target, snap_name, digest):
+        return {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
+                "replica_uuid": info["replica_uuid"], "size": body["size"],
+                "region_size": body["region_size"], "block_size": body["block_size"],
+                "base": base, "target": {"seq": target["seq"], "name": snap_name,
+                                         "time": target["closed_at"]},
+                "extents": digest.extents, "bytes": digest.data_bytes,
+                "digest": digest.hexdigest()}
+
+    def _commit(self, m, opening):
+        """Writes manifest m to the commit export, through the connection
+        `opening` (an _Opening) or, if that one failed, a new one (commits
+        are idempotent: sending the manifest again is safe); returns the
+        receipt."""
+        self.ctl("link_update", name=self.name, fields={"state": "applying"})
         try:
-            h.pwrite(json.dumps(m, sort_keys=True).encode(), 0)
-            h.flush()
-            reply = json.loads(h.pread(65536, 0).split(b"\0", 1)[0])
-        except nbd.Error as e:
-            # the outcome is unknown; the next cycle learns it from the
-            # replica's applied interval (commits are idempotent)
-            raise TransportError(f"commit of interval {m['target']['seq']} interrupted: {e}")
-        finally:
-            _close(h)
+            h = opening.result()
+        except TransportError as e:
+            log.info("commit connection failed (%s); opening another", e)
+            h = None
+        for retry in (h is not None, False):
+            if h is None:
+                h = self.secondary(f"commit/{m['target']['seq']}")
+            try:
+                h.pwrite(json.dumps(m, sort_keys=True).encode(), 0)
+                h.flush()
+                reply = json.loads(h.pread(65536, 0).split(b"\0", 1)[0])
+                break
+            except nbd.Error as e:
+                if retry:       # the connection opened during the transfer broke since
+                    log.info("commit on the early connection failed (%s); again on a "
+                             "new one", e)
+                    continue
+                # the outcome is unknown; the next cycle learns it from the
+                # replica's applied interval (commits are idempotent)
+                raise TransportError(f"commit of interval {m['target']['seq']} "
+                                     f"interrupted: {e}")
+            finally:
+                _close(h)
+                h = None
         if not reply.get("ok"):
             raise RefusedError(f"the secondary refused the commit: {reply.get('error')}")
         return reply["receipt"]

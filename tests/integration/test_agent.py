@@ -110,3 +110,34 @@ def test_replica_of_another_volume_is_refused(tmp_path, make_server):
     r = agent_once(prim2, sec, check=False)
     assert r.returncode == 5 and "bound to another volume" in r.stderr
     assert sec.connect().pread(16 * MiB, 0) == before
+
+
+def test_commit_survives_a_secondary_restart_after_the_transfer(tmp_path, make_server,
+                                                                caplog):
+    """The commit's connection is opened while the transfer runs.  When the
+    secondary restarts between the transfer and the commit, that connection
+    is dead: the agent commits on a new one (commits are idempotent), and
+    the replica equals the snapshot."""
+    from replication.agent import Agent
+    prim, sec = make_pair(tmp_path, make_server)
+    agent_once(prim, sec)
+    h = prim.connect()
+    rnd = random.Random(12)
+    for _ in range(30):
+        h.pwrite(rnd.randbytes(8192), rnd.randrange(16 * MiB // 4096 - 2) * 4096)
+    h.flush()
+    a = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}",
+              primary_uri=f"nbd+unix:///?socket={prim.sock}")
+    transfer = a._transfer
+
+    def transfer_then_restart(*args):
+        out = transfer(*args)
+        sec.stop()             # a clean stop: the staging stays, the connection goes
+        sec.start()
+        return out
+    a._transfer = transfer_then_restart
+    caplog.set_level("INFO", logger="replication.agent")
+    receipt = a.cycle()
+    name = receipt["target"]["name"]
+    assert sec.connect().pread(16 * MiB, 0) == prim.connect(f"snap/{name}").pread(16 * MiB, 0)
+    assert "commit on the early connection failed" in caplog.text     # the path taken
