@@ -86,7 +86,8 @@ def test_max_in_flight(tmp_path, make_server):
     h = prim.connect()
     rnd = random.Random(11)
     for _ in range(50):
-        h.pwrite(rnd.randbytes(4096 * rnd.randint(1, 3)), rnd.randrange(16 * MiB // 4096 - 3) * 4096)
+        h.pwrite(rnd.randbytes(4096 * rnd.randint(1, 3)),
+                 rnd.randrange(16 * MiB // 4096 - 3) * 4096)
     agent_once(prim, sec, "--max-in-flight", "4K")
     assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)
 
