@@ -117,6 +117,7 @@ class _Worker:
     nbdkit is still starting up.  wait() returns once every item put so
     far is done; close() ends the thread."""
     name = "prepl-worker"
+    background = False      # run at a lower CPU priority (_background_priority)
 
     def __init__(self):
         self.cond = threading.Condition()
@@ -135,6 +136,8 @@ class _Worker:
         self.queue.put(item)
 
     def _run(self):
+        if self.background:
+            _background_priority()
         while True:
             item = self.queue.get()
             if item is None:
@@ -209,6 +212,7 @@ class _Reaper(_Worker):
     with discard, and nothing should wait for it.  Files left by a stop are
     taken up again at the next start."""
     name = "prepl-reaper"
+    background = True
     STEP = 8 << 20
 
     def __init__(self, directory):
@@ -234,6 +238,18 @@ class _Reaper(_Worker):
         finally:
             os.close(fd)
         os.unlink(path)
+
+
+def _background_priority(niceness=10):
+    """Lowers the calling thread's CPU priority (Linux: a thread id is a
+    process id to setpriority), so that the server's request threads are
+    served first; never raises it."""
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except OSError as e:            # not fatal: the merge just competes as before
+        log.info("could not lower a background thread's priority: %s", e)
 
 
 class Replica:
@@ -605,6 +621,7 @@ class Replica:
                  time.monotonic() - t0)
 
     def _merge_in_background(self, st):
+        _background_priority()
         try:
             self._merge(st)
         except BaseException as e:      # noqa: B036 -- kept for the next staging

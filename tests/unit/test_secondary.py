@@ -382,3 +382,24 @@ def test_complete_staging_with_a_missing_map_is_refused(pair, monkeypatch):
     with pytest.raises(FileNotFoundError):
         Replica(tmp_path / "s")
     r._lockfile = open(os.devnull)
+
+
+def test_background_threads_run_at_lower_priority(pair):
+    """The merge and the reaper step back for the server's request threads
+    (niceness 10); the threads that serve requests keep theirs."""
+    import threading
+    from replication.secondary import _background_priority
+    _, r, _ = pair
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    got = []
+
+    def probe():
+        _background_priority()
+        got.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    th = threading.Thread(target=probe)
+    th.start()
+    th.join()
+    assert got == [max(10, mine)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    reaper = next(x for x in threading.enumerate() if x.name == "prepl-reaper")
+    assert os.getpriority(os.PRIO_PROCESS, reaper.native_id) == max(10, mine)
