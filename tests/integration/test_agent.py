@@ -142,3 +142,20 @@ def test_commit_survives_a_secondary_restart_after_the_transfer(tmp_path, make_s
     name = receipt["target"]["name"]
     assert sec.connect().pread(16 * MiB, 0) == prim.connect(f"snap/{name}").pread(16 * MiB, 0)
     assert "commit on the early connection failed" in caplog.text     # the path taken
+
+
+def test_cycle_of_zeroes_only(tmp_path, make_server):
+    """An interval that only zeroed blocks: its batches carry no data (the
+    pack export is empty), and the zeroes reach the replica."""
+    data = random.Random(13).randbytes(16 * MiB)
+    prim, sec = make_pair(tmp_path, make_server, prefill=data)
+    agent_once(prim, sec)                               # initial sync
+    h = prim.connect()
+    h.zero(3 * MiB, 5 * MiB)
+    h.zero(4096, 12 * MiB)
+    h.flush()
+    agent_once(prim, sec)
+    link = StateDir(prim.state).read_meta()["links"]["default"]
+    assert link["last_cycle"]["bytes"] == 0
+    assert link["last_cycle"]["zero_bytes"] == 3 * MiB + 4096
+    assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)
