@@ -31,10 +31,9 @@ import threading
 import time
 
 import nbd
-import numpy as np
 
 from . import control, faults, manifest, pack
-from .chain import interval_union
+from .chain import union_runs
 from .errors import (InUseError, PreplError, RefusedError, StateError,
                      TimedOutError, UsageError)
 from .state import StateDir
@@ -214,16 +213,9 @@ class Agent:
         phase("snappoint")
         body = self.sd.read_meta()
         target = next(iv for iv in body["intervals"] if iv["closed_by"] == snap_name)
-        nblocks = -(-body["size"] // body["block_size"])
-        if full:
-            data = np.full(-(-nblocks // 64), ~np.uint64(0), np.uint64)
-            if nblocks % 64:
-                data[-1] = np.uint64((1 << (nblocks % 64)) - 1)
-            zero = np.zeros_like(data)
-        else:
-            data, zero = interval_union(self.sd, body, base["seq"] if base else None,
-                                        target["seq"])
-        runs = manifest.runs(data, zero, nblocks, body["block_size"], body["size"])
+        # a full sync is one data run over the whole volume
+        runs = [(0, body["size"], False)] if full else \
+            union_runs(self.sd, body, base["seq"] if base else None, target["seq"])
         phase("plan")
         # the commit's connection is opened while the transfer runs
         commit = _Opening(lambda: self.secondary(f"commit/{target['seq']}"))

@@ -3,7 +3,7 @@ closed intervals (after, upto] as block maps, read-only from the map files
 (closed maps never change; their digests are in the metadata)."""
 import numpy as np
 
-from . import native
+from . import manifest, native
 from .maps import MapFile
 from .errors import StateError
 
@@ -35,3 +35,12 @@ def interval_union(sd, body, after_seq, upto_seq):
     if not found:
         raise StateError(f"interval {upto_seq} is not a closed interval of {sd}")
     return bmap & ~zmap, zmap
+
+
+def union_runs(sd, body, after_seq, upto_seq):
+    """The run list (manifest.runs) of interval_union(...): what a transfer
+    of the intervals (after_seq, upto_seq] sends, as the agent, the pack
+    export and the tests all see it."""
+    data, zero = interval_union(sd, body, after_seq, upto_seq)
+    return manifest.runs(data, zero, -(-body["size"] // body["block_size"]),
+                         body["block_size"], body["size"])

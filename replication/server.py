@@ -37,8 +37,8 @@ import uuid
 
 import numpy as np
 
-from . import manifest, pack
-from .chain import interval_union
+from . import pack
+from .chain import union_runs
 from .errors import PreplError, StateError, UsageError  # noqa: F401 (PreplError: plugin)
 from .tracker import Tracker
 from .control import ControlServer
@@ -174,12 +174,10 @@ class Server:
                 target = t.body["intervals"][t._interval_closed_by(parts[1])]["seq"]
                 if base is not None and base >= target:
                     raise StateError(f"interval {base} is not before interval {target}")
-                data, zero = interval_union(t.sd, t.body, base, target)
+                run_list = union_runs(t.sd, t.body, base, target)
             except (StateError, OSError) as e:
                 log.error("refused pack export %r: %s", name[:200], e)
                 raise OSError(errno.EINVAL, str(e))
-        bs = t.body["block_size"]
-        run_list = manifest.runs(data, zero, t.nblocks, bs, t.size)
         if pack.fingerprint(run_list) != parts[3]:
             log.error("refused pack export %r: the run list of intervals (%s, %d] here has "
                       "fingerprint %s", name[:200], parts[2], target, pack.fingerprint(run_list))
@@ -342,13 +340,15 @@ class StageHandle(Handle):
         raise OSError(errno.EPERM, "the staging export is write-only")
 
     def pwrite(self, buf, offset, flags=0):
-        self.r._check_aligned(len(buf), offset)    # a refused request starts nothing
-        self._start()
-        self.r.stage_write(buf, offset)
+        if not self.started:          # a refused request starts nothing
+            self.r._check_aligned(len(buf), offset)
+            self._start()
+        self.r.stage_write(buf, offset)     # checks the request (every time)
 
     def zero(self, count, offset, flags=0):
-        self.r._check_aligned(count, offset)
-        self._start()
+        if not self.started:
+            self.r._check_aligned(count, offset)
+            self._start()
         self.r.stage_zero(count, offset)
 
     trim = zero

@@ -11,22 +11,12 @@ import nbd
 import pytest
 
 from replication import manifest, pack
-from replication.chain import interval_union
 from replication.state import StateDir
 from tests.conftest import ENV
-from tests.integration.test_secondary_exports import SIZE, pair, read_doc  # noqa: F401
+from tests.integration.test_secondary_exports import (SIZE, commit, interval_runs,  # noqa: F401
+                                                      pair, read_doc)
 
 EINVAL = 22
-
-
-def interval_runs(prim, base_seq, name):
-    sd = StateDir(prim.state)
-    body = sd.read_meta()
-    target = next(iv for iv in body["intervals"] if iv["closed_by"] == name)
-    data, zero = interval_union(sd, body, base_seq, target["seq"])
-    runs = manifest.runs(data, zero, -(-body["size"] // body["block_size"]),
-                         body["block_size"], body["size"])
-    return body, target, runs
 
 
 def pack_name(name, base_seq, runs):
@@ -62,18 +52,7 @@ def ship_packed(prim, sec, base, name, batch_bytes=64 << 10):
                 pos += n
         dst.pwrite(pack.encode_header(b.entries) + data, b.stream_offset)
     dst.flush()
-    info = read_doc(sec, "info")
-    m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
-         "replica_uuid": info["replica_uuid"], "size": body["size"],
-         "region_size": body["region_size"], "block_size": body["block_size"],
-         "base": base, "target": {"seq": target["seq"], "name": name},
-         "extents": d.extents, "bytes": d.data_bytes, "digest": d.hexdigest()}
-    c = sec.connect(f"commit/{target['seq']}")
-    c.pwrite(json.dumps(m).encode(), 0)
-    c.flush()
-    reply = json.loads(c.pread(65536, 0).split(b"\0", 1)[0])
-    c.shutdown()
-    return m, reply
+    return commit(sec, body, base, target, name, d)
 
 
 def test_pack_export_is_the_snapshot_packed(pair):

@@ -10,7 +10,7 @@ import nbd
 import pytest
 
 from replication import manifest
-from replication.chain import interval_union
+from replication.chain import union_runs
 from replication.state import StateDir
 from tests.conftest import ENV, prepl
 
@@ -25,29 +25,18 @@ def read_doc(srv, export):
         h.shutdown()
 
 
-def ship(prim, sec, base, name, tamper=None):
-    """One interval, the agent's way, with libnbd: snap/NAME -> staging,
-    then the manifest into commit/TARGET; returns (manifest, reply)."""
+def interval_runs(prim, base_seq, name):
+    """(metadata, the interval NAME closes, the run list since base_seq)."""
     sd = StateDir(prim.state)
     body = sd.read_meta()
-    info = read_doc(sec, "info")
     target = next(iv for iv in body["intervals"] if iv["closed_by"] == name)
-    data, zero = interval_union(sd, body, base["seq"] if base else None, target["seq"])
-    runs = manifest.runs(data, zero, -(-body["size"] // body["block_size"]),
-                         body["block_size"], body["size"])
-    src = prim.connect(f"snap/{name}")
-    dst = sec.connect(f"stage/{body['volume_uuid']}/{base['seq'] if base else 'none'}/"
-                      f"{target['seq']}")
-    d = manifest.Digest()
-    for off, n, z in manifest.pieces(runs):
-        if z:
-            dst.zero(n, off)
-            d.add(off, n, True)
-        else:
-            buf = src.pread(n, off)
-            dst.pwrite(buf, off)
-            d.add(off, n, False, buf)
-    dst.flush()
+    return body, target, union_runs(sd, body, base_seq, target["seq"])
+
+
+def commit(sec, body, base, target, name, d, tamper=None):
+    """The manifest of a staged interval (digest d) into commit/TARGET;
+    returns (manifest, reply)."""
+    info = read_doc(sec, "info")
     m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
          "replica_uuid": info["replica_uuid"], "size": body["size"],
          "region_size": body["region_size"], "block_size": body["block_size"],
@@ -61,6 +50,26 @@ def ship(prim, sec, base, name, tamper=None):
     reply = json.loads(c.pread(65536, 0).split(b"\0", 1)[0])
     c.shutdown()
     return m, reply
+
+
+def ship(prim, sec, base, name, tamper=None):
+    """One interval, the agent's way, with libnbd: snap/NAME -> staging,
+    then the manifest into commit/TARGET; returns (manifest, reply)."""
+    body, target, runs = interval_runs(prim, base["seq"] if base else None, name)
+    src = prim.connect(f"snap/{name}")
+    dst = sec.connect(f"stage/{body['volume_uuid']}/{base['seq'] if base else 'none'}/"
+                      f"{target['seq']}")
+    d = manifest.Digest()
+    for off, n, z in manifest.pieces(runs):
+        if z:
+            dst.zero(n, off)
+            d.add(off, n, True)
+        else:
+            buf = src.pread(n, off)
+            dst.pwrite(buf, off)
+            d.add(off, n, False, buf)
+    dst.flush()
+    return commit(sec, body, base, target, name, d, tamper)
 
 
 @pytest.fixture

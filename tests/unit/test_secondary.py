@@ -10,7 +10,7 @@ import random
 import pytest
 
 from replication import faults, manifest, secondary, state
-from replication.chain import interval_union
+from replication.chain import union_runs
 from replication.errors import RefusedError
 from replication.secondary import Replica
 from replication.tracker import Tracker
@@ -61,8 +61,7 @@ def ship(t, r, base, name, tamper=None, split=False):
     is staged as two writes (not the transfer's request boundaries)."""
     body = t.body
     target = next(iv for iv in body["intervals"] if iv["closed_by"] == name)
-    data, zero = interval_union(t.sd, body, base["seq"] if base else None, target["seq"])
-    runs = manifest.runs(data, zero, t.nblocks, body["block_size"], body["size"])
+    runs = union_runs(t.sd, body, base["seq"] if base else None, target["seq"])
     r.begin_staging(body["volume_uuid"], "none" if base is None else str(base["seq"]),
                     str(target["seq"]))
     d = manifest.Digest()
