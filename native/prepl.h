@@ -61,6 +61,13 @@ void pr_volume_close(pr_volume *v);
  * again.  Returns 0 or -errno (-ENOSPC: too many active snapshots). */
 int pr_volume_switch(pr_volume *v, uint64_t *cmap, uint64_t *bmap,
                      uint64_t *zmap, pr_snap *snap);
+/* Undoes the last switch, whose durable record could not be written: the
+ * maps of the interval it closed (cmap, bmap, zmap) become the open maps
+ * again, holding the union of both intervals, and snap (if not NULL)
+ * leaves the active snapshots (free it with pr_snap_release).  Under the
+ * same exclusive lock as a switch. */
+void pr_volume_unswitch(pr_volume *v, uint64_t *cmap, uint64_t *bmap,
+                        uint64_t *zmap, pr_snap *snap);
 /* Merges a closed interval's maps into the open interval (under the same
  * exclusive lock as a switch). */
 void pr_volume_merge_open(pr_volume *v, const uint64_t *cmap,
@@ -75,6 +82,11 @@ int pr_zero(pr_volume *v, uint64_t len, uint64_t off, uint32_t flags);
 int pr_trim(pr_volume *v, uint64_t len, uint64_t off, uint32_t flags);
 int pr_read(pr_volume *v, char *buf, uint64_t len, uint64_t off);
 int pr_flush(pr_volume *v);
+/* A failed fdatasync of the volume (in a flush, a FUA write or a
+ * snappoint) is sticky: pr_flush reports it from then on.  0 if none. */
+int pr_volume_sync_error(pr_volume *v);
+/* Records err as such a failure (for a sync failed outside C). */
+void pr_volume_sync_failed(pr_volume *v, int err);
 
 /* After the closed interval is durable: the activity log on disk becomes
  * the extents touched since the last switch and in the interval before. */

@@ -50,7 +50,7 @@
 #include <xxhash.h>
 #include "prepl.h"
 
-#define PR_ABI 10
+#define PR_ABI 11
 #define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
@@ -84,6 +84,7 @@ struct pr_volume {
   uint64_t writers, max_writers, al_syncs, writes;  /* atomic counters */
   int closed;                   /* set under epoch (exclusive) */
   int fault;                    /* armed fault point (tests), atomic */
+  int sync_err;                 /* atomic: errno of a failed fdatasync, sticky */
 };
 
 int
@@ -206,6 +207,38 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
   }
   pthread_rwlock_unlock (&v->epoch);
   return r;
+}
+
+void
+pr_volume_unswitch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
+                    uint64_t *zmap, pr_snap *snap)
+{
+  uint64_t i, ncw = (v->nregions + 63) / 64, nbw = (v->nblocks + 63) / 64;
+  pthread_rwlock_wrlock (&v->epoch);
+  /* the union of the two intervals, in the older one's maps: a block is
+   * zeroed if the newer interval zeroed it, or the older one did and the
+   * newer one did not write it (the rule of pr_bm_merge_interval) */
+  for (i = 0; i < ncw; i++)
+    cmap[i] |= v->cmap[i];
+  for (i = 0; i < nbw; i++) {
+    zmap[i] = v->zmap[i] | (zmap[i] & ~v->bmap[i]);
+    bmap[i] |= v->bmap[i];
+  }
+  v->cmap = cmap;
+  v->bmap = bmap;
+  v->zmap = zmap;
+  for (i = 0; snap && i < (uint64_t)v->nsnaps; i++)
+    if (v->snaps[i] == snap) {
+      v->snaps[i] = v->snaps[--v->nsnaps];
+      v->snaps[v->nsnaps] = NULL;
+      break;
+    }
+  /* both sets are durable in the log: the interval goes on with both */
+  pthread_mutex_lock (&v->al_lock);
+  for (i = 0; i < v->al_words; i++)
+    v->al_mem[i] |= v->al_prev[i];
+  pthread_mutex_unlock (&v->al_lock);
+  pthread_rwlock_unlock (&v->epoch);
 }
 
 void
@@ -469,6 +502,23 @@ zero_data (pr_volume *v, uint64_t len, uint64_t off, int punch, int fast)
   return 0;
 }
 
+/* fdatasync of the volume.  A failure is sticky: after an EIO the kernel
+ * may have dropped the dirty pages and a second fdatasync can succeed
+ * although the data is gone, so every later flush reports the first error
+ * (until the server restarts and its recovery takes over). */
+static int
+volume_sync (pr_volume *v)
+{
+  int e = __atomic_load_n (&v->sync_err, __ATOMIC_SEQ_CST);
+  if (e)
+    return -e;
+  if (fdatasync (v->fd) == 0)
+    return 0;
+  e = errno;
+  pr_volume_sync_failed (v, e);
+  return -e;
+}
+
 static void
 count_in (pr_volume *v)
 {
@@ -523,8 +573,8 @@ modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
     if (zb1 > zb0)
       pr_bm_set_range (v->zmap, zb0, zb1 - zb0);
   }
-  if (err == 0 && (flags & PR_FUA) && fdatasync (v->fd) == -1)
-    err = -errno;
+  if (err == 0 && (flags & PR_FUA))
+    err = volume_sync (v);
   stripes_do (v, r0, r1, pthread_mutex_unlock);
 out:
   pthread_rwlock_unlock (&v->epoch);
@@ -562,7 +612,21 @@ pr_read (pr_volume *v, char *buf, uint64_t len, uint64_t off)
 int
 pr_flush (pr_volume *v)
 {
-  return fdatasync (v->fd) == -1 ? -errno : 0;
+  return volume_sync (v);
+}
+
+int
+pr_volume_sync_error (pr_volume *v)
+{
+  return __atomic_load_n (&v->sync_err, __ATOMIC_SEQ_CST);
+}
+
+void
+pr_volume_sync_failed (pr_volume *v, int err)
+{
+  int zero = 0;
+  __atomic_compare_exchange_n (&v->sync_err, &zero, err, 0, __ATOMIC_SEQ_CST,
+                               __ATOMIC_SEQ_CST);
 }
 
 uint64_t

@@ -33,7 +33,7 @@ import time
 import nbd
 
 from . import control, faults, manifest, pack
-from .chain import union_runs
+from .chain import DamagedMapError, union_runs, verify_interval
 from .errors import (InUseError, PreplError, RefusedError, StateError,
                      TimedOutError, UsageError)
 from .state import StateDir
@@ -182,24 +182,26 @@ class Agent:
         # the replica's interval must be this primary's very interval: same
         # number, closed by the same snappoint at the same time (a stale copy
         # of this primary has intervals of the same numbers, not the same ones)
-        if base and not any(iv["seq"] == base["seq"] and iv["closed_by"] == base.get("name")
-                            and iv.get("closed_at") == base.get("time")
-                            for iv in body["intervals"]):
+        resync = bool((body["links"].get(self.name) or {}).get("resync"))
+        if base and not resync and not any(
+                iv["seq"] == base["seq"] and iv["closed_by"] == base.get("name")
+                and iv.get("closed_at") == base.get("time") for iv in body["intervals"]):
             raise RefusedError(f"the replica applied interval {base['seq']} "
                                f"({base.get('name')}), which this primary does not hold (a "
                                "stale copy of the primary, or the snappoint was deleted); a "
-                               "full resync is needed")
-        full = base is None and not self._can_skip_initial_sync(body, info)
+                               f"full resync is needed: `prepl link resync {self.sd} "
+                               f"{self.name}`")
+        full = resync or (base is None and not self._can_skip_initial_sync(body, info))
+        if resync:
+            log.warning("link %s: replicating the whole volume (resync requested)", self.name)
+        elif not full:      # before a snappoint is taken for a cycle that cannot work
+            for iv in body["intervals"][:-1]:
+                if base is None or iv["seq"] > base["seq"]:
+                    verify_interval(self.sd, iv)
         self.ctl("link_update", name=self.name,
                  fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,
                          "state": "syncing" if full else "transferring"})
-        seq = body["next_seq"]
-        # the server's view, not only the file's: a snappoint whose metadata
-        # write failed (e.g. ENOSPC) may still hold its name in the server
-        taken = {sp["name"] for sp in self.ctl("snappoint_list")}
-        while f"{self.name}.{seq}" in taken:
-            seq += 1
-        snap_name = f"{self.name}.{seq}"
+        snap_name = f"{self.name}.{body['next_seq']}"
         primary_uri = self.primary_uri()      # asked before the timed part starts
         t0 = time.time()
         phases = {}
@@ -232,7 +234,7 @@ class Agent:
         faults.point("agent.after_receipt")
         # advance: only after the receipt
         self.ctl("link_update", name=self.name, fields={
-            "cursor": snap_name, "state": "idle", "progress": None,
+            "cursor": snap_name, "state": "idle", "progress": None, "resync": False,
             "last_cycle": {"snappoint": snap_name, "bytes": digest.data_bytes,
                            "zero_bytes": digest.zero_bytes, "seconds": time.time() - t0,
                            "applied_at": receipt["applied_at"], "full": full,
@@ -496,10 +498,16 @@ def run(args):
                       f" ({receipt['bytes']} bytes)")
                 return 0
             next_due = time.monotonic() + args.interval
-        except RefusedError as e:
+        except (RefusedError, DamagedMapError) as e:
             if sync:
                 sync.end(n, {"ok": False, "error": str(e), "code": e.code})
-            raise
+            if args.once or isinstance(e, RefusedError):
+                raise
+            # a damaged map needs the operator (prepl link resync): keep asking
+            log.error("cycle failed: %s; retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+            next_due = time.monotonic()
         except (TransportError, PreplError, OSError) as e:
             if sync:
                 sync.end(n, {"ok": False, "error": str(e), "code": "failed"})

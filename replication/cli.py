@@ -314,6 +314,10 @@ def _show_status(args, st):
               f"{oi['changed_blocks']} blocks changed")
     for sp in st.get("snappoints", []):
         print(f"snappoint {sp['name']}: snapshot {sp['snapshot']}")
+    for d in st.get("damaged_intervals") or []:
+        print(f"DAMAGED interval {d['interval']}: {d['file']}; needed by link(s) "
+              f"{', '.join(d['needed_by']) or 'none'}: `prepl link resync {st['state_dir']} "
+              "LINK` for each")
     for name, ln in (st.get("links") or {}).items():
         if "agent_running" not in ln:
             continue
@@ -365,6 +369,18 @@ def cmd_snap_convert(args):
 def cmd_snap_delete(args):
     _request(args, "snappoint_delete", name=args.name)
     print(f"snappoint {args.name} deleted (its changes merged into the next interval)")
+    return EXIT_OK
+
+
+# ---- links -------------------------------------------------------------------
+
+def cmd_link_resync(args):
+    info = _request(args, "link_resync", name=args.name)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"link {args.name}: its next cycle replicates the whole volume (a full resync); "
+              "the replica keeps its current image until that cycle applies")
     return EXIT_OK
 
 
@@ -497,6 +513,16 @@ def parser():
     c.add_argument("state")
     c.add_argument("name", type=_name)
     c.set_defaults(func=cmd_snap_delete)
+
+    s = sub.add_parser("link", help="manage a replication link of a primary")
+    lsub = s.add_subparsers(dest="linkcmd", required=True, metavar="ACTION")
+    c = lsub.add_parser("resync", help="make the link's next cycle send the whole volume "
+                        "(after a damaged closed map, or a replica that is no image of this "
+                        "primary's chain)")
+    c.add_argument("state")
+    c.add_argument("name", type=_name, help="the link's name (agent --name, default 'default')")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_link_resync)
     return p
 
 

@@ -11,9 +11,10 @@ import os
 
 import numpy as np
 
+from . import faults
 from ._native import ffi, lib
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -289,6 +290,20 @@ class Volume:
         if snap is not None:
             self._snaps.append(snap)
 
+    def unswitch(self, maps, snap=None):
+        """Undoes the last switch (its record could not be written): maps,
+        the interval it closed, are open again and hold both intervals'
+        changes; snap, the snapshot it started, is no longer copied into."""
+        cmap, bmap, zmap = maps
+        _check_map(cmap, self.nregions, True)
+        _check_map(bmap, self.nblocks, True)
+        _check_map(zmap, self.nblocks, True)
+        lib.pr_volume_unswitch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
+                               snap._c if snap is not None else ffi.NULL)
+        self._maps = maps
+        if snap in self._snaps:
+            self._snaps.remove(snap)
+
     def close(self):
         """Drains in-flight writes; later writes fail with ESHUTDOWN."""
         lib.pr_volume_close(self._c)
@@ -351,7 +366,16 @@ class Volume:
             self._fail(r, len(buf), 0)
 
     def flush(self):
+        try:
+            faults.io("primary.volume.flush")
+        except OSError as e:
+            lib.pr_volume_sync_failed(self._c, e.errno)
         _raise(lib.pr_flush(self._c), "flush")
+
+    @property
+    def sync_error(self):
+        """errno of the first failed fdatasync of the volume (sticky), or 0."""
+        return lib.pr_volume_sync_error(self._c)
 
     def al_trim(self):
         _raise(lib.pr_al_trim(self._c), "activity log write")

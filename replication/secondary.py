@@ -38,6 +38,7 @@ image at the snappoint of the last applied interval.
   needs no re-read, otherwise (a restart, other request boundaries) the
   staging is read back and hashed.
 """
+import copy
 import errno
 import hashlib
 import json
@@ -52,6 +53,7 @@ import numpy as np
 from . import faults, manifest, native
 from .errors import RefusedError, StateError
 from .maps import MapFile
+from .meta import Metadata
 from .state import StateDir, volume_size
 
 log = logging.getLogger(__name__)
@@ -259,11 +261,10 @@ class Replica:
         if body["role"] != "secondary":
             raise StateError(f"{self.sd} is a {body['role']} state directory, not a secondary")
         self._lockfile = self.sd.lock()
-        self.body = body
-        body.setdefault("bound", None)
-        body.setdefault("applied", None)
-        body.setdefault("receipts", [])
-        body.setdefault("staging", None)
+        for key, empty in (("bound", None), ("applied", None), ("receipts", []),
+                           ("staging", None)):
+            body.setdefault(key, empty)      # absent means empty: nothing to write
+        self.md = Metadata(self.sd.path, body)
         self.size = body["size"]
         self.block = body["block_size"]
         self.nblocks = -(-self.size // self.block)
@@ -289,10 +290,19 @@ class Replica:
             log.warning("redoing the apply of interval %s from its durable staging",
                         st["target"])
             self._open_staging(st.get("in_place", False), complete=True)
-            self._switch(st)
+            if self._applied_seq() != st["target"]:    # recorded with "complete"
+                raise StateError(f"{self.sd}: a complete staging of interval {st['target']} "
+                                 "that is not recorded as applied: the metadata is damaged")
+            self._serve_overlay(st)
             self._merge(st)
         elif st:
             self._open_staging(st.get("in_place", False))
+
+    @property
+    def body(self):
+        """The metadata as last written (read-only: change it through
+        self.md.change())."""
+        return self.md.body
 
     # ---- identity ------------------------------------------------------
     def info(self):
@@ -377,15 +387,20 @@ class Replica:
             "zero": MapFile(maps[1], self.nblocks, create=create),
         }
 
-    def _discard_staging(self):
-        """Forgets the staging: its maps are removed; its data file is kept
-        for the next staging while it holds at most KEEP_STAGING of the
-        replica's size (its blocks are then allocated already, and nothing
-        is freed per interval), else it goes to the reaper."""
+    def _close_staging(self):
         self.hashes = {}
         if self.stage:
             os.close(self.stage["fd"])
             self.stage = None
+
+    def _discard_staging(self):
+        """Removes the staging's files (the caller records that it is gone,
+        before or after, see _open_staging): its maps are removed; its data
+        file is kept for the next staging while it holds at most
+        KEEP_STAGING of the replica's size (its blocks are then allocated
+        already, and nothing is freed per interval), else it goes to the
+        reaper."""
+        self._close_staging()
         # data.bmap first, data.img last: a stop in between leaves a staging
         # that starts afresh (see _open_staging)
         names = sorted(os.listdir(self.sd.p("staging")),
@@ -396,7 +411,6 @@ class Replica:
                 os.unlink(path)
             elif os.stat(path).st_blocks * 512 > self.size * KEEP_STAGING:
                 self.reaper.discard(path)
-        self.body["staging"] = None
 
     def begin_staging(self, primary_uuid, base, target):
         """The staging area of interval base->target, created on its first
@@ -411,12 +425,19 @@ class Replica:
                 return
             if st and st["state"] == "complete":
                 raise RefusedError("a complete staging is waiting to be applied")
+            # the files of a receiving staging go before the record does: a
+            # stop in between leaves a receiving staging without data.bmap,
+            # which starts afresh (_open_staging)
             self._discard_staging()
             in_place = self.body["applied"] is None
-            self._open_staging(in_place)
-            self.body["staging"] = dict(key, state="receiving", started=time.time(),
-                                        in_place=in_place)
-            self.sd.write_meta(self.body)
+            try:
+                self._open_staging(in_place)
+                with self.md.change() as new:
+                    new["staging"] = dict(key, state="receiving", started=time.time(),
+                                          in_place=in_place)
+            except BaseException:
+                self._close_staging()
+                raise
             log.info("staging interval %s -> %s from primary %s", base, target, primary_uuid)
 
     def _check_aligned(self, length, offset):
@@ -513,7 +534,8 @@ class Replica:
                                   str(m["target"]["seq"]))
             st = b["staging"]
             if not st or st["primary_uuid"] != m["primary_uuid"] or \
-                    st["base"] != _base_key(m["base"]) or st["target"] != str(m["target"]["seq"]):
+                    st["base"] != _base_key(m["base"]) or \
+                    st["target"] != str(m["target"]["seq"]) or self.stage is None:
                 raise RefusedError("nothing is staged for this interval; stage it first")
             d = self._staged_digest()
             if (d.extents, d.data_bytes) != (m["extents"], m["bytes"]) or \
@@ -525,17 +547,19 @@ class Replica:
             # the staged data durable, then one metadata write records it
             # complete and applied (the switch); the merge comes after
             t1 = time.monotonic()
-            os.fdatasync(self.stage["fd"])
-            self.stage["data"].sync()
-            self.stage["zero"].sync()
+            self._make_staging_durable()
             t2 = time.monotonic()
             faults.point("secondary.commit.staged_durable")
+            new = copy.deepcopy(b)
+            st = new["staging"]
             st.update(state="complete", manifest=m, manifest_digest=_digest_json(m),
                       bytes=d.data_bytes, zero_bytes=d.zero_bytes)
-            if b["bound"] is None:
-                b["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
-                              **geometry}
-            receipt = self._switch(st)
+            if new["bound"] is None:
+                new["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
+                                **geometry}
+            receipt = self._record_applied(new)
+            self.md.commit(new)            # durable first, then visible
+            self._serve_overlay(st)
             log.info("commit of interval %s: verified in %.3f s, staging durable in %.3f s, "
                      "switched in %.3f s", m["target"]["seq"], t1 - t0, t2 - t1,
                      time.monotonic() - t2)
@@ -563,32 +587,50 @@ class Replica:
             return d
         return manifest.digest_of(run_list, lambda o, n: _pread_full(self.stage["fd"], n, o))
 
-    def _switch(self, st):
-        """Records the complete, durable staging as the applied interval and
-        serves it as an overlay; returns the receipt."""
+    def _make_staging_durable(self):
+        """fdatasync of the staged data and maps.  A failure is never
+        retried into a success (after an EIO the kernel may have dropped
+        the pages, and a second fdatasync can succeed without them): the
+        staging is dropped, and the agent stages the interval again."""
+        try:
+            faults.io("secondary.staging.fdatasync")
+            os.fdatasync(self.stage["fd"])
+            self.stage["data"].sync()
+            self.stage["zero"].sync()
+        except OSError as e:
+            log.error("the staged data of interval %s could not be made durable (%s): the "
+                      "staging is dropped and must be sent again", self.body["staging"]["target"],
+                      e.strerror or e)
+            self._discard_staging()
+            raise
+
+    def _record_applied(self, new):
+        """Records, in the metadata body new (not yet written), its complete
+        staging as the applied interval with a receipt; returns the receipt."""
+        st = new["staging"]
         m = st["manifest"]
         receipt = self.receipt_for(m["target"]["seq"])
         if receipt is None:
-            receipt = {"replica_uuid": self.body["volume_uuid"],
+            receipt = {"replica_uuid": new["volume_uuid"],
                        "primary_uuid": m["primary_uuid"], "base": m["base"],
                        "target": m["target"], "manifest_digest": st["manifest_digest"],
                        "bytes": st["bytes"], "zero_bytes": st["zero_bytes"],
                        "applied_at": time.time()}
-        # durable first (reads still see the previous point meanwhile), then
-        # the switch itself: the lock is held for a flag, not for an fsync
-        self.body["applied"] = {"target": m["target"], "base": m["base"],
-                                "applied_at": receipt["applied_at"]}
-        if self.receipt_for(m["target"]["seq"]) is None:
-            self.body["receipts"] = ([receipt] + self.body["receipts"])[:KEEP_RECEIPTS]
-        self.sd.write_meta(self.body)
-        self.rw.acquire_write()            # waits for running reads only
+            new["receipts"] = ([receipt] + new["receipts"])[:KEEP_RECEIPTS]
+        new["applied"] = {"target": m["target"], "base": m["base"],
+                          "applied_at": receipt["applied_at"]}
+        return receipt
+
+    def _serve_overlay(self, st):
+        """After the record: export "" reads the applied staging (the lock
+        is held for a flag, not for an fsync; it waits for running reads)."""
+        self.rw.acquire_write()
         try:
             self.overlay = not st.get("in_place")
         finally:
             self.rw.release_write()
-        log.info("applied interval %s (%d bytes, %d zeroed)", m["target"],
-                 receipt["bytes"], receipt["zero_bytes"])
-        return receipt
+        log.info("applied interval %s (%d bytes, %d zeroed)", st["manifest"]["target"],
+                 st["bytes"], st["zero_bytes"])
 
     def _merge(self, st):
         """Copies the applied staging into the replica, makes it durable and
@@ -613,8 +655,8 @@ class Replica:
         # the metadata forgets the staging before its files go: a crash in
         # between leaves orphan files (the next staging clears them), never
         # a "complete" staging whose files are gone
-        self.body["staging"] = None
-        self.sd.write_meta(self.body)
+        with self.md.change() as new:
+            new["staging"] = None
         faults.point("secondary.merge.recorded")
         self._discard_staging()
         log.info("merged interval %s into the replica in %.3f s", st["target"],

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import pack
 from .chain import union_runs
-from .errors import PreplError, StateError, UsageError  # noqa: F401 (PreplError: plugin)
+from .errors import EXIT_STATE, PreplError, StateError, UsageError  # noqa: F401
 from .tracker import Tracker
 from .control import ControlServer
 from .secondary import COMMIT_EXPORT_SIZE, Replica
@@ -111,6 +111,7 @@ class Server:
         except FileNotFoundError as e:      # a map, snapshot or staging file is gone
             raise StateError(f"{e.filename} is missing: the state directory {self.state} is "
                              "damaged; refusing to serve it")
+        self.owner.md.fail_stop = _fail_stop
 
     @property
     def owner(self):
@@ -332,8 +333,8 @@ class StageHandle(Handle):
         if not self.started:
             try:
                 self.r.begin_staging(*self.key)
-            except PreplError as e:
-                raise OSError(errno.EPERM, str(e))
+            except PreplError as e:      # refused (EPERM), or the metadata write's errno
+                raise OSError(getattr(e, "errno", None) or errno.EPERM, str(e))
             self.started = True
 
     def pread(self, buf, offset):
@@ -442,6 +443,15 @@ def check_manifest_shape(m, target):
                          "region_size, block_size, extents, bytes, string primary_uuid, "
                          f"replica_uuid, digest, a target {{\"seq\": {target}}} and a base "
                          "that is null or an earlier {\"seq\": N}")
+
+
+def _fail_stop(err):
+    """A metadata write whose durability is unknown (replication/meta.py):
+    the server stops at once, as in a crash; its next start trusts the
+    file it finds and recovers as after any unclean stop."""
+    log.critical("stopping the server: %s", err)
+    logging.shutdown()
+    os._exit(EXIT_STATE)
 
 
 def default_logging():

@@ -1,10 +1,8 @@
 """The state directory of one volume and its metadata file.
 
 Layout of STATE/:
-  meta.json     versioned metadata, {"format", "checksum", "body"}; the
-                checksum is the SHA-256 of the canonical JSON of body, so a
-                damaged file is detected, never trusted.  Written atomically:
-                temp file, fsync, rename, fsync of the directory.
+  meta.json     versioned metadata, {"format", "checksum", "body"}: see
+                replication/meta.py (the one way to change it)
   lock          flock()ed by the one server of this directory; holds its pid
   al            the activity log (see replication/tracker.py)
   maps/         change (.cmap), block (.bmap) and zero (.zmap) map files,
@@ -16,39 +14,18 @@ Layout of STATE/:
 Only the server writes anything here after `prepl init`.
 """
 import fcntl
-import hashlib
-import json
 import os
 import stat
 import time
 import uuid
 
+from . import meta
 from .errors import InUseError, StateError, UsageError
+from .meta import FORMAT, NAME as META, ROLES, fsync_dir  # noqa: F401 (re-exported)
 
-FORMAT = 1
-META = "meta.json"
-ROLES = ("primary", "secondary")
 DEFAULT_REGION = 64 << 10
 DEFAULT_BLOCK = 4 << 10
 DEFAULT_AL_EXTENT = 4 << 20
-# keys every metadata body has since `prepl init`, with their types
-REQUIRED = {"volume_uuid": str, "volume": str, "size": int, "region_size": int,
-            "block_size": int, "role": str, "generation": int, "clean": bool,
-            "intervals": list, "snappoints": list, "links": dict}
-
-
-def _canonical(body):
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def volume_size(path):
     """Size of a regular file or a block device, in bytes."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -76,63 +53,14 @@ class StateDir:
     def pidfile(self):
         return self.p("server.pid")
 
-    # ---- metadata ------------------------------------------------------
+    # ---- metadata (replication/meta.py owns the format) -----------------
     def read_meta(self):
         """The metadata body, checked: format, checksum, required keys."""
-        path = self.p(META)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            if not os.path.isdir(self.path):
-                raise StateError(f"{self.path} does not exist: create it with `prepl init`")
-            raise StateError(f"{self.path} is not a prepl state directory (no {META}): "
-                             "create one with `prepl init`")
-        try:
-            doc = json.loads(raw)
-            fmt = doc["format"]
-            body = doc["body"]
-            checksum = doc["checksum"]
-        except (ValueError, KeyError, TypeError):
-            raise StateError(f"{path} is corrupt (not a prepl metadata document); "
-                             "restore it from a backup or re-create the state directory")
-        if type(fmt) is not int or fmt < 1:
-            raise StateError(f"{path} is corrupt (format {fmt!r} is no prepl metadata "
-                             "format); restore it from a backup or re-create the state "
-                             "directory")
-        if fmt > FORMAT:
-            raise StateError(f"{path} has format {fmt!r}, newer than this prepl understands "
-                             f"({FORMAT}): upgrade prepl")
-        if checksum != "sha256:" + hashlib.sha256(_canonical(body)).hexdigest():
-            raise StateError(f"{path} is corrupt (checksum mismatch); nothing was changed. "
-                             "Restore it from a backup or re-create the state directory")
-        bad = sorted(k for k, t in REQUIRED.items() if type(body.get(k)) is not t) \
-            if isinstance(body, dict) else ["body"]
-        if not bad and (body["role"] not in ROLES or body["size"] <= 0):
-            bad = ["role" if body["role"] not in ROLES else "size"]
-        if bad:
-            raise StateError(f"{path} is corrupt (missing or invalid: {', '.join(bad)}) although "
-                             "its checksum matches; nothing was changed. Restore it from a "
-                             "backup or re-create the state directory")
-        return body
+        return meta.read(self.path)
 
     def write_meta(self, body):
         """Atomically replaces the metadata (durable on return)."""
-        doc = {"format": FORMAT,
-               "checksum": "sha256:" + hashlib.sha256(_canonical(body)).hexdigest(),
-               "body": body}
-        tmp = self.p(META + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.p(META))
-        fsync_dir(self.path)
+        meta.write(self.path, body)
 
     # ---- the server's lock ---------------------------------------------
     def lock(self):

@@ -27,6 +27,7 @@ What it owns: everything in the state directory while the server runs
 * The in-memory metadata is the truth while the server runs; every change
   is written durably before the operation returns.
 """
+import copy
 import logging
 import os
 import threading
@@ -36,7 +37,9 @@ import numpy as np
 
 from . import faults, native
 from .errors import NotFoundError, RefusedError, StateError
-from .maps import MapFile, create_copy, file_digest
+from .chain import DamagedMapError, damaged_intervals, verify_interval
+from .maps import KINDS, DIGEST_PREFIX, MapFile, create_copy, file_digest
+from .meta import Metadata, MetadataWriteError
 from .state import StateDir, flocked, fsync_dir, new_interval, volume_size
 from .units import check_name
 
@@ -44,7 +47,6 @@ log = logging.getLogger(__name__)
 
 AL_HEADER = 4096
 AL_MAGIC = b"PREPL-AL\x01\x00\x00\x00\x00\x00\x00\x00"
-KINDS = ("cmap", "bmap", "zmap")
 MAX_SNAPSHOTS = 64        # MAX_SNAPS in native/writepath.c
 
 
@@ -108,24 +110,27 @@ class Tracker:
             raise StateError(f"{self.sd} is a {body['role']} state directory; serving a "
                              "secondary's replica is not supported by this version yet")
         self._lockfile = self.sd.lock()
-        self.body = body
-        self.dirty = False
+        self.md = Metadata(self.sd.path, body)
+        self.invalidated = {}     # snappoint -> reason: dropped, not yet recorded
+        self.transient = {}       # link -> fields never written (state, progress)
         self.nregions, self.nblocks, self.nextents = geometry(body)
         self.size = body["size"]
         self.vol_fd = self._open_volume()
         self.al_fd = os.open(self.sd.p("al"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.recovered = None
-        self._check_closed_digests()
+        self._check_closed_files()
+        self._upgrade_digests()
         if not body["clean"]:
             self.recovered = self._recover()
         # every file is opened and checked before anything is written: a
         # start refused for a damaged file leaves the log as it was
         self.maps = self._open_maps(self.open_interval)
-        snaps = [(sp["name"], Snapshot(self.sd, body, sp["snapshot"]))
-                 for sp in body["snappoints"] if sp["snapshot"]]
+        snaps = [(sp["name"], Snapshot(self.sd, self.body, sp["snapshot"]))
+                 for sp in self.body["snappoints"] if sp["snapshot"]]
         self._reset_al()
-        self.vol = native.Volume(self.vol_fd, self.size, body["region_size"],
-                                 body["block_size"], self.al_fd, body["al_extent"], AL_HEADER)
+        self.vol = native.Volume(self.vol_fd, self.size, self.body["region_size"],
+                                 self.body["block_size"], self.al_fd, self.body["al_extent"],
+                                 AL_HEADER)
         for point, code in native.WRITE_PATH_FAULTS.items():
             if faults.armed(point) is not None:
                 self.vol.set_fault(code)
@@ -137,15 +142,31 @@ class Tracker:
         self.closed_maps = {}     # seq -> {kind: MapFile} (read-only, lazily)
         self.closed = False
         self.uri = None           # where the server listens (set by the server)
+        self._remove_unknown_snapshots()
+
+    @property
+    def body(self):
+        """The metadata as last written (read-only: change it through
+        self.md.change())."""
+        return self.md.body
+
+    def _remove_unknown_snapshots(self):
+        """Snapshot files no snappoint names (a stop between a convert's or a
+        delete's metadata write and the removal of its files)."""
+        known = {f"s{sp['snapshot']['id']}.{ext}" for sp in self.body["snappoints"]
+                 if sp["snapshot"] for ext in ("img", "vmap")}
+        for d, ext in (("snaps", ".img"), ("maps", ".vmap")):
+            for name in os.listdir(self.sd.p(d)):
+                if name.endswith(ext) and name.startswith("s") and name not in known:
+                    os.unlink(self.sd.p(d, name))
 
     def start(self):
         """Called once the server serves (nbdkit's after_fork): from now on
         a stop without close() is unclean.  Until then nothing was written,
         so a server that fails to start (e.g. its socket is taken) leaves
         the state as it found it."""
-        with self.lock:
-            self.body["clean"] = False
-            self._save()
+        with self.lock, self.md.change() as body:
+            body["clean"] = False
         log.info("serving volume %s (%d bytes, uuid %s) from %s%s", self.body["volume"],
                  self.size, self.body["volume_uuid"], self.sd,
                  " after recovery from an unclean stop" if self.recovered else "")
@@ -180,17 +201,60 @@ class Tracker:
             m = self.closed_maps[interval["seq"]] = self._open_maps(interval, writable=False)
         return m
 
-    def _check_closed_digests(self):
+    def _check_closed_files(self):
+        """Every closed map exists and has its size (else the state directory
+        is damaged beyond what replication can route around: refuse to
+        start).  Their contents are verified when they are used."""
         for iv in self.body["intervals"][:-1]:
             for k in KINDS:
                 p = self.sd.p("maps", iv["maps"][k])
                 try:
-                    d = file_digest(p)
+                    have = os.stat(p).st_size
                 except FileNotFoundError:
                     raise StateError(f"map file {p} is missing: the state directory is damaged")
-                if d != iv["digests"][k]:
-                    raise StateError(f"map file {p} is corrupt (digest mismatch): the state "
-                                     "directory is damaged; nothing was changed")
+                want = native.words_for(_nbits(self.body, k)) * 8
+                if have != want:
+                    raise StateError(f"map file {p} has {have} bytes, expected {want}: the "
+                                     "state directory is damaged")
+
+    def _upgrade_digests(self):
+        """Format 1 recorded SHA-256 digests of closed maps; they become
+        XXH3-128 digests of the same bytes (verified first; a map that does
+        not match is recorded as damaged, never re-digested)."""
+        legacy = [iv for iv in self.body["intervals"][:-1]
+                  if iv.get("digests") and not all(d.startswith(DIGEST_PREFIX)
+                                                   for d in iv["digests"].values())]
+        if not legacy:
+            return
+        with self.md.change() as new:
+            for iv in new["intervals"][:-1]:
+                if iv not in legacy:
+                    continue
+                for k in KINDS:
+                    p = self.sd.p("maps", iv["maps"][k])
+                    if file_digest(p, legacy=True) != iv["digests"][k]:
+                        iv["damaged"] = f"digest mismatch of {iv['maps'][k]} at the upgrade"
+                        break
+                else:
+                    iv["digests"] = {k: file_digest(self.sd.p("maps", iv["maps"][k]))
+                                     for k in KINDS}
+        log.info("upgraded the digests of %d closed intervals to XXH3-128", len(legacy))
+
+    def damaged(self):
+        """The closed intervals whose maps are damaged, for status: each with
+        the file, the reason and the links whose next cycle needs it."""
+        out = []
+        for iv, e in damaged_intervals(self.sd, self.body):
+            needed = [name for name, link in self.body["links"].items()
+                      if self._cursor_seq(link) < iv["seq"]]
+            out.append({"interval": iv["seq"], "file": e.path, "error": str(e),
+                        "needed_by": needed})
+        return out
+
+    def _cursor_seq(self, link):
+        """The interval a link's replica holds (-1: none)."""
+        sp = next((x for x in self.body["snappoints"] if x["name"] == link.get("cursor")), None)
+        return sp["seq"] if sp else -1
 
     # ---- activity log and recovery ---------------------------------------
     def _al_words(self):
@@ -219,7 +283,7 @@ class Tracker:
 
     def _recover(self):
         """Unclean stop: rebuild the open interval, drop every snapshot."""
-        body = self.body
+        body = self.md.body
         iv = self.open_interval
         for k in KINDS:
             p = self.sd.p("maps", iv["maps"][k])
@@ -253,32 +317,21 @@ class Tracker:
         for m in maps.values():
             m.sync()
         dropped = []
-        for sp in body["snappoints"]:
-            if sp["snapshot"]:
-                for p in (self.sd.p("snaps", f"s{sp['snapshot']['id']}.img"),
-                          self.sd.p("maps", f"s{sp['snapshot']['id']}.vmap")):
-                    if os.path.exists(p):
-                        os.unlink(p)
-                sp["snapshot"] = None
-                sp["invalidated"] = "unclean stop: snapshot not trusted"
-                dropped.append(sp["name"])
-        for name in os.listdir(self.sd.p("snaps")):
-            os.unlink(self.sd.p("snaps", name))
-        self._save()
+        with self.md.change() as new:
+            for sp in new["snappoints"]:
+                if sp["snapshot"]:
+                    sp["snapshot"] = None
+                    sp["invalidated"] = "unclean stop: snapshot not trusted"
+                    dropped.append(sp["name"])
+        # the record first, then the files (a stop in between leaves files
+        # that no snappoint names: removed at the next start)
+        self._remove_unknown_snapshots()
         info = {"al_extents": extents, "orphan_maps_merged": merged_orphans,
                 "snapshots_dropped": dropped}
         log.warning("recovered from an unclean stop: %d activity-log extents marked changed, "
                     "%d orphan maps merged, snapshots dropped: %s", extents, merged_orphans,
                     ", ".join(dropped) or "none")
         return info
-
-    def _save(self):
-        """Writes the in-memory metadata durably.  If that fails (e.g. the
-        state filesystem is full) the server keeps the in-memory truth and
-        retries on every housekeeping tick (self.dirty)."""
-        self.dirty = True
-        self.sd.write_meta(self.body)
-        self.dirty = False
 
     # ---- snappoints --------------------------------------------------------
     def _find(self, name):
@@ -293,12 +346,20 @@ class Tracker:
                 return i
         raise StateError(f"snappoint {name!r} closes no interval: the metadata is inconsistent")
 
-    def _next_file_id(self):
-        n = self.body["next_file_id"]
-        self.body["next_file_id"] = n + 1
+    @staticmethod
+    def _next_file_id(body):
+        n = body["next_file_id"]
+        body["next_file_id"] = n + 1
         return n
 
     def create_snappoint(self, name, dataless=False):
+        """Closes the open interval at one instant.  Its effects outside the
+        metadata come in an order that nothing observable runs ahead of the
+        record: the C switch (writers see new maps), then the closed
+        interval made durable and digested, then the metadata written; only
+        then does snap/NAME exist and the log get trimmed.  If anything
+        before the record fails, the switch is undone (the closed maps take
+        the new interval's bits back) and the operation fails."""
         check_name(name)
         with self.lock:
             self._check_open()
@@ -307,62 +368,67 @@ class Tracker:
             if not dataless and len(self.snaps) >= MAX_SNAPSHOTS:
                 raise RefusedError(f"{MAX_SNAPSHOTS} snapshots are active already; convert or "
                                    "delete one first (prepl snappoint convert NAME --dataless)")
-            body = self.body
-            seq = body["next_seq"]
-            iv = new_interval(seq, self._next_file_id())
+            new = copy.deepcopy(self.body)
+            seq = new["next_seq"]
+            iv = new_interval(seq, self._next_file_id(new))
             snap = None
             created = [self.sd.p("maps", f) for f in iv["maps"].values()]
+            switched = False
+            old_maps = self.maps
             try:
-                create_interval_files(self.sd, body, iv)
+                create_interval_files(self.sd, new, iv)
                 new_maps = self._open_maps(iv)
                 if not dataless:
-                    rec = {"id": body["next_snap_id"]}
-                    body["next_snap_id"] += 1          # ids are never reused
+                    rec = {"id": new["next_snap_id"]}
+                    new["next_snap_id"] += 1          # ids are never reused
                     created += [self.sd.p("snaps", f"s{rec['id']}.img"),
                                 self.sd.p("maps", f"s{rec['id']}.vmap")]
-                    snap = Snapshot(self.sd, body, rec, create=True)
+                    snap = Snapshot(self.sd, new, rec, create=True)
                     fsync_dir(self.sd.p("snaps"))
+                self.vol.switch(self._c_maps(new_maps), snap.c if snap else None)
+                switched = True
+                faults.point("primary.snappoint.after_switch")
+                t = time.time()
+                closed = new["intervals"][-1]
+                closed["closed_by"] = name
+                closed["closed_at"] = t
+                # the closed interval durable before anything reads it
+                self.vol.flush()
+                for m in old_maps.values():
+                    m.sync()
+                # nothing writes the closed maps any more: their digests are final
+                closed["digests"] = {k: old_maps[k].digest() for k in KINDS}
+                new["next_seq"] = seq + 1
+                new["intervals"].append(iv)
+                new["snappoints"].append({"name": name, "seq": closed["seq"], "created": t,
+                                          "snapshot": {"id": snap.id} if snap else None,
+                                          "invalidated": None})
+                self.md.commit(new)
             except BaseException:
+                if switched:
+                    self.vol.unswitch(self._c_maps(old_maps), snap.c if snap else None)
+                if snap is not None:
+                    snap.remove(self.vol)
                 for p in created:
                     if os.path.exists(p):
                         os.unlink(p)
                 raise
-            old_iv, old_maps = self.open_interval, self.maps
-            # from here on the in-memory metadata must follow the switch
-            self.vol.switch(self._c_maps(new_maps), snap.c if snap else None)
-            faults.point("primary.snappoint.after_switch")
-            t = time.time()
             self.maps = new_maps
-            body["next_seq"] = seq + 1
             if snap:
                 self.snaps[name] = snap
-            old_iv["closed_by"] = name
-            old_iv["closed_at"] = t
-            # nothing writes the closed maps any more: their digests are final
-            old_iv["digests"] = {k: old_maps[k].digest() for k in KINDS}
-            body["intervals"].append(iv)
-            body["snappoints"].append({"name": name, "seq": old_iv["seq"], "created": t,
-                                       "snapshot": {"id": snap.id} if snap else None,
-                                       "invalidated": None})
-            self.dirty = True
-            self.vol.flush()
-            for m in old_maps.values():
-                m.sync()
-            self._save()
             faults.point("primary.snappoint.after_save")
             self.vol.al_trim()
             log.info("snappoint %s created (%s), interval %d closed", name,
-                     "dataless" if dataless else "with snapshot", old_iv["seq"])
+                     "dataless" if dataless else "with snapshot", closed["seq"])
             return self.snappoint_info(self._find(name))
 
-    def _drop_snapshot(self, sp, reason=None):
-        snap = self.snaps.pop(sp["name"], None)
+    def _free_snapshot(self, name):
+        """Stops copy-on-write into the snapshot of snappoint name and frees
+        its files (after the record says it is gone, or never was)."""
+        snap = self.snaps.pop(name, None)
         if snap is not None:
             self.vol.drop_snap(snap.c)
             snap.remove(self.vol)
-        sp["snapshot"] = None
-        if reason:
-            sp["invalidated"] = reason
 
     def convert_snappoint(self, name):
         with self.lock:
@@ -370,10 +436,11 @@ class Tracker:
             sp = self._find(name)
             if sp["snapshot"] is None:
                 return self.snappoint_info(sp)
-            self._drop_snapshot(sp)
-            self._save()
+            with self.md.change() as new:
+                _find_in(new, name)["snapshot"] = None
+            self._free_snapshot(name)
             log.info("snappoint %s converted to dataless", name)
-            return self.snappoint_info(sp)
+            return self.snappoint_info(self._find(name))
 
     def delete_snappoint(self, name):
         with self.lock:
@@ -383,38 +450,72 @@ class Tracker:
             if users:
                 raise RefusedError(f"snappoint {name!r} is the base of link(s) "
                                    f"{', '.join(users)}; it cannot be deleted")
-            ivs = self.body["intervals"]
+            new = copy.deepcopy(self.body)
+            ivs = new["intervals"]
             i = self._interval_closed_by(name)
             src, dst = ivs[i], ivs[i + 1]
             src_maps = self.closed_interval_maps(src)
             src_bits = self._c_maps(src_maps)
             old_files = [self.sd.p("maps", src["maps"][k]) for k in KINDS]
-            self._drop_snapshot(sp)
-            if dst["closed_by"] is None:
-                self.vol.merge_open(src_bits)
-                for m in self.maps.values():
-                    m.sync()
-            else:
-                dmaps = self.closed_interval_maps(dst)
-                fid = self._next_file_id()
-                names = {k: f"i{dst['seq']}-{fid}.{k}" for k in KINDS}
-                new = {k: create_copy(dmaps[k], self.sd.p("maps", names[k])) for k in KINDS}
-                native.merge_interval(self._c_maps(new), src_bits, self.nregions, self.nblocks)
-                for m in new.values():
-                    m.sync()
-                fsync_dir(self.sd.p("maps"))
-                old_files += [self.sd.p("maps", dst["maps"][k]) for k in KINDS]
-                dst["maps"] = names
-                dst["digests"] = {k: new[k].digest() for k in KINDS}
-                self.closed_maps.pop(dst["seq"], None)
-            del ivs[i]
-            self.body["snappoints"].remove(sp)
+            self._carry_damage(new, src, dst)
+            created = []
+            try:
+                if dst["closed_by"] is None:
+                    # more bits in the open interval are harmless if the
+                    # record then fails (a change counted twice is sent
+                    # twice); bits missing after the record would be lost
+                    self.vol.merge_open(src_bits)
+                    for m in self.maps.values():
+                        m.sync()
+                else:
+                    dmaps = self.closed_interval_maps(dst)
+                    fid = self._next_file_id(new)
+                    names = {k: f"i{dst['seq']}-{fid}.{k}" for k in KINDS}
+                    created = [self.sd.p("maps", names[k]) for k in KINDS]
+                    merged = {k: create_copy(dmaps[k], self.sd.p("maps", names[k]))
+                              for k in KINDS}
+                    native.merge_interval(self._c_maps(merged), src_bits, self.nregions,
+                                          self.nblocks)
+                    for m in merged.values():
+                        m.sync()
+                    fsync_dir(self.sd.p("maps"))
+                    old_files += [self.sd.p("maps", dst["maps"][k]) for k in KINDS]
+                    dst["maps"] = names
+                    dst["digests"] = {k: merged[k].digest() for k in KINDS}
+                del ivs[i]
+                new["snappoints"] = [x for x in new["snappoints"] if x["name"] != name]
+                self.md.commit(new)
+            except BaseException:
+                for p in created:
+                    if os.path.exists(p):
+                        os.unlink(p)
+                raise
+            self._free_snapshot(name)
+            self.closed_maps.pop(dst["seq"], None)
             self.closed_maps.pop(src["seq"], None)
-            self._save()
             for p in old_files:
                 os.unlink(p)
             log.info("snappoint %s deleted; interval %d merged into interval %d", name,
                      src["seq"], dst["seq"])
+
+    def _carry_damage(self, new, src, dst):
+        """Deleting a snappoint merges its interval src into dst: a damaged
+        map must not be laundered by the merge (the merged maps get fresh,
+        matching digests).  dst is recorded as damaged while some link still
+        needs it, and the chain no longer holds every change since the
+        volume was created (chain_truncated: no initial sync is skipped)."""
+        why = None
+        for iv in (src, dst) if dst["closed_by"] else (src,):
+            try:
+                verify_interval(self.sd, iv)
+            except DamagedMapError as e:
+                why = why or f"merged with damaged interval {iv['seq']} ({e.path})"
+        if why is None:
+            return
+        new["chain_truncated"] = True
+        if any(self._cursor_seq(link) < dst["seq"] for link in new["links"].values()):
+            target = next(iv for iv in new["intervals"] if iv["seq"] == dst["seq"])
+            target["damaged"] = target.get("damaged") or why
 
     def snappoint_info(self, sp):
         iv = self.body["intervals"][self._interval_closed_by(sp["name"])]
@@ -434,25 +535,31 @@ class Tracker:
             return [self.snappoint_info(sp) for sp in self.body["snappoints"]]
 
     def check_snapshots(self):
-        """Persists invalidations that the C write path made (e.g. ENOSPC
-        during copy-on-write) and frees those snapshots' space."""
+        """Records invalidations that the C write path made (e.g. ENOSPC
+        during copy-on-write).  The one exception to "memory follows the
+        disk" (ARCHITECTURE §4): such a snapshot is dropped at once -- its
+        export disappears and its space is freed -- and recorded as soon as
+        a metadata write succeeds (retried on every housekeeping tick)."""
         with self.lock:
             if self.closed:
                 return
-            changed = False
             for sp in self.body["snappoints"]:
                 snap = self.snaps.get(sp["name"])
                 if snap is not None and not snap.c.valid:
-                    err = snap.c.error
-                    reason = f"copy-on-write failed: {os.strerror(err)}"
+                    reason = f"copy-on-write failed: {os.strerror(snap.c.error)}"
                     log.error("snapshot of snappoint %s invalidated: %s", sp["name"], reason)
-                    self._drop_snapshot(sp, reason)
-                    changed = True
-            if changed or self.dirty:
+                    self._free_snapshot(sp["name"])
+                    self.invalidated[sp["name"]] = reason
+            if self.invalidated:
                 try:
-                    self._save()
-                except OSError as e:
-                    log.error("cannot write the metadata of %s (%s); will retry", self.sd, e)
+                    with self.md.change() as new:
+                        for x in new["snappoints"]:
+                            if x["name"] in self.invalidated:
+                                x["snapshot"] = None
+                                x["invalidated"] = self.invalidated[x["name"]]
+                    self.invalidated = {}
+                except MetadataWriteError as e:
+                    log.error("%s; will retry", e)
 
     def snapshot(self, name):
         """The valid Snapshot of snappoint name, or None."""
@@ -470,10 +577,12 @@ class Tracker:
             "snappoint_delete": lambda r: self.delete_snappoint(r.get("name")),
             "maps": lambda r: self.dump_maps(),
             "link_update": lambda r: self.link_update(r.get("name"), r.get("fields") or {}),
+            "link_resync": lambda r: self.link_resync(r.get("name")),
             "shutdown": lambda r: self.close(),
         }
 
-    LINK_FIELDS = ("replica_uuid", "secondary", "cursor", "state", "last_cycle", "progress")
+    LINK_FIELDS = ("replica_uuid", "secondary", "cursor", "state", "last_cycle", "progress",
+                   "resync")
     TRANSIENT_LINK_FIELDS = {"state", "progress"}
 
     def link_update(self, name, fields):
@@ -486,17 +595,34 @@ class Tracker:
             unknown = set(fields) - set(self.LINK_FIELDS)
             if unknown:
                 raise RefusedError(f"unknown link fields {sorted(unknown)}")
-            link = self.body["links"].setdefault(name, {})
+            link = self.body["links"].get(name, {})
             if link.get("replica_uuid") and fields.get("replica_uuid") not in \
                     (None, link["replica_uuid"]):
                 raise RefusedError(f"link {name!r} replicates to replica {link['replica_uuid']},"
                                    f" not {fields['replica_uuid']}; choose another --name")
             if fields.get("cursor") is not None:
                 self._find(fields["cursor"])
-            link.update(fields)
-            if set(fields) - self.TRANSIENT_LINK_FIELDS:
-                self._save()      # what the link did is durable; its state of the
-            return link           # moment and progress are not worth an fsync
+            durable = {k: v for k, v in fields.items() if k not in self.TRANSIENT_LINK_FIELDS}
+            if durable:       # what the link did is durable; its state of the
+                with self.md.change() as new:      # moment and progress are not
+                    new["links"].setdefault(name, {}).update(durable)  # worth an fsync
+            link = self.transient.setdefault(name, {})
+            link.update({k: v for k, v in fields.items() if k in self.TRANSIENT_LINK_FIELDS})
+            return dict(self.body["links"].get(name, {}), **link)
+
+    def link_resync(self, name):
+        """The operator's remedy for a link whose changes cannot be trusted
+        (a damaged closed map, a replica that is no image of this chain):
+        its next cycle sends the whole volume (like DRBD's invalidate)."""
+        with self.lock:
+            self._check_open()
+            if name not in self.body["links"]:
+                raise NotFoundError(f"no link named {name!r} in {self.sd} (links: "
+                                    f"{', '.join(sorted(self.body['links'])) or 'none'})")
+            with self.md.change() as new:
+                new["links"][name]["resync"] = True
+            log.warning("link %s: the next cycle replicates the whole volume", name)
+            return {"link": name, "resync": True}
 
     def tick(self):
         self.check_snapshots()
@@ -525,8 +651,12 @@ class Tracker:
                                   "changed_blocks": self.maps["bmap"].count()},
                 "intervals": len(b["intervals"]),
                 "snappoints": [self.snappoint_info(sp) for sp in b["snappoints"]],
-                "links": {name: self.link_status(name, link)
+                "links": {name: self.link_status(name, dict(link, **self.transient.get(name, {})))
                           for name, link in b["links"].items()},
+                "damaged_intervals": self.damaged(),
+                "volume_sync_error": os.strerror(self.vol.sync_error)
+                if self.vol.sync_error else None,
+                "unrecorded_invalidations": sorted(self.invalidated),
                 "writers_in_c": self.vol.writers,
                 "max_concurrent_writers_in_c": self.vol.max_writers,
                 "activity_log_syncs": self.vol.al_syncs,
@@ -578,19 +708,30 @@ class Tracker:
     def close(self):
         """Clean stop: everything durable, then the metadata says clean."""
         with self.lock:
-            if self.closed:
+            if self.body["clean"]:
                 return
-            self.check_snapshots()
-            self.closed = True
-            self.vol.close()
+            if not self.closed:
+                self.check_snapshots()
+                self.closed = True
+                self.vol.close()
+            # all of it again if a retry follows a failure (the volume's
+            # flush error is sticky: a stop after one is never clean)
             self.vol.flush()
             for m in self.maps.values():
                 m.sync()
             for s in self.snaps.values():
                 s.sync()
-            self.body["clean"] = True
-            self._save()
+            if self.invalidated:
+                log.error("invalidated snapshots of %s are not recorded; the stop is "
+                          "unclean", ", ".join(sorted(self.invalidated)))
+                return
+            with self.md.change() as body:
+                body["clean"] = True
             log.info("clean stop of %s", self.sd)
+
+
+def _find_in(body, name):
+    return next(sp for sp in body["snappoints"] if sp["name"] == name)
 
 
 def _parse_map_name(name):

@@ -133,19 +133,6 @@ def test_volume_of_wrong_size(tmp_path):
     assert digest_tree(tmp_path) == before
 
 
-def test_corrupt_closed_map_refused(primary, tmp_path):
-    srv = primary()
-    srv.connect().pwrite(b"x" * 4096, 0)
-    srv.ctl("snappoint_create", name="a", dataless=True)
-    srv.stop()
-    body = StateDir(srv.state).read_meta()
-    path = os.path.join(srv.state, "maps", body["intervals"][0]["maps"]["cmap"])
-    with open(path, "r+b") as f:
-        f.write(b"\xff")
-    r = prepl("serve", srv.state, "--unix", tmp_path / "s2.sock", check=False)
-    assert r.returncode != 0 and "corrupt (digest mismatch)" in r.stderr
-
-
 def test_unknown_plugin_parameter(tmp_path):
     r = subprocess.run(["nbdkit", "-f", "-U", str(tmp_path / "s.sock"), "python",
                         os.path.join(REPO, "nbdplugin", "plugin.py"), "bogus=1"],

@@ -20,7 +20,8 @@ import warnings
 import nbd
 import pytest
 
-from replication.state import StateDir, _canonical
+from replication.meta import canonical as _canonical
+from replication.state import StateDir
 from tests.conftest import ENV, PREPL, REPO, prepl, runs_to_set, served_pair, wait_for
 from tests.harness.rawnbd import CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, RawNbd
 from tests.integration.test_secondary_exports import read_doc, ship
@@ -501,7 +502,7 @@ def test_corrupt_or_missing_map_files_refused(tmp_path, make_server):
     half = lambda p, k: open(p, "wb").write(k[:len(k) // 2])      # noqa: E731
     gone = lambda p, k: os.unlink(p)                               # noqa: E731
     cases = [
-        (os.path.join(maps, closed["cmap"]), half, "corrupt (digest mismatch)"),
+        (os.path.join(maps, closed["cmap"]), half, "bytes, expected"),
         (os.path.join(maps, closed["bmap"]), gone, "is missing"),
         (os.path.join(maps, opened["bmap"]), half, "bytes, expected"),
         (os.path.join(maps, opened["cmap"]), gone, "is missing"),
