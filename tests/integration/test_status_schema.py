@@ -11,7 +11,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "uri": str, "recovered": type(None), "open_interval": dict, "intervals": int,
            "snappoints": list, "links": dict, "writers_in_c": int,
            "max_concurrent_writers_in_c": int, "activity_log_syncs": int,
-           "writes_total": int, "volume_sync_error": type(None),
+           "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
            "unrecorded_invalidations": list}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
