@@ -75,7 +75,12 @@ void pr_volume_merge_open(pr_volume *v, const uint64_t *cmap,
 /* Stops copy-on-write into snap; it stays readable until invalidated. */
 void pr_volume_drop_snap(pr_volume *v, pr_snap *snap);
 
-/* Write path.  flags as nbdkit's: MAY_TRIM=1, FUA=2, FAST_ZERO=8. */
+/* Write path.  flags as nbdkit's NBDKIT_FLAG_* (no translation needed). */
+#define PR_MAY_TRIM 1
+#define PR_FUA 2
+#define PR_FAST_ZERO 8
+/* At most this many snapshots are active (copied into) at once. */
+#define PR_MAX_SNAPS 64
 int pr_write(pr_volume *v, const char *buf, uint64_t len, uint64_t off,
              uint32_t flags);
 int pr_zero(pr_volume *v, uint64_t len, uint64_t off, uint32_t flags);

@@ -173,12 +173,56 @@ test_write_path (void)
   close (afd);
 }
 
+/* A switch undone (its record failed): the older maps hold the union of
+ * both intervals, with the zero rule of pr_bm_merge_interval, and writes
+ * after it land in the older maps; the snapshot it started is no longer
+ * copied into. */
+static void
+test_unswitch (void)
+{
+  uint64_t nregions = ((SIZE - 1) >> REGION_SHIFT) + 1;
+  uint64_t nblocks = ((SIZE - 1) >> BLOCK_SHIFT) + 1;
+  int vfd = tmpfile_of (SIZE), afd = tmpfile_of (0);
+  uint64_t *oc = map_of (nregions), *ob = map_of (nblocks), *oz = map_of (nblocks);
+  uint64_t *nc = map_of (nregions), *nb = map_of (nblocks), *nz = map_of (nblocks);
+  uint64_t *snap_vmap_of_test = map_of (nblocks);
+  pr_snap *snap;
+  char buf[1024];
+
+  vol = pr_volume_new (vfd, SIZE, REGION_SHIFT, BLOCK_SHIFT, afd, 22, 4096);
+  CHECK (vol);
+  CHECK (pr_volume_switch (vol, oc, ob, oz, NULL) == 0);
+  CHECK (pr_zero (vol, 3 << BLOCK_SHIFT, 0, 0) == 0);         /* blocks 0-2 zeroed */
+  snap = pr_snap_new (tmpfile_of (SIZE), snap_vmap_of_test);
+  CHECK (snap && pr_volume_switch (vol, nc, nb, nz, snap) == 0);
+  memset (buf, 'n', sizeof buf);
+  CHECK (pr_write (vol, buf, sizeof buf, 1 << BLOCK_SHIFT, 0) == 0);   /* block 1 */
+  CHECK (pr_zero (vol, 1 << BLOCK_SHIFT, 40 << BLOCK_SHIFT, 0) == 0);  /* block 40 */
+  CHECK (pr_bm_test (snap_vmap_of_test, 1));
+  pr_volume_unswitch (vol, oc, ob, oz, snap);
+  CHECK (pr_bm_test (ob, 0) && pr_bm_test (oz, 0));    /* zeroed, untouched after */
+  CHECK (pr_bm_test (ob, 1) && !pr_bm_test (oz, 1));   /* zeroed, then written */
+  CHECK (pr_bm_test (ob, 40) && pr_bm_test (oz, 40));  /* zeroed in the newer */
+  CHECK (!pr_bm_test (ob, 41) && pr_bm_test (oc, 0) && pr_bm_test (oc, 40 >> 4));
+  CHECK (pr_write (vol, buf, sizeof buf, 60 << BLOCK_SHIFT, 0) == 0);
+  CHECK (pr_bm_test (ob, 60) && !pr_bm_test (nb, 60)); /* the older maps are open */
+  CHECK (!pr_bm_test (snap_vmap_of_test, 60));         /* no copy-on-write any more */
+  pr_snap_release (vol, snap);
+  pr_snap_free (snap);
+  pr_volume_free (vol);
+  while (nmaps > 0)
+    free (maps[--nmaps]);
+  close (vfd);
+  close (afd);
+}
+
 int
 main (void)
 {
   CHECK (pr_abi_version () > 0);
   test_bitmap ();
   test_write_path ();
+  test_unswitch ();
   printf ("native tests passed\n");
   return 0;
 }

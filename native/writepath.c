@@ -46,17 +46,13 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <linux/falloc.h>
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 #include "prepl.h"
+#include "fileio.h"
 
 #define PR_ABI 11
-#define MAX_SNAPS 64
 #define NSTRIPES 1024
 #define AL_PAGE 4096
 
-/* the same values as nbdkit's NBDKIT_FLAG_*, so no translation is needed */
-enum { PR_MAY_TRIM = 1, PR_FUA = 2, PR_FAST_ZERO = 8 };
 enum op { OP_WRITE, OP_ZERO, OP_TRIM };
 
 struct pr_snap {
@@ -73,7 +69,7 @@ struct pr_volume {
   pthread_rwlock_t epoch;
   pthread_mutex_t stripes[NSTRIPES];
   uint64_t *cmap, *bmap, *zmap; /* open interval; replaced under epoch */
-  pr_snap *snaps[MAX_SNAPS];    /* active snapshots; changed under epoch */
+  pr_snap *snaps[PR_MAX_SNAPS];    /* active snapshots; changed under epoch */
   int nsnaps;
   int al_fd;
   uint64_t al_offset;
@@ -91,40 +87,6 @@ int
 pr_abi_version (void)
 {
   return PR_ABI;
-}
-
-static int
-pread_full (int fd, char *buf, uint64_t len, uint64_t off)
-{
-  while (len > 0) {
-    ssize_t r = pread (fd, buf, len, (off_t)off);
-    if (r < 0) {
-      if (errno == EINTR)
-        continue;
-      return -errno;
-    }
-    if (r == 0) {               /* past the end of a short file: zeroes */
-      memset (buf, 0, len);
-      return 0;
-    }
-    buf += r; len -= (uint64_t)r; off += (uint64_t)r;
-  }
-  return 0;
-}
-
-static int
-pwrite_full (int fd, const char *buf, uint64_t len, uint64_t off)
-{
-  while (len > 0) {
-    ssize_t r = pwrite (fd, buf, len, (off_t)off);
-    if (r < 0) {
-      if (errno == EINTR)
-        continue;
-      return -errno;
-    }
-    buf += r; len -= (uint64_t)r; off += (uint64_t)r;
-  }
-  return 0;
 }
 
 pr_volume *
@@ -192,7 +154,7 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
 {
   int r = 0;
   pthread_rwlock_wrlock (&v->epoch);
-  if (snap && v->nsnaps == MAX_SNAPS)
+  if (snap && v->nsnaps == PR_MAX_SNAPS)
     r = -ENOSPC;
   else {
     v->cmap = cmap;
@@ -651,89 +613,6 @@ uint64_t
 pr_volume_al_syncs (pr_volume *v)
 {
   return __atomic_load_n (&v->al_syncs, __ATOMIC_RELAXED);
-}
-
-/* ---- copies for the secondary's apply ---- */
-
-int
-pr_start_writeback (int fd, uint64_t off, uint64_t len)
-{
-  if (off > INT64_MAX || len > INT64_MAX - off)
-    return -EINVAL;
-  return sync_file_range (fd, (off64_t)off, (off64_t)len,
-                          SYNC_FILE_RANGE_WRITE) == -1 ? -errno : 0;
-}
-
-int
-pr_stage_write (int fd, const void *buf, uint64_t len, uint64_t off,
-                uint64_t *data_map, uint64_t *zero_map, uint64_t b0,
-                uint64_t nb, unsigned char *hash)
-{
-  XXH128_canonical_t c;
-  int r;
-  if (off > INT64_MAX || len > INT64_MAX - off)
-    return -EINVAL;
-  XXH128_canonicalFromHash (&c, XXH3_128bits (buf, (size_t)len));
-  memcpy (hash, c.digest, sizeof c.digest);
-  r = pwrite_full (fd, buf, len, off);
-  if (r < 0)
-    return r;
-  pr_bm_clear_range (zero_map, b0, nb);
-  pr_bm_set_range (data_map, b0, nb);
-  return 0;
-}
-
-int
-pr_stage_batch (int fd, const unsigned char *data, const uint64_t *offs,
-                const uint64_t *lens, size_t n, uint64_t *data_map,
-                uint64_t *zero_map, uint64_t block, unsigned char *hashes,
-                size_t *done)
-{
-  uint64_t pos = 0;
-  size_t i;
-
-  *done = 0;
-  if (block == 0)
-    return -EINVAL;
-  for (i = 0; i < n; i++) {
-    uint64_t b0 = offs[i] / block;
-    uint64_t nb = (offs[i] % block + lens[i] + block - 1) / block;
-    int r = pr_stage_write (fd, data + pos, lens[i], offs[i], data_map,
-                            zero_map, b0, nb, hashes + 16 * i);
-    if (r < 0)
-      return r;
-    pos += lens[i];
-    *done = i + 1;
-  }
-  return 0;
-}
-
-int
-pr_copy_ranges (int src_fd, int dst_fd, const uint64_t *offsets,
-                const uint64_t *lengths, size_t n, int zero)
-{
-  const uint64_t chunk = 1 << 20;
-  char *buf = malloc (chunk);
-  size_t i;
-  int r = 0;
-
-  if (!buf)
-    return -ENOMEM;
-  if (zero)
-    memset (buf, 0, chunk);
-  for (i = 0; i < n && r == 0; i++) {
-    uint64_t off = offsets[i], end = offsets[i] + lengths[i];
-    while (off < end && r == 0) {
-      uint64_t len = end - off < chunk ? end - off : chunk;
-      if (!zero)
-        r = pread_full (src_fd, buf, len, off);
-      if (r == 0)
-        r = pwrite_full (dst_fd, buf, len, off);
-      off += len;
-    }
-  }
-  free (buf);
-  return r;
 }
 
 /* ---- snapshots ---- */

@@ -12,7 +12,7 @@ def test_native_c(tmp_path):
                     "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                     "-I", NATIVE, "-o", str(exe),
                     *(os.path.join(NATIVE, f) for f in ("test_native.c", "bitmap.c",
-                                                        "writepath.c"))],
+                                                        "writepath.c", "staging.c"))],
                    check=True)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
