@@ -33,8 +33,8 @@ import time
 import nbd
 
 from . import control, faults, manifest, pack
-from .chain import DamagedMapError, union_runs, verify_interval
-from .errors import (InUseError, PreplError, RefusedError, StateError,
+from .chain import union_runs, verify_interval
+from .errors import (DamagedMapError, InUseError, PreplError, RefusedError, StateError,
                      TimedOutError, UsageError)
 from .state import StateDir
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, NbdSource, NbdTarget, TransportError,
@@ -226,8 +226,8 @@ class Agent:
                                            full)
             phase("transfer")
             phases["transfer_copy"] = round(stats["seconds"], 4)
-            receipt = self._commit(self._manifest(body, info, base, target, snap_name,
-                                                  digest), commit)
+            receipt = self._commit(manifest.build(body, info["replica_uuid"], base, target,
+                                                  snap_name, digest), commit)
         finally:
             commit.discard()
         phase("commit")
@@ -352,15 +352,6 @@ class Agent:
         except BaseException:
             _close(src_h)
             raise
-
-    def _manifest(self, body, info, base, target, snap_name, digest):
-        return {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
-                "replica_uuid": info["replica_uuid"], "size": body["size"],
-                "region_size": body["region_size"], "block_size": body["block_size"],
-                "base": base, "target": {"seq": target["seq"], "name": snap_name,
-                                         "time": target["closed_at"]},
-                "extents": digest.extents, "bytes": digest.data_bytes,
-                "digest": digest.hexdigest()}
 
     def _commit(self, m, opening):
         """Writes manifest m to the commit export, through the connection

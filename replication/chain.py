@@ -1,6 +1,8 @@
-"""The interval chain as a reader outside the server sees it: the union of
-closed intervals (after, upto] as block maps, read-only from the map files
-(closed maps never change; their digests are in the metadata).
+"""The interval chain: its geometry and map files, and the union of closed
+intervals (after, upto] as block maps, as any reader sees it (read-only from
+the map files: closed maps never change; their digests are in the
+metadata).  The server creates interval files here; replication/tracker.py
+switches and merges them.
 
 Every closed map is verified against its recorded digest before it is
 used, and again whenever its file changed (its inode, size or times): a
@@ -13,45 +15,105 @@ import threading
 import numpy as np
 
 from . import manifest, native
-from .maps import KINDS, MapFile, digest_matches
-from .errors import StateError
+from .maps import DIGEST_PREFIX, KINDS, MapFile, digest_matches, file_digest
+from .errors import DamagedMapError, StateError
+from .meta import fsync_dir
 
 _verified = {}            # path -> what it was verified as (stat + digest)
 _verified_lock = threading.Lock()
 
 
-class DamagedMapError(StateError):
-    code = "damaged_map"
+def geometry(body):
+    """(regions, blocks, activity-log extents) of the volume."""
+    size, rs, bs = body["size"], body["region_size"], body["block_size"]
+    return -(-size // rs), -(-size // bs), -(-size // body["al_extent"])
 
-    def __init__(self, sd, iv, path, why):
-        self.seq, self.path = iv["seq"], path
-        super().__init__(
-            f"closed map {path} of interval {iv['seq']} is damaged ({why}): the changes it "
-            "records cannot be trusted. The volume is served as before; a link that needs "
-            f"interval {iv['seq']} must be replicated again in full: "
-            f"`prepl link resync {sd.path} LINK`")
+
+def nbits(body, kind):
+    """Bits of a map of that kind: a change map has one per region, every
+    other map (block, zero, valid) one per block."""
+    nregions, nblocks, _ = geometry(body)
+    return nregions if kind == "cmap" else nblocks
+
+
+def new_interval(seq, file_id):
+    return {"seq": seq, "closed_by": None, "closed_at": None,
+            "maps": {k: f"i{seq}-{file_id}.{k}" for k in KINDS},
+            "digests": None}
+
+
+def create_interval_files(sd, body, interval):
+    for kind in KINDS:
+        MapFile(sd.p("maps", interval["maps"][kind]), nbits(body, kind), create=True)
+    fsync_dir(sd.p("maps"))
+
+
+def open_interval_maps(sd, body, interval, writable=True):
+    return {k: MapFile(sd.p("maps", interval["maps"][k]), nbits(body, k), writable=writable)
+            for k in KINDS}
+
+
+def check_closed_files(sd, body):
+    """Every closed map exists and has its size, else the state directory
+    is damaged beyond what replication can route around (StateError).
+    Their contents are verified when they are used."""
+    for iv in body["intervals"][:-1]:
+        for k in KINDS:
+            p = sd.p("maps", iv["maps"][k])
+            try:
+                have = os.stat(p).st_size
+            except FileNotFoundError:
+                raise StateError(f"map file {p} is missing: the state directory is damaged")
+            want = native.words_for(nbits(body, k)) * 8
+            if have != want:
+                raise StateError(f"map file {p} has {have} bytes, expected {want}: the "
+                                 "state directory is damaged")
+
+
+def upgrade_digests(sd, md):
+    """Format 1 recorded SHA-256 digests of closed maps; they become
+    XXH3-128 digests of the same bytes (verified first; a map that does not
+    match is recorded as damaged, never re-digested).  Returns how many
+    intervals were converted."""
+    legacy = [iv["seq"] for iv in md.body["intervals"][:-1]
+              if iv.get("digests") and not all(d.startswith(DIGEST_PREFIX)
+                                               for d in iv["digests"].values())]
+    if not legacy:
+        return 0
+    with md.change() as new:
+        for iv in new["intervals"][:-1]:
+            if iv["seq"] not in legacy:
+                continue
+            for k in KINDS:
+                if file_digest(sd.p("maps", iv["maps"][k]), legacy=True) != iv["digests"][k]:
+                    iv["damaged"] = f"digest mismatch of {iv['maps'][k]} at the upgrade"
+                    break
+            else:
+                iv["digests"] = {k: file_digest(sd.p("maps", iv["maps"][k])) for k in KINDS}
+    return len(legacy)
 
 
 def verify_interval(sd, iv):
     """Raises DamagedMapError unless every map of the closed interval iv
     matches its recorded digest (cached while the file does not change)."""
     if iv.get("damaged"):
-        raise DamagedMapError(sd, iv, sd.p("maps", iv["maps"]["cmap"]), iv["damaged"])
+        raise DamagedMapError(sd.path, iv["seq"], sd.p("maps", iv["maps"]["cmap"]),
+                              iv["damaged"])
     for k in KINDS:
         path = sd.p("maps", iv["maps"][k])
         want = (iv.get("digests") or {}).get(k)
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise DamagedMapError(sd, iv, path, "the file is missing")
+            raise DamagedMapError(sd.path, iv["seq"], path, "the file is missing")
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, want)
         with _verified_lock:
             if _verified.get(path) == key:
                 continue
         if want is None:
-            raise DamagedMapError(sd, iv, path, "no digest is recorded")
+            raise DamagedMapError(sd.path, iv["seq"], path, "no digest is recorded")
         if not digest_matches(want, path):
-            raise DamagedMapError(sd, iv, path, "digest mismatch")
+            raise DamagedMapError(sd.path, iv["seq"], path, "digest mismatch")
         with _verified_lock:
             _verified[path] = key
 

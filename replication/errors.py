@@ -50,5 +50,44 @@ class NotFoundError(PreplError):
     code = "not_found"
 
 
+class MetadataWriteError(PreplError):
+    """The metadata could not be written; nothing was changed (retry once
+    the cause is gone).  .errno is the system call's."""
+    code = "io"
+
+    def __init__(self, path, err=None):
+        self.errno = getattr(err, "errno", None)
+        if err is None:       # rebuilt from a control-socket reply: path is the message
+            super().__init__(path)
+            return
+        super().__init__(f"cannot write the metadata {path}: {err.strerror or err}; nothing "
+                         "was changed (free space or fix the state directory's filesystem, "
+                         "then retry)")
+
+
+class MetadataFailStop(PreplError):
+    """The metadata was renamed into place but its directory's fsync failed:
+    whether the change survives a power loss is unknown (the server stops)."""
+    code = "fail_stop"
+
+
+class DamagedMapError(StateError):
+    """A closed map does not match its recorded digest (or is recorded as
+    damaged): the changes it records cannot be trusted."""
+    code = "damaged_map"
+
+    def __init__(self, state, seq=None, path=None, why=None):
+        self.seq, self.path = seq, path
+        if why is None:       # rebuilt from a control-socket reply
+            super().__init__(state)
+            return
+        super().__init__(
+            f"closed map {path} of interval {seq} is damaged ({why}): the changes it "
+            "records cannot be trusted. The volume is served as before; a link that needs "
+            f"interval {seq} must be replicated again in full: "
+            f"`prepl link resync {state} LINK`")
+
+
 BY_CODE = {c.code: c for c in (PreplError, UsageError, StateError, InUseError,
-                                NotRunningError, RefusedError, NotFoundError, TimedOutError)}
+                                NotRunningError, RefusedError, NotFoundError, TimedOutError,
+                                MetadataWriteError, MetadataFailStop, DamagedMapError)}

@@ -28,7 +28,7 @@ import os
 from contextlib import contextmanager
 
 from . import faults
-from .errors import PreplError, StateError
+from .errors import MetadataFailStop, MetadataWriteError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +39,6 @@ ROLES = ("primary", "secondary")
 REQUIRED = {"volume_uuid": str, "volume": str, "size": int, "region_size": int,
             "block_size": int, "role": str, "generation": int, "clean": bool,
             "intervals": list, "snappoints": list, "links": dict}
-
-
-class MetadataWriteError(PreplError):
-    """The metadata could not be written; nothing was changed."""
-    code = "io"
-
-    def __init__(self, path, err):
-        self.errno = err.errno
-        super().__init__(f"cannot write the metadata {path}: {err.strerror or err}; nothing "
-                         "was changed (free space or fix the state directory's filesystem, "
-                         "then retry)")
-
-
-class MetadataFailStop(PreplError):
-    """The metadata was renamed into place but its directory's fsync failed."""
-    code = "fail_stop"
 
 
 def canonical(body):

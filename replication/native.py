@@ -20,10 +20,11 @@ if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
         "rebuild it (scripts/bootstrap)")
 
-# the same values as nbdkit.FLAG_*
-MAY_TRIM = 1
-FUA = 2
-FAST_ZERO = 8
+# the same values as nbdkit.FLAG_* (defined once, in native/prepl.h)
+MAY_TRIM = lib.PR_MAY_TRIM
+FUA = lib.PR_FUA
+FAST_ZERO = lib.PR_FAST_ZERO
+MAX_SNAPSHOTS = lib.PR_MAX_SNAPS
 
 
 def words_for(nbits):

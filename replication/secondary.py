@@ -40,8 +40,6 @@ image at the snappoint of the last applied interval.
 """
 import copy
 import errno
-import hashlib
-import json
 import logging
 import os
 import queue
@@ -513,37 +511,21 @@ class Replica:
         the interval atomically, returns the receipt.  Idempotent."""
         t0 = time.monotonic()
         with self.lock:
-            for key in ("primary_uuid", "replica_uuid", "size", "region_size", "block_size",
-                        "base", "target", "extents", "bytes", "digest", "version"):
-                if key not in m:
-                    raise RefusedError(f"malformed manifest: no {key!r}")
-            if m["version"] != manifest.MANIFEST_VERSION:
-                raise RefusedError(f"manifest version {m['version']!r} is not supported")
-            done = self.receipt_for(m["target"]["seq"])
-            if done is not None and done["manifest_digest"] == _digest_json(m):
-                return done
             b = self.body
-            if m["replica_uuid"] != b["volume_uuid"]:
-                raise RefusedError(f"manifest is for replica {m['replica_uuid']}, this is "
-                                   f"{b['volume_uuid']}")
-            geometry = {k: b[k] for k in ("size", "region_size", "block_size")}
-            if {k: m[k] for k in geometry} != geometry:
-                raise RefusedError(f"geometry mismatch: primary {dict((k, m[k]) for k in geometry)}"
-                                   f", replica {geometry}")
-            self.check_stage_name(m["primary_uuid"], _base_key(m["base"]),
+            manifest.check_replica(m, b)
+            done = self.receipt_for(m["target"]["seq"])
+            if done is not None and done["manifest_digest"] == manifest.fingerprint(m):
+                return done
+            geometry = {k: b[k] for k in manifest.GEOMETRY}
+            self.check_stage_name(m["primary_uuid"], manifest.base_key(m["base"]),
                                   str(m["target"]["seq"]))
             st = b["staging"]
             if not st or st["primary_uuid"] != m["primary_uuid"] or \
-                    st["base"] != _base_key(m["base"]) or \
+                    st["base"] != manifest.base_key(m["base"]) or \
                     st["target"] != str(m["target"]["seq"]) or self.stage is None:
                 raise RefusedError("nothing is staged for this interval; stage it first")
             d = self._staged_digest()
-            if (d.extents, d.data_bytes) != (m["extents"], m["bytes"]) or \
-                    d.hexdigest() != m["digest"]:
-                raise RefusedError(
-                    f"staged data does not match the manifest: staged {d.extents} extents, "
-                    f"{d.data_bytes} bytes, digest {d.hexdigest()[:16]}; manifest "
-                    f"{m['extents']} extents, {m['bytes']} bytes, digest {m['digest'][:16]}")
+            manifest.check_staged(m, d)
             # the staged data durable, then one metadata write records it
             # complete and applied (the switch); the merge comes after
             t1 = time.monotonic()
@@ -552,7 +534,7 @@ class Replica:
             faults.point("secondary.commit.staged_durable")
             new = copy.deepcopy(b)
             st = new["staging"]
-            st.update(state="complete", manifest=m, manifest_digest=_digest_json(m),
+            st.update(state="complete", manifest=m, manifest_digest=manifest.fingerprint(m),
                       bytes=d.data_bytes, zero_bytes=d.zero_bytes)
             if new["bound"] is None:
                 new["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
@@ -722,11 +704,3 @@ def _bits(words, b0, b1):
     w0, w1 = b0 // 64, b1 // 64 + 1
     bits = np.unpackbits(np.ascontiguousarray(words[w0:w1]).view(np.uint8), bitorder="little")
     return bits[b0 - w0 * 64:b1 - w0 * 64 + 1]
-
-
-def _digest_json(m):
-    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
-
-
-def _base_key(base):
-    return "none" if base is None else str(base["seq"])

@@ -37,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from . import pack
+from . import manifest, pack
 from .chain import union_runs
 from .errors import EXIT_STATE, PreplError, StateError, UsageError  # noqa: F401
 from .tracker import Tracker
@@ -172,7 +172,7 @@ class Server:
             raise OSError(errno.ENOENT, f"snappoint {parts[1][:64]!r} has no valid snapshot")
         with t.lock:
             try:
-                target = t.body["intervals"][t._interval_closed_by(parts[1])]["seq"]
+                target = t.interval_closed_by(parts[1])["seq"]
                 if base is not None and base >= target:
                     raise StateError(f"interval {base} is not before interval {target}")
                 run_list = union_runs(t.sd, t.body, base, target)
@@ -261,8 +261,7 @@ class SnapHandle(Handle):
         t = self.tracker
         bs = t.body["block_size"]
         with t.lock:
-            iv = t.body["intervals"][t._interval_closed_by(self.name)]
-            maps = t.closed_interval_maps(iv)
+            maps = t.interval_maps(t.interval_closed_by(self.name))
             b0 = offset // bs
             b1 = min(-(-(offset + count) // bs), t.nblocks, b0 + MAX_EXTENT_BLOCKS)
             w0 = b0 // 64
@@ -404,11 +403,8 @@ class CommitHandle(Handle):
         if not text:
             return
         try:
-            m = json.loads(text)
-            check_manifest_shape(m, self.target)
+            m = manifest.parse(text, self.target)
             self.result = {"ok": True, "receipt": self.r.commit(m)}
-        except (ValueError, AttributeError) as e:
-            self.result = {"ok": False, "error": f"malformed manifest: {e}"}
         except PreplError as e:
             log.error("commit of interval %s refused: %s", self.target, e)
             self.result = {"ok": False, "error": str(e)}
@@ -423,26 +419,6 @@ class CommitHandle(Handle):
         doc = json.dumps(res, sort_keys=True).encode()
         data = doc[offset:offset + len(buf)]
         buf[:] = data + bytes(len(buf) - len(data))
-
-
-def check_manifest_shape(m, target):
-    """Refuses (PreplError) a manifest whose fields have the wrong types,
-    that is not for commit/TARGET, or whose target is not after its base,
-    before anything looks at its values."""
-    def interval(v):
-        return isinstance(v, dict) and type(v.get("seq")) is int and v["seq"] >= 0
-    ok = (isinstance(m, dict)
-          and interval(m.get("target")) and m["target"]["seq"] == target
-          and (m.get("base") is None or (interval(m["base"]) and m["base"]["seq"] < target))
-          and all(type(m.get(k)) is int for k in ("size", "region_size", "block_size",
-                                                    "extents", "bytes"))
-          and all(isinstance(m.get(k), str) for k in ("primary_uuid", "replica_uuid",
-                                                       "digest")))
-    if not ok:
-        raise PreplError(f"malformed manifest for commit/{target}: it needs integer size, "
-                         "region_size, block_size, extents, bytes, string primary_uuid, "
-                         f"replica_uuid, digest, a target {{\"seq\": {target}}} and a base "
-                         "that is null or an earlier {\"seq\": N}")
 
 
 def _fail_stop(err):

@@ -4,7 +4,7 @@ Layout of STATE/:
   meta.json     versioned metadata, {"format", "checksum", "body"}: see
                 replication/meta.py (the one way to change it)
   lock          flock()ed by the one server of this directory; holds its pid
-  al            the activity log (see replication/tracker.py)
+  al            the activity log (see replication/actlog.py)
   maps/         change (.cmap), block (.bmap) and zero (.zmap) map files,
                 one set per interval; valid maps (.vmap) of snapshots
   snaps/        sparse snapshot files (.img)
@@ -19,7 +19,7 @@ import stat
 import time
 import uuid
 
-from . import meta
+from . import chain, meta
 from .errors import InUseError, StateError, UsageError
 from .meta import FORMAT, NAME as META, ROLES, fsync_dir  # noqa: F401 (re-exported)
 
@@ -99,12 +99,6 @@ def flocked(path):
         return False
 
 
-def new_interval(seq, file_id):
-    return {"seq": seq, "closed_by": None, "closed_at": None,
-            "maps": {k: f"i{seq}-{file_id}.{k}" for k in ("cmap", "bmap", "zmap")},
-            "digests": None}
-
-
 def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT_BLOCK,
          role="primary", al_extent=DEFAULT_AL_EXTENT):
     """Creates a state directory for volume.  With size, creates the volume
@@ -161,12 +155,11 @@ def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT
             "next_seq": 1,
             "next_snap_id": 1,
             "next_file_id": 2,
-            "intervals": [new_interval(0, 1)],
+            "intervals": [chain.new_interval(0, 1)],
             "snappoints": [],
             "links": {},
         }
-        from .tracker import create_interval_files
-        create_interval_files(sd, body, body["intervals"][0])
+        chain.create_interval_files(sd, body, body["intervals"][0])
         sd.write_meta(body)
     except BaseException:
         if created:
