@@ -20,7 +20,7 @@ import warnings
 import nbd
 import pytest
 
-from replication.meta import canonical as _canonical
+from replication.meta import FORMAT, canonical as _canonical
 from replication.state import StateDir
 from tests.conftest import ENV, PREPL, REPO, prepl, runs_to_set, served_pair, wait_for
 from tests.harness.rawnbd import CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, RawNbd
@@ -433,7 +433,8 @@ META_CASES = [
     ("format 0", lambda g, d: json.dumps(dict(d, format=0)).encode(), "is no prepl metadata"),
     ("format text", lambda g, d: json.dumps(dict(d, format="1")).encode(),
      "is no prepl metadata"),
-    ("newer", lambda g, d: json.dumps(dict(d, format=2)).encode(), "newer than this prepl"),
+    ("newer", lambda g, d: json.dumps(dict(d, format=FORMAT + 1)).encode(),
+     "newer than this prepl"),
 ]
 SECONDARY_CASES = ("flip", "brace", "no role", "body list", "format 0", "newer")
 
