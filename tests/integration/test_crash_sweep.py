@@ -30,6 +30,9 @@ import pytest
 from tests.conftest import ENV, PREPL, REPO, prepl, stop_process, wait_for
 from tests.harness.powerdisk import PowerLossDisk
 
+pytestmark = pytest.mark.slow
+
+
 MiB = 1 << 20
 SIZE = 8 * MiB
 

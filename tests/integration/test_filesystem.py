@@ -8,8 +8,12 @@ import random
 import shutil
 import subprocess
 
+import pytest
+
 from tests.conftest import prepl
 from tests.harness.powerdisk import NbdMount
+
+pytestmark = pytest.mark.slow
 
 
 def tree(root):

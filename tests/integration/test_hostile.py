@@ -440,6 +440,7 @@ SECONDARY_CASES = ("flip", "brace", "no role", "body list", "format 0", "newer")
 
 
 @pytest.mark.parametrize("role", ["primary", "secondary"])
+@pytest.mark.slow
 def test_corrupt_metadata_refused(tmp_path, make_server, role):
     """A meta.json with flipped bytes, truncated, not JSON, a newer or bogus
     format, or a body with a matching checksum but missing or wrong keys:
@@ -490,6 +491,7 @@ def primary_with_history(tmp_path, make_server):
     return srv, StateDir(srv.state).read_meta()
 
 
+@pytest.mark.slow
 def test_corrupt_or_missing_map_files_refused(tmp_path, make_server):
     """Closed maps truncated or missing, open maps truncated or missing, a
     truncated valid map, a missing snapshot image, and on a secondary a

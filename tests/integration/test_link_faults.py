@@ -24,6 +24,9 @@ import pytest
 from tests.conftest import ENV, PREPL, REPO, prepl, stop_process, wait_for
 from tests.harness.proxy import CutProxy
 
+pytestmark = pytest.mark.slow
+
+
 MiB = 1 << 20
 SIZE = 32 * MiB
 

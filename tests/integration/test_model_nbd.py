@@ -5,9 +5,13 @@ import random
 
 import nbd
 
+import pytest
+
 from tests.conftest import prepl
 from tests.model import Model
 from tests.unit.test_model import BLOCK, REGION, SIZE, check, random_step
+
+pytestmark = pytest.mark.slow
 
 
 class OverNBD:

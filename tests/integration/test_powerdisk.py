@@ -13,6 +13,9 @@ import time
 import nbd
 import pytest
 
+pytestmark = pytest.mark.slow
+
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from tests.harness.powerdisk import (  # noqa: E402
     PLUGIN, CacheDisk, DiskError, PowerLossDisk)

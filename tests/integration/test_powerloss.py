@@ -26,6 +26,9 @@ import pytest
 from tests.conftest import prepl, runs_to_set
 from tests.harness.powerdisk import PowerLossDisk
 
+pytestmark = pytest.mark.slow
+
+
 BLOCK = 4096
 REGION = 65536
 VOLUME = 16 << 20

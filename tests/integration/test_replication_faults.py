@@ -8,7 +8,11 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.conftest import stop_process, ENV, PREPL, REPO, prepl, wait_for
+pytestmark = pytest.mark.slow
+
 
 MiB = 1 << 20
 SIZE = 64 * MiB

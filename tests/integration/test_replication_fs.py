@@ -9,10 +9,14 @@ import random
 import shutil
 import subprocess
 
+import pytest
+
 from replication.agent import Agent
 from tests.conftest import served_pair
 from tests.harness.powerdisk import NbdMount
 from tests.integration.test_filesystem import tree
+pytestmark = pytest.mark.slow
+
 
 SIZE = 64 << 20
 

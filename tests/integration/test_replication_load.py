@@ -6,8 +6,12 @@ import hashlib
 import random
 import threading
 
+import pytest
+
 from replication.agent import Agent
 from tests.conftest import served_pair
+pytestmark = pytest.mark.slow
+
 
 MiB = 1 << 20
 SIZE = 32 * MiB

@@ -13,9 +13,13 @@ import time
 
 import numpy as np
 
+import pytest
+
 from replication import native
 from replication.state import StateDir
 from tests.conftest import prepl, runs_to_set
+
+pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 SIZE = 48 * MiB

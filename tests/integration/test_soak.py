@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ENV, REPO
+
+pytestmark = pytest.mark.slow
 
 SOAK = os.path.join(REPO, "scripts", "soak")
 
