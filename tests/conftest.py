@@ -5,15 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from replication import control  # noqa: E402
-from replication.state import StateDir  # noqa: E402
+from tests.harness.servers import ForegroundServer, wait_for  # noqa: E402,F401  (wait_for: for tests)
 
 PREPL = [sys.executable, "-m", "replication.cli"]
 ENV = dict(os.environ, PYTHONPATH=REPO, PATH="/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", ""))
@@ -29,94 +27,12 @@ def prepl(*args, check=True, **kw):
     return r
 
 
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-class Server:
-    """A real `prepl serve` (nbdkit + our plugin) on a unix socket."""
+class Server(ForegroundServer):
+    """A real `prepl serve` (nbdkit + our plugin) on a unix socket, run as
+    the tests run the CLI (tests/harness/servers.py)."""
 
     def __init__(self, state, sock, log):
-        self.state = str(state)
-        self.sock = str(sock)
-        self.log = log
-        self.proc = None
-        self.extra = []           # more `prepl serve` arguments
-        self.env = {}             # more environment (e.g. PREPL_FAULT)
-
-    def start(self):
-        self.logf = open(self.log, "ab")
-        # `prepl serve` execs nbdkit -f: the Popen pid is nbdkit's pid
-        self.proc = subprocess.Popen(PREPL + ["serve", self.state, "--unix", self.sock]
-                                     + self.extra,
-                                     env=dict(ENV, **self.env), cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=self.logf, stderr=self.logf)
-        ctl = StateDir(self.state).control_socket
-
-        def up():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n"
-                                     + open(self.log).read())
-            try:
-                return control.request(ctl, "status", timeout=5)
-            except Exception:
-                return None
-        wait_for(up, 30, "the server's control socket")
-        return self
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def ctl(self, op, **kw):
-        return control.request(StateDir(self.state).control_socket, op, **kw)
-
-    def connect(self, export="", meta=False):
-        import nbd
-        h = nbd.NBD()
-        if meta:
-            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        h.set_export_name(export)
-        h.connect_unix(self.sock)
-        return h
-
-    def stop(self):
-        """Clean stop, as `prepl stop` does it: the tracker's state is made
-        final through the control socket, then nbdkit is signalled (and
-        killed if idle clients keep it up)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            self.ctl("shutdown")
-        except Exception:
-            pass
-        self._signal(signal.SIGTERM, 3)
-
-    def kill(self):
-        """An unclean stop: SIGKILL."""
-        self._signal(signal.SIGKILL, 10)
-
-    def _signal(self, sig, timeout):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.logf.close()
-
-    def output(self):
-        with open(self.log, errors="replace") as f:
-            return f.read()
+        super().__init__(state, sock, log, prepl=PREPL, env=ENV, cwd=REPO)
 
 
 @pytest.fixture
