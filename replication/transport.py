@@ -74,6 +74,8 @@ import errno as _errno
 import logging
 import os
 import select
+import socket
+import threading
 import time
 from collections import deque
 
@@ -151,13 +153,14 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
     the login name).  ``meta_context`` requests ``base:allocation`` (check
     ``h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)`` afterwards: a
     server may decline).  ``connect_timeout`` (seconds, None: none) bounds
-    the whole handshake.
+    the whole handshake, TLS included (see _Watchdog).
 
     Raises TransportError on any failure; the failed handle is released
     (its connection closed) before the exception propagates.
     """
     where = _where(uri, export)
     deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
+    wd = None if deadline is None else _Watchdog(deadline)
     h = nbd.NBD()
     try:
         h.set_uri_allow_local_file(True)
@@ -173,7 +176,7 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
         if export is not None:
             h.set_opt_mode(True)
         h.aio_connect_uri(uri)
-        _wait_handle(h, deadline, where, lambda: not h.aio_is_connecting())
+        _wait_handle(h, deadline, where, lambda: not h.aio_is_connecting(), wd)
         if export is not None:
             if not h.aio_is_negotiating():
                 raise TransportError(f"{where}: cannot select an export: the server "
@@ -186,7 +189,7 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
                 res.append(err.value)
                 return 1
             h.aio_opt_go(go_done)
-            _wait_handle(h, deadline, where, lambda: res)
+            _wait_handle(h, deadline, where, lambda: res, wd)
             if res[0]:
                 raise TransportError(f"{where}: the server refused the export: "
                                      f"{_errstr(res[0])}", errno=res[0])
@@ -201,6 +204,11 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
         failure = e.with_traceback(None)
     else:
         failure = None
+    if wd is not None and wd.cancel() and (failure is None or failure.errno != _errno.ETIMEDOUT):
+        # the watchdog cut the connection: whatever libnbd said, a timeout
+        failure = TransportError(f"{where}: timed out connecting (no answer within "
+                                 f"{connect_timeout:g} s; {failure or 'no error'})",
+                                 errno=_errno.ETIMEDOUT)
     if failure is not None:
         # raised outside the except block so that nothing (the original
         # traceback) keeps the failed handle open, and without a cycle
@@ -215,10 +223,70 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
     return h
 
 
-def _wait_handle(h, deadline, where, done):
+class _Watchdog:
+    """Shuts the handle's socket down at the deadline.  libnbd can wait
+    inside one call beyond the timeout given to h.poll: during the TLS
+    handshake gnutls waits for the peer itself, up to the 40 s libnbd gives
+    it (gnutls_handshake_set_timeout), so a peer that goes silent there
+    would hold open_nbd for 40 s.  A socket shut down ends that wait at
+    once (the handshake fails; open_nbd reports the timeout).  The
+    watchdog holds a duplicate of the socket's descriptor, so it can never
+    touch another file that took the number."""
+
+    def __init__(self, deadline):
+        self._lock = threading.Lock()
+        self._sock = None           # a dup of the handle's socket
+        self._ino = None
+        self.fired = False
+        self._done = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, h):
+        """Follows the handle's current socket (libnbd may try several
+        addresses, each with a socket of its own)."""
+        try:
+            fd = h.aio_get_fd()
+        except nbd.Error:
+            return                  # no socket yet
+        ino = os.fstat(fd).st_ino
+        with self._lock:
+            if self._done or ino == self._ino:
+                return
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._ino = ino
+
+    def _fire(self):
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError as e:
+                    log.debug("watchdog: shutdown: %s", e)
+
+    def cancel(self):
+        """Stops the watchdog; returns True if it had fired."""
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            return self.fired
+
+
+def _wait_handle(h, deadline, where, done, wd=None):
     """Runs h's state machine until done() is true, the handle dies or the
     deadline passes."""
     while not done():
+        if wd is not None:
+            wd.watch(h)
         if h.aio_is_dead() or h.aio_is_closed():
             raise TransportError(f"{where}: connection lost "
                                  f"({h.connection_state()})")
