@@ -376,7 +376,7 @@ NBD_READ_REQUEST = b"\x25\x60\x95\x13\0\0\0\0"
 @pytest.mark.parametrize("what,pattern,then", [
     ("info", NBD_READ_REQUEST, 0),           # the info export's read
     ("commit", b'"primary_uuid"', 0),        # the manifest's write
-])
+], ids=["info", "commit"])
 def test_silent_exchange_is_bounded(link, what, pattern, then):
     """The info read or the commit goes silent: `--once --timeout 5
     --peer-timeout 3` still ends, with exit 6, and once the link heals the
