@@ -105,7 +105,7 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 # long enough to ride out a few seconds of stall (a link that flaps, a
 # server busy with an fsync), short enough that a silent link is noticed
 DEFAULT_PEER_TIMEOUT = 10.0
-CLOSE_GRACE = 2.0     # for a polite disconnect before the handle is just closed
+CLOSE_GRACE = 1.0     # for a polite disconnect before the handle is just closed
 
 
 class TransportError(PreplError):

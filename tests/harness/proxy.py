@@ -145,9 +145,8 @@ class CutProxy:
         try:
             while True:
                 data = src.recv(1 << 16)
-                if conn.silent:          # a FIN is swallowed too: dst hears nothing
-                    if not data:
-                        src.close()      # (our end of it: nobody can tell)
+                if conn.silent:          # a FIN is swallowed too: dst hears nothing,
+                    if not data:         # and src gets no FIN back (closed by cut/stop)
                         return
                     self._swallowed(len(data))
                     continue
