@@ -32,24 +32,22 @@ import time
 
 import nbd
 
-from . import control, faults, manifest, pack
+from . import control, faults, manifest, pack, transport
 from .chain import union_runs, verify_interval
 from .errors import (DamagedMapError, InUseError, PreplError, RefusedError, StateError,
                      TimedOutError, UsageError)
 from .state import StateDir
-from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, NbdSource, NbdTarget, TransportError,
-                        copy_extents, copy_requests, open_nbd)
+from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSource,
+                        NbdTarget, TransportError, copy_extents, copy_requests, open_nbd)
 
 log = logging.getLogger(__name__)
 PSK_USER = "prepl"     # the username `prepl keygen` writes
 
 
 def _close(h):
-    """Polite disconnect; a connection that is already gone is fine."""
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+    """Polite disconnect if the peer answers within a moment, else just
+    closed (never waits on a silent peer); a connection already gone is fine."""
+    transport.close_nbd(h)
 
 
 class _Hashing:
@@ -96,7 +94,8 @@ class _PackHashing(_Hashing):
 
 class _Opening:
     """A connection being opened in a thread, so that handshakes overlap
-    (each is a few round trips; libnbd releases the GIL while it waits)."""
+    (each is a few round trips; libnbd releases the GIL while it waits).
+    The joins are bounded: open_fn has a connect timeout."""
 
     def __init__(self, open_fn):
         self._box = {}
@@ -126,13 +125,17 @@ class _Opening:
 
 class Agent:
     def __init__(self, state, secondary_uri, name="default", primary_uri=None,
-                 tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT):
+                 tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT,
+                 peer_timeout=DEFAULT_PEER_TIMEOUT):
         self.sd = StateDir(state)
         self.name = name
         self.secondary_uri = secondary_uri
         self.tls_psk_file = tls_psk_file
         self._primary_uri = primary_uri
         self.max_in_flight = max_in_flight
+        # every connect and NBD exchange of a cycle, with either server, fails
+        # once nothing has progressed for this long (ARCHITECTURE §6a)
+        self.peer_timeout = peer_timeout
         self.n = 0
 
     # ---- the two servers ------------------------------------------------
@@ -151,10 +154,11 @@ class Agent:
     def secondary(self, export):
         try:
             return open_nbd(self.secondary_uri, export=export, tls_psk_file=self.tls_psk_file,
-                            tls_username=PSK_USER if self.tls_psk_file else None)
+                            tls_username=PSK_USER if self.tls_psk_file else None,
+                            connect_timeout=self.peer_timeout)
         except TransportError as e:
             # a TLS mismatch does not heal by retrying: say so, with the remedy
-            if self.tls_psk_file and "tls" in str(e).lower():
+            if self.tls_psk_file and e.errno != errno.ETIMEDOUT and "tls" in str(e).lower():
                 raise RefusedError(f"{e}\nthe TLS handshake failed: the key in "
                                    f"{self.tls_psk_file} is not the secondary's key")
             if not self.tls_psk_file and e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -165,9 +169,10 @@ class Agent:
     def replica_info(self):
         h = self.secondary("info")
         try:
-            return json.loads(h.pread(h.get_size(), 0).split(b"\0", 1)[0])
-        except nbd.Error as e:
-            raise TransportError(f"reading the replica's info failed: {e}")
+            return json.loads(transport.pread(h, h.get_size(), 0, self.peer_timeout)
+                              .split(b"\0", 1)[0])
+        except TransportError as e:
+            raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:
             _close(h)
 
@@ -310,7 +315,7 @@ class Agent:
                 pass
         # no flush: the commit makes the staging durable before it applies
         opts = {"progress": progress, "progress_interval": 2.0, "flush": False,
-                "max_bytes_in_flight": self.max_in_flight}
+                "max_bytes_in_flight": self.max_in_flight, "stall_timeout": self.peer_timeout}
         try:
             if plan is None:
                 stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
@@ -325,7 +330,7 @@ class Agent:
                 stats = copy_requests(_PackHashing(NbdSource(src_h), d, plan),
                                       NbdTarget(dst_h), reqs, **opts)
             if not runs:
-                dst_h.flush()          # stages an empty interval too
+                transport.flush(dst_h, self.peer_timeout)   # stages an empty interval too
         except nbd.Error as e:
             raise TransportError(f"transfer of {snap_name} failed: {e}")
         finally:
@@ -337,7 +342,7 @@ class Agent:
         """(source, target) handles, the two handshakes at once."""
         dst = _Opening(lambda: self.secondary(dst_export))
         try:
-            src_h = open_nbd(primary_uri, export=src_export)
+            src_h = open_nbd(primary_uri, export=src_export, connect_timeout=self.peer_timeout)
         except BaseException:
             dst.discard()
             raise
@@ -368,11 +373,12 @@ class Agent:
             if h is None:
                 h = self.secondary(f"commit/{m['target']['seq']}")
             try:
-                h.pwrite(json.dumps(m, sort_keys=True).encode(), 0)
-                h.flush()
-                reply = json.loads(h.pread(65536, 0).split(b"\0", 1)[0])
+                transport.pwrite(h, json.dumps(m, sort_keys=True).encode(), 0, self.peer_timeout)
+                transport.flush(h, self.peer_timeout)
+                reply = json.loads(transport.pread(h, 65536, 0, self.peer_timeout)
+                                   .split(b"\0", 1)[0])
                 break
-            except nbd.Error as e:
+            except TransportError as e:
                 if retry:       # the connection opened during the transfer broke since
                     log.info("commit on the early connection failed (%s); again on a "
                              "new one", e)
@@ -380,7 +386,7 @@ class Agent:
                 # the outcome is unknown; the next cycle learns it from the
                 # replica's applied interval (commits are idempotent)
                 raise TransportError(f"commit of interval {m['target']['seq']} "
-                                     f"interrupted: {e}")
+                                     f"interrupted: {e}", errno=e.errno)
             finally:
                 _close(h)
                 h = None
@@ -461,8 +467,10 @@ def run(args):
     --max-writes writes, or on `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
     if args.max_in_flight < 4096:
         raise UsageError(f"--max-in-flight {args.max_in_flight} is too small: at least 4K")
+    if not args.peer_timeout > 0:
+        raise UsageError(f"--peer-timeout {args.peer_timeout} must be more than 0 seconds")
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk,
-                  args.max_in_flight)
+                  args.max_in_flight, args.peer_timeout)
     lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
     _renice(args.nice)
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))

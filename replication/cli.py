@@ -471,6 +471,11 @@ def parser():
     s.add_argument("--once", action="store_true",
                    help="bring the secondary up to date once (initial sync if needed), then exit")
     s.add_argument("--timeout", type=float, default=600, help="with --once: give up after this")
+    s.add_argument("--peer-timeout", type=float, default=10, metavar="SECONDS",
+                   help="declare a connection dead once nothing has progressed on it for "
+                        "this long (no reply, no byte moved; like DRBD's timeout): every "
+                        "connect and request to the secondary and to the primary's server; "
+                        "the cycle then fails and is retried with backoff (default 10)")
     s.add_argument("--tls-psk", metavar="FILE",
                    help="PSK file (`prepl keygen`) for a secondary served with --tls-psk")
     s.add_argument("--max-in-flight", type=_size("size"), default=16 << 20, metavar="SIZE",

@@ -35,8 +35,12 @@ What it promises
 * On the first failed request no new request is started, the in-flight ones
   are drained, then :class:`TransportError` is raised naming the offset and
   libnbd's (or the OS's) message.  The copy never hangs on a dead
-  connection; ``stall_timeout`` bounds the wait on a live but silent server
-  (after such a timeout the handles still own requests: close them).
+  connection; ``stall_timeout`` bounds the wait on a silent one: a copy
+  on which nothing progressed for that long (no request completed and no
+  byte moved on any of its sockets) fails with errno ETIMEDOUT.  A slow
+  link or a full in-flight window is progress, a partition or a hung
+  server is not.  After such a timeout the handles still own requests:
+  :func:`abandon` them (or :func:`close_nbd`, which does).
   After a failure the listed ranges of the target may hold any mix of old
   and new data (never anything outside them): copy again.
 
@@ -49,11 +53,29 @@ backends (file, null) cannot recurse.  One connection per side: 2 or 4
 connections used round-robin did not measurably help (512 MiB between two
 ``nbdkit file`` servers on unix sockets: within run-to-run noise); a
 backend choosing a handle per request is where it would go.
+
+Deadlines (ARCHITECTURE §6a)
+----------------------------
+libnbd's synchronous calls (``h.pread``, ``h.pwrite``, ``h.flush``,
+``h.shutdown``) wait without a limit: a peer that stops answering without
+closing (a partition, a NAT that lost its state, a host powered off) keeps
+them waiting until TCP gives up, which takes about 15 minutes (Linux's
+tcp_retries2), or forever on a unix socket.  So every exchange here is
+asynchronous and waited for with a deadline on *progress*: ``pread``,
+``pwrite`` and ``flush`` below, the copy engine's ``stall_timeout``,
+``open_nbd``'s ``connect_timeout`` (a deadline on the whole handshake,
+TLS included), and :func:`close_nbd` (a bounded polite disconnect, then
+``nbd_close``, which never waits on the network: libnbd frees the
+commands still in flight and their buffers, their completion callbacks
+are not called).  :data:`DEFAULT_PEER_TIMEOUT` is the default, like DRBD's
+``timeout``/``ping-timeout``: ``prepl agent --peer-timeout``.
 """
 import errno as _errno
 import logging
 import os
 import select
+import socket
+import threading
 import time
 from collections import deque
 
@@ -79,6 +101,11 @@ DEFAULT_MAX_REQUEST = 1 * MiB
 MAX_DATA_REQUEST = 32 * MiB     # nbdkit refuses data requests > 64 MiB
 MAX_ZERO_REQUEST = 1 * GiB      # NBD lengths are 32-bit; keep well below
 DEFAULT_CONNECT_TIMEOUT = 30.0
+# no progress for this long: the peer is dead (prepl agent --peer-timeout);
+# long enough to ride out a few seconds of stall (a link that flaps, a
+# server busy with an fsync), short enough that a silent link is noticed
+DEFAULT_PEER_TIMEOUT = 10.0
+CLOSE_GRACE = 1.0     # for a polite disconnect before the handle is just closed
 
 
 class TransportError(PreplError):
@@ -126,13 +153,14 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
     the login name).  ``meta_context`` requests ``base:allocation`` (check
     ``h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)`` afterwards: a
     server may decline).  ``connect_timeout`` (seconds, None: none) bounds
-    the whole handshake.
+    the whole handshake, TLS included (see _Watchdog).
 
     Raises TransportError on any failure; the failed handle is released
     (its connection closed) before the exception propagates.
     """
     where = _where(uri, export)
     deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
+    wd = None if deadline is None else _Watchdog(deadline)
     h = nbd.NBD()
     try:
         h.set_uri_allow_local_file(True)
@@ -148,7 +176,7 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
         if export is not None:
             h.set_opt_mode(True)
         h.aio_connect_uri(uri)
-        _wait_handle(h, deadline, where, lambda: not h.aio_is_connecting())
+        _wait_handle(h, deadline, where, lambda: not h.aio_is_connecting(), wd)
         if export is not None:
             if not h.aio_is_negotiating():
                 raise TransportError(f"{where}: cannot select an export: the server "
@@ -161,7 +189,7 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
                 res.append(err.value)
                 return 1
             h.aio_opt_go(go_done)
-            _wait_handle(h, deadline, where, lambda: res)
+            _wait_handle(h, deadline, where, lambda: res, wd)
             if res[0]:
                 raise TransportError(f"{where}: the server refused the export: "
                                      f"{_errstr(res[0])}", errno=res[0])
@@ -176,6 +204,11 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
         failure = e.with_traceback(None)
     else:
         failure = None
+    if wd is not None and wd.cancel() and (failure is None or failure.errno != _errno.ETIMEDOUT):
+        # the watchdog cut the connection: whatever libnbd said, a timeout
+        failure = TransportError(f"{where}: timed out connecting (no answer within "
+                                 f"{connect_timeout:g} s; {failure or 'no error'})",
+                                 errno=_errno.ETIMEDOUT)
     if failure is not None:
         # raised outside the except block so that nothing (the original
         # traceback) keeps the failed handle open, and without a cycle
@@ -190,10 +223,70 @@ def open_nbd(uri, export=None, meta_context=False, tls_psk_file=None,
     return h
 
 
-def _wait_handle(h, deadline, where, done):
+class _Watchdog:
+    """Shuts the handle's socket down at the deadline.  libnbd can wait
+    inside one call beyond the timeout given to h.poll: during the TLS
+    handshake gnutls waits for the peer itself, up to the 40 s libnbd gives
+    it (gnutls_handshake_set_timeout), so a peer that goes silent there
+    would hold open_nbd for 40 s.  A socket shut down ends that wait at
+    once (the handshake fails; open_nbd reports the timeout).  The
+    watchdog holds a duplicate of the socket's descriptor, so it can never
+    touch another file that took the number."""
+
+    def __init__(self, deadline):
+        self._lock = threading.Lock()
+        self._sock = None           # a dup of the handle's socket
+        self._ino = None
+        self.fired = False
+        self._done = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, h):
+        """Follows the handle's current socket (libnbd may try several
+        addresses, each with a socket of its own)."""
+        try:
+            fd = h.aio_get_fd()
+        except nbd.Error:
+            return                  # no socket yet
+        ino = os.fstat(fd).st_ino
+        with self._lock:
+            if self._done or ino == self._ino:
+                return
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._ino = ino
+
+    def _fire(self):
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError as e:
+                    log.debug("watchdog: shutdown: %s", e)
+
+    def cancel(self):
+        """Stops the watchdog; returns True if it had fired."""
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            return self.fired
+
+
+def _wait_handle(h, deadline, where, done, wd=None):
     """Runs h's state machine until done() is true, the handle dies or the
     deadline passes."""
     while not done():
+        if wd is not None:
+            wd.watch(h)
         if h.aio_is_dead() or h.aio_is_closed():
             raise TransportError(f"{where}: connection lost "
                                  f"({h.connection_state()})")
@@ -210,13 +303,119 @@ def _wait_handle(h, deadline, where, done):
 
 
 # --------------------------------------------------------------------------
+# Synchronous exchanges with a deadline, and closing
+
+def _wait_progress(h, done, timeout, what):
+    """Runs h's state machine until done() is true.  TransportError when
+    the connection dies, or (errno ETIMEDOUT) when nothing progressed --
+    no byte moved either way -- for ``timeout`` seconds (None: no limit)."""
+    poller = _Poller([h])
+    last = time.monotonic()
+    while not done():
+        if h.aio_is_dead() or h.aio_is_closed():
+            raise TransportError(f"{what}: connection lost ({h.connection_state()})")
+        if timeout is None:
+            ms = 1000
+        else:
+            left = last + timeout - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"{what}: no progress for {timeout:g} s (the peer "
+                                     "does not answer)", errno=_errno.ETIMEDOUT)
+            ms = max(1, min(1000, int(left * 1000)))
+        try:
+            n = poller.wait(ms)
+        except nbd.Error as e:
+            raise TransportError(f"{what}: {e}", errno=e.errnum) from None
+        if n > 0:
+            last = time.monotonic()
+        elif n < 0 and not done():
+            raise TransportError(f"{what}: nothing in flight to wait for "
+                                 f"({h.connection_state()})")
+
+
+def _exchange(h, start, what, timeout):
+    """Starts one command (start(completion_callback)) and waits for it."""
+    res = []
+
+    def cb(err):
+        res.append(err.value)
+        return 1
+    try:
+        start(cb)
+    except nbd.Error as e:
+        raise TransportError(f"{what}: {e}", errno=e.errnum) from None
+    _wait_progress(h, lambda: res, timeout, what)
+    if res[0]:
+        raise TransportError(f"{what} failed: {_errstr(res[0])}", errno=res[0])
+
+
+def pread(h, count, offset, timeout=DEFAULT_PEER_TIMEOUT):
+    """``h.pread`` with a deadline (see _wait_progress); returns bytes.  After
+    a TransportError the handle may still own the request: close it."""
+    buf = bytearray(count)
+    _exchange(h, lambda cb: h.aio_pread(memoryview(buf), offset, cb),
+              f"read of {count} bytes at offset {offset}", timeout)
+    return bytes(buf)
+
+
+def pwrite(h, data, offset, timeout=DEFAULT_PEER_TIMEOUT):
+    """``h.pwrite`` with a deadline; as pread."""
+    buf = bytearray(data)
+    _exchange(h, lambda cb: h.aio_pwrite(memoryview(buf), offset, cb),
+              f"write of {len(buf)} bytes at offset {offset}", timeout)
+
+
+def flush(h, timeout=DEFAULT_PEER_TIMEOUT):
+    """``h.flush`` with a deadline; as pread."""
+    _exchange(h, lambda cb: h.aio_flush(cb), "flush", timeout)
+
+
+def abandon(h):
+    """Closes h now (nbd_close): no word to the server, no wait.  Safe with
+    commands in flight: libnbd frees them and their buffers without calling
+    their completion callbacks.  The handle must not be used afterwards.
+    python3-libnbd 1.16 has ``h.close()``; 1.14 closes in ``__del__`` only,
+    so its libnbdmod.close is called here and the capsule dropped, which
+    keeps ``__del__`` from closing it twice."""
+    close = getattr(h, "close", None)
+    if close is not None:
+        close()
+        return
+    o = h.__dict__.pop("_o", None)
+    if o is not None:
+        nbd.libnbdmod.close(o)
+
+
+def close_nbd(h, grace=CLOSE_GRACE):
+    """Ends a connection within about ``grace`` seconds, whatever the peer
+    does: a polite NBD disconnect when the handle is idle and the peer
+    answers, then abandon(h).  A handle with requests still in flight
+    (after a timeout) is abandoned at once: its peer stopped answering."""
+    try:
+        if not (h.aio_is_dead() or h.aio_is_closed()) and h.aio_is_ready() and \
+                h.aio_in_flight() == 0:
+            h.aio_disconnect(0)
+            deadline = time.monotonic() + grace
+            while not (h.aio_is_closed() or h.aio_is_dead()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.debug("disconnect not answered within %g s: closing", grace)
+                    break
+                h.poll(max(1, min(1000, int(left * 1000))))
+    except nbd.Error as e:
+        log.debug("disconnect failed (%s): closing", e)
+    finally:
+        abandon(h)
+
+
+# --------------------------------------------------------------------------
 # Sources and targets (nbdcopy's rw_ops, reduced to what the engine needs)
 
 class Endpoint:
     """Common part of sources and targets.  A source has ``size()`` and
     ``start_read(buf, offset, done)``; a target has ``size()``,
     ``can_zero()``, ``start_write(buf, offset, done)``,
-    ``start_zero(length, offset, done)`` and ``flush()``.  ``handles`` are
+    ``start_zero(length, offset, done)`` and ``flush(timeout)``.  ``handles`` are
     the libnbd handles the engine must poll (empty for synchronous
     backends).  A ``start_*`` method either calls ``done(errno)`` later (from the engine's
     poll loop, errno 0 on success), or immediately, or raises
@@ -289,12 +488,13 @@ class NbdTarget(_NbdEndpoint):
     def start_zero(self, length, offset, done):
         self.h.aio_zero(length, offset, _retire(done))
 
-    def flush(self):
-        """Synchronous flush (when the export supports it); returns the
+    def flush(self, timeout=None):
+        """Synchronous flush (when the export supports it), failing after
+        ``timeout`` seconds without progress (None: no limit); returns the
         number of flushes sent."""
         if not self._can_flush:
             return 0
-        self.h.flush()
+        flush(self.h, timeout)
         return 1
 
 
@@ -350,7 +550,7 @@ class NullTarget(Endpoint):
     def start_zero(self, length, offset, done):
         done(0)
 
-    def flush(self):
+    def flush(self, timeout=None):
         return 0
 
 
@@ -455,7 +655,9 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
     ``progress(done_bytes, total_bytes)`` is called at most every
     ``progress_interval`` seconds and once at the end (after success).
     ``flush``: flush the target at the end.  ``stall_timeout`` (seconds,
-    None: wait forever): fail if no request completes for that long.
+    None: wait forever): fail if nothing progresses for that long -- no
+    request completes and no byte moves on any connection (the wait for
+    the final flush included).
 
     Returns ``{"bytes_read", "bytes_written", "bytes_zeroed", "requests",
     "seconds"}``: bytes read from the source, payload bytes written to the
@@ -626,6 +828,10 @@ def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=
             max(1, min(1000, int((last_event + stall_timeout - time.monotonic()) * 1000)))
         try:
             r = poller.wait(timeout)
+            if r > 0:
+                # bytes moved (a socket was readable, or writable while
+                # libnbd had bytes to send): a slow link is alive
+                last_event = time.monotonic()
         except nbd.Error as e:
             # the connection failed; libnbd completes its commands with an
             # error (ENOTCONN) through the callbacks, which we drain next
@@ -643,9 +849,9 @@ def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=
             break
         if stall_timeout is not None and not events and \
                 time.monotonic() - last_event > stall_timeout:
-            raise TransportError(f"no request completed for {stall_timeout} s "
-                                 f"({in_flight} in flight); close the handles",
-                                 errno=_errno.ETIMEDOUT)
+            raise TransportError(f"no request completed for {stall_timeout:g} s and no "
+                                 f"byte moved ({in_flight} in flight): the peer does not "
+                                 "answer; close the handles", errno=_errno.ETIMEDOUT)
 
     if state["error"] is not None:
         # no reference cycle (exception -> traceback -> this frame ->
@@ -658,7 +864,7 @@ def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=
             err = None
     if flush:
         try:
-            dst.flush()
+            dst.flush(stall_timeout)
         except nbd.Error as e:
             raise TransportError(f"flush failed: {e}", errno=e.errnum) from None
     stats["seconds"] = time.monotonic() - t0

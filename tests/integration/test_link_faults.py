@@ -2,7 +2,12 @@
 (tests/harness/proxy.py) between the agent and the secondary:
 
   * the link stalls mid-transfer, then flows again;
-  * the link is throttled to 2 MiB/s;
+  * the link goes silent (a partition: everything swallowed, nothing
+    closed) mid-transfer, in the info read and in the commit: the agent
+    declares the connection dead after --peer-timeout, `--once --timeout`
+    holds, and a running agent replicates again soon after the link heals;
+  * the link is throttled to 2 MiB/s; a link so slow that single requests
+    take longer than --peer-timeout is not declared dead;
   * the link closes in the middle of a reply, at several points of a cycle;
   * the secondary's staging fills its filesystem mid-cycle;
   * the primary's snapshot fills its filesystem mid-cycle (copy-on-write
@@ -83,7 +88,9 @@ def link(tmp_path, make_server):
     the secondary; the secondary's state may be asked for on a small tmpfs."""
     made = []
 
-    def make(secondary_fs=None, primary_fs=None):
+    def make(secondary_fs=None, primary_fs=None, full=False):
+        """full: the primary is made from an existing image (random data),
+        so that its first cycle is a full initial sync."""
         pdir = tmp_path
         if primary_fs:
             pdir = tmp_path / "pfs"
@@ -94,7 +101,11 @@ def link(tmp_path, make_server):
             sdir = tmp_path / "sfs"
             mount_tmpfs(sdir, secondary_fs)
             made.append(sdir)
-        prepl("init", pdir / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
+        if full:
+            (tmp_path / "p.img").write_bytes(random.Random(99).randbytes(SIZE))
+            prepl("init", pdir / "p", "--volume", tmp_path / "p.img")
+        else:
+            prepl("init", pdir / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
         prepl("init", sdir / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
               "--role", "secondary")
         prim = make_server(pdir / "p", tmp_path / "p.sock").start()
@@ -249,3 +260,205 @@ def test_snapshot_fills_the_primary_fs(link, tmp_path):
         stop_process(a)
     assert "failed" in err or "retry" in err, err[-2000:]
     assert_caught_up(prim, sec)
+
+
+# ---- silent links ------------------------------------------------------------
+# The proxy's silence() is a partition: bytes go out, nothing comes back, no
+# FIN, no reset; heal() lets new connections through, the old ones stay dead
+# (their client side is never answered: only the agent's deadline helps).
+
+def applied_seq(sec):
+    h = sec.connect("info")
+    try:
+        applied = json.loads(h.pread(h.get_size(), 0).split(b"\0", 1)[0])["applied"]
+    finally:
+        h.shutdown()
+    return applied["target"]["seq"] if applied else None
+
+
+def test_silent_link_once_timeout_holds(link):
+    """`--once --timeout 10` against a link that goes silent at half of the
+    initial sync exits 6 (timed out) within 30 s."""
+    prim, sec, proxy = link(full=True)
+    proxy.throttle(4 * MiB)                      # the 32 MiB sync takes about 8 s
+    t0 = time.monotonic()
+    a = agent(prim, proxy.listen, "--timeout", "10")
+    try:
+        wait_for(lambda: proxy.bytes_up > SIZE // 2 or a.poll() is not None, 30,
+                 "half of the initial sync")
+        assert a.poll() is None, "the sync ended before the link went silent"
+        proxy.silence()
+        t1 = time.monotonic()
+        out, err = a.communicate(timeout=60)
+    finally:
+        proxy.heal()
+        stop_process(a)
+    t2 = time.monotonic()
+    print(f"silent at {t1 - t0:.1f} s; exit {a.returncode} {t2 - t1:.1f} s later "
+          f"({t2 - t0:.1f} s in all)")
+    assert a.returncode == 6, err[-3000:]
+    assert t2 - t0 < 30, f"the agent took {t2 - t0:.1f} s"
+    assert "the peer does not answer" in err, err[-3000:]
+    # healed: the next run finishes the sync
+    proxy.throttle(None)
+    finish(agent(prim, proxy.listen))
+    assert_caught_up(prim, sec)
+
+
+def test_running_agent_replicates_again_after_a_silent_link(link, tmp_path):
+    """A running agent whose link goes silent mid-transfer for 20 s abandons
+    the dead connections, retries, and applies a new interval within 30 s
+    after the link heals; meanwhile the replica always reads as one of the
+    primary's images at a snappoint (I1): there are only two, the volume
+    is not written while the agent cycles."""
+    prim, sec, proxy = link()
+    scribble(prim, 21, 2 * MiB)
+    logf = open(tmp_path / "agent.log", "w")
+    # cycles only when asked (prepl sync) or to retry a failed one
+    a = subprocess.Popen(PREPL + ["agent", prim.state, "--secondary",
+                                  f"nbd+unix:///?socket={proxy.listen}", "--interval", "3600"],
+                         env=ENV, cwd=REPO, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    stop = threading.Event()
+    samples, bad = [], []
+    try:
+        wait_for(lambda: applied_seq(sec) is not None, 60, "the first cycle")
+        images = {digest(prim)}                     # P0: the replica holds it now
+        assert digest(sec) in images
+        scribble(prim, 22, 12 * MiB)
+        images.add(digest(prim))                    # P1: every later snappoint's image
+
+        def sampler():                              # I1, all along
+            while not stop.is_set():
+                d = digest(sec)
+                samples.append(d)
+                if d not in images:
+                    bad.append(d)
+                time.sleep(0.2)
+        th = threading.Thread(target=sampler)
+        th.start()
+        seq0 = applied_seq(sec)
+        proxy.throttle(2 * MiB)                     # about 6 s of transfer
+        up = proxy.bytes_up
+        prepl("sync", prim.state, "--no-wait")
+        wait_for(lambda: proxy.bytes_up > up + 2 * MiB, 30, "the transfer to start")
+        proxy.silence()
+        silent_at = time.monotonic()
+        wait_for(lambda: "the peer does not answer" in (tmp_path / "agent.log").read_text(),
+                 20, "the agent to declare the silent connection dead")
+        detected = time.monotonic() - silent_at
+        print(f"the silent link was declared dead after {detected:.1f} s")
+        time.sleep(max(0.0, 20 - detected))
+        assert applied_seq(sec) == seq0 and a.poll() is None
+        proxy.throttle(None)
+        proxy.heal()
+        healed = time.monotonic()
+        wait_for(lambda: (applied_seq(sec) or -1) > seq0, 30,
+                 "a new interval after the link healed")
+        back = time.monotonic() - healed
+        print(f"replicating again {back:.1f} s after the link healed")
+        stop.set()
+        th.join(30)
+        assert not bad, f"I1: {len(bad)} of {len(samples)} reads of the replica were no " \
+                        "primary image"
+        assert len(samples) > 20
+        assert digest(sec) == digest(prim)
+    finally:
+        stop.set()
+        proxy.heal()
+        stop_process(a)
+        logf.close()
+    log = (tmp_path / "agent.log").read_text()
+    assert "retrying" in log, log[-3000:]
+
+
+# an NBD request (magic 0x25609513) with no flags of type NBD_CMD_READ (0):
+# the first read through the proxy is a cycle's read of the info export
+NBD_READ_REQUEST = b"\x25\x60\x95\x13\0\0\0\0"
+
+
+@pytest.mark.parametrize("what,pattern,then", [
+    ("info", NBD_READ_REQUEST, 0),           # the info export's read
+    ("commit", b'"primary_uuid"', 0),        # the manifest's write
+], ids=["info", "commit"])
+def test_silent_exchange_is_bounded(link, what, pattern, then):
+    """The info read or the commit goes silent: `--once --timeout 5
+    --peer-timeout 3` still ends, with exit 6, and once the link heals the
+    next run applies the interval."""
+    prim, sec, proxy = link()
+    scribble(prim, 31, MiB)
+    proxy.silence_on(pattern, then)
+    t0 = time.monotonic()
+    a = agent(prim, proxy.listen, "--timeout", "5", "--peer-timeout", "3")
+    try:
+        out, err = a.communicate(timeout=60)
+    finally:
+        stop_process(a)
+    took = time.monotonic() - t0
+    print(f"{what}: exit {a.returncode} after {took:.1f} s")
+    assert proxy.silences == 1 and proxy.silent
+    assert a.returncode == 6, err[-3000:]
+    # two attempts at most, each ends after one peer timeout (a commit after
+    # two: it is retried once on a new connection), plus start-up
+    assert took < 5 + 2 * 3 + 5, f"{took:.1f} s"
+    assert "the peer does not answer" in err, err[-3000:]
+    assert ("reading the replica's info failed" if what == "info"
+            else "commit on the early connection failed") in err, err[-3000:]
+    proxy.heal()
+    finish(agent(prim, proxy.listen))
+    assert_caught_up(prim, sec)
+
+
+def test_slow_link_is_not_a_dead_link(link):
+    """Throttled so that each 1 MiB batch takes longer than the peer
+    timeout to cross: bytes keep moving, so the link is alive and the cycle
+    succeeds at the first attempt."""
+    prim, sec, proxy = link()
+    finish(agent(prim, proxy.listen))
+    scribble(prim, 41, 3 * MiB, sizes=(65536, 262144))
+    proxy.throttle(256 * 1024)                  # a 1 MiB batch: about 4 s
+    up = proxy.bytes_up
+    t0 = time.monotonic()
+    err = finish(agent(prim, proxy.listen, "--peer-timeout", "3"))
+    took = time.monotonic() - t0
+    proxy.throttle(None)
+    print(f"{proxy.bytes_up - up} bytes in {took:.1f} s")
+    assert proxy.bytes_up - up > 2 * MiB
+    assert took > 2 * 3, f"{took:.1f} s: the link was not that slow"
+    assert "cycle failed" not in err, err[-3000:]
+    assert_caught_up(prim, sec)
+
+
+def test_silent_tls_handshake_is_a_timeout_not_a_refusal(tmp_path, make_server):
+    """The link goes silent in the middle of the TLS handshake (the client's
+    hello is swallowed): the handshake times out after --peer-timeout and
+    the agent reports a timeout (exit 6, retrying may help), not a wrong
+    key (exit 5); healed, the same agent command replicates."""
+    key = tmp_path / "link.psk"
+    prepl("keygen", key)
+    prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
+    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
+          "--role", "secondary")
+    prim = make_server(tmp_path / "p", tmp_path / "p.sock").start()
+    sec = make_server(tmp_path / "s", tmp_path / "s.sock")
+    sec.extra = ["--tls-psk", str(key)]
+    sec.start()
+    scribble(prim, 51, MiB)
+    with CutProxy(tmp_path / "proxy.sock", tmp_path / "s.sock") as proxy:
+        # NBD_OPT_STARTTLS (option 5); the next chunk is the TLS ClientHello
+        proxy.silence_on(b"IHAVEOPT\0\0\0\x05", then=1)
+        cmd = PREPL + ["agent", prim.state, "--secondary",
+                       f"nbds+unix:///?socket={proxy.listen}", "--tls-psk", str(key),
+                       "--once", "--timeout", "3", "--peer-timeout", "3"]
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, env=ENV, cwd=REPO, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+        print(f"exit {r.returncode} after {took:.1f} s")
+        assert proxy.silences == 1
+        assert r.returncode == 6, r.stderr[-3000:]
+        assert "timed out connecting" in r.stderr, r.stderr[-3000:]
+        assert took < 3 + 3 + 5
+        proxy.heal()
+        r = subprocess.run(cmd, env=ENV, cwd=REPO, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-3000:]

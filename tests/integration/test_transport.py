@@ -3,6 +3,7 @@ servers on unix sockets: random extent lists copied and compared with an
 independent byte model, what goes over the wire (nbdkit's log filter),
 failing, read-only, dying and stalling targets, TLS-PSK and export-name
 connections.  Every nbdkit is stopped by PID in a finalizer."""
+import errno
 import os
 import random
 import re
@@ -39,6 +40,17 @@ class Nbdkit:
         self.proc.wait(10)
 
 
+def listening(sock):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(sock))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 @pytest.fixture
 def nbdkit(tmp_path, request):
     """nbdkit(*args) starts `nbdkit -f -U SOCK *args` and waits until it
@@ -65,7 +77,7 @@ def nbdkit(tmp_path, request):
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
         procs.append(p)
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not listening(sock):      # (the socket exists from bind(), before listen())
             if p.poll() is not None:
                 raise AssertionError(f"nbdkit {args} exited {p.returncode}: "
                                      + log.read_text(errors="replace"))
@@ -285,6 +297,105 @@ def test_stall_timeout(nbdkit):
         T.copy_extents(T.NbdSource(src), T.NbdTarget(dst), [(0, MiB, False)],
                        stall_timeout=0.5)
     assert time.monotonic() - t < 5
+    d.kill()
+
+
+def paused(nbdkit, tmp_path):
+    """An nbdkit that completes handshakes but leaves every request
+    unanswered (the pause filter, paused): a hung server.  (Not the delay
+    filter: it wakes up when the client goes and replies, and nbdkit 1.32.5
+    may then abort, connections.c:402.)"""
+    ctl = tmp_path / f"pause{time.monotonic_ns()}.sock"
+    srv = nbdkit("--filter=pause", "memory", SIZE, f"pause-control={ctl}")
+    deadline = time.monotonic() + 10
+    while not ctl.exists():
+        assert time.monotonic() < deadline, "no pause control socket"
+        time.sleep(0.01)
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(10)
+    c.connect(str(ctl))
+    c.sendall(b"p")
+    assert c.recv(1) == b"P"
+    c.close()
+    return srv
+
+
+def test_hung_source_times_out(nbdkit, tmp_path):
+    """A source server that stops answering (a hung primary): the copy
+    fails with ETIMEDOUT after the stall timeout, and both handles close at
+    once although the source still owns reads."""
+    s = paused(nbdkit, tmp_path)
+    d = nbdkit("memory", SIZE)
+    src, dst = s.open(), d.open()
+    t = time.monotonic()
+    with pytest.raises(T.TransportError, match="no request completed") as ei:
+        T.copy_extents(T.NbdSource(src), T.NbdTarget(dst), [(0, 4 * MiB, False)],
+                       stall_timeout=0.5)
+    assert ei.value.errno == errno.ETIMEDOUT
+    assert time.monotonic() - t < 5
+    assert src.aio_in_flight() > 0
+    t = time.monotonic()
+    T.close_nbd(src)
+    T.close_nbd(dst)
+    assert time.monotonic() - t < 1.5
+    del ei
+    s.kill()
+
+
+def test_sync_exchanges_have_deadlines(nbdkit, tmp_path):
+    """pread/pwrite/flush of the module time out on a server that does not
+    answer (libnbd's own h.pread etc. would wait forever), close_nbd never
+    waits for it, and on a live server they just work."""
+    d = paused(nbdkit, tmp_path)
+    calls = {"pread": lambda h: T.pread(h, 4096, 0, 0.5),
+             "pwrite": lambda h: T.pwrite(h, b"x" * 4096, 0, 0.5)}   # (flush: not paused)
+    for name, call in calls.items():
+        h = d.open()
+        t = time.monotonic()
+        with pytest.raises(T.TransportError, match="the peer does not answer") as ei:
+            call(h)
+        assert ei.value.errno == errno.ETIMEDOUT, name
+        assert 0.4 < time.monotonic() - t < 3, name
+        t = time.monotonic()
+        T.close_nbd(h)                  # a request in flight: closed at once
+        assert time.monotonic() - t < 0.5, name
+        with pytest.raises((AttributeError, getattr(nbd, "ClosedHandle", AttributeError))):
+            h.get_size()                # closed (1.14: the capsule is gone)
+        del ei
+    s = nbdkit("memory", SIZE)
+    h = s.open()
+    T.pwrite(h, b"abc" * 1000, 4096)
+    T.flush(h)
+    assert T.pread(h, 3000, 4096) == b"abc" * 1000
+    t = time.monotonic()
+    T.close_nbd(h)                      # idle: a polite disconnect, answered
+    assert time.monotonic() - t < 1
+
+
+def test_abandoned_handles_free_their_buffers(nbdkit, tmp_path):
+    """Handles closed with requests (and their buffers) in flight release
+    them: no crash, no growth over 30 rounds."""
+    import gc
+    import tracemalloc
+    d = paused(nbdkit, tmp_path)
+    tracemalloc.start()
+    try:
+        base = None
+        for i in range(30):
+            h = d.open()
+            for k in range(4):
+                h.aio_pread(memoryview(bytearray(MiB)), k * MiB, lambda err: 1)
+            with pytest.raises(T.TransportError):
+                T.pread(h, MiB, 8 * MiB, 0.05)
+            T.close_nbd(h)
+            del h
+            gc.collect()
+            if i == 4:
+                base = tracemalloc.get_traced_memory()[0]
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * MiB, f"{grown} bytes retained after 25 abandoned handles"
     d.kill()
 
 
