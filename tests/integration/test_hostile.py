@@ -21,7 +21,8 @@ import nbd
 import pytest
 
 from replication.state import StateDir, _canonical
-from tests.conftest import ENV, PREPL, REPO, prepl, runs_to_set, served_pair, wait_for
+from tests.conftest import (ENV, NBDKIT, PREPL, REPO, prepl, runs_to_set, served_pair,
+                            wait_for)
 from tests.harness.rawnbd import CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, RawNbd
 from tests.integration.test_secondary_exports import read_doc, ship
 
@@ -465,7 +466,7 @@ def test_corrupt_metadata_refused(tmp_path, make_server, role):
             assert r.returncode == 4 and msg in r.stderr, (name, args[0], r.stderr)
             assert "Traceback" not in r.stderr, (name, r.stderr)
         if name in ("flip", "body list"):
-            r = subprocess.run(["nbdkit", "-f", "-U", str(tmp_path / "y.sock"), "python",
+            r = subprocess.run([NBDKIT, "-f", "-U", str(tmp_path / "y.sock"), "python",
                                 os.path.join(REPO, "nbdplugin", "plugin.py"), f"state={st}"],
                                capture_output=True, text=True, env=ENV, timeout=20)
             assert r.returncode == 4 and msg in r.stderr, (name, r.stderr)
