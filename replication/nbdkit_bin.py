@@ -71,6 +71,11 @@ def dump_config(nbdkit=None):
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def plugindir(nbdkit=None):
+    """Where that nbdkit loads its plugins from (filters: "filterdir")."""
+    return dump_config(nbdkit)["plugindir"]
+
+
 def version(nbdkit=None):
     """(major, minor, micro) of an nbdkit binary (default: binary())."""
     return parse_version(dump_config(nbdkit)["version"])
