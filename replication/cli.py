@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from . import control, state
+from . import control, nbdkit_bin, state
 from .errors import (EXIT_OK, NotRunningError, PreplError, RefusedError, StateError,
                      UsageError, InUseError)
 from .units import check_name, fmt_size, parse_pow2, parse_size
@@ -103,7 +103,8 @@ def cmd_serve(args):
     if args.port is not None and args.bind not in LOOPBACK and not args.tls_psk:
         raise UsageError(f"refusing to serve on {args.bind} without TLS: give --tls-psk FILE "
                          "(made by `prepl keygen FILE`), or --bind 127.0.0.1")
-    cmd = ["nbdkit", "--log=stderr", "-P", sd.pidfile,
+    nbdkit = nbdkit_bin.binary()
+    cmd = [nbdkit, "--log=stderr", "-P", sd.pidfile,
            "-t", str(nbdkit_threads(body["role"], args.threads))]
     scheme = "nbd"
     if args.tls_psk:
@@ -122,11 +123,11 @@ def cmd_serve(args):
     cmd += ["python", PLUGIN, f"state={sd.path}", f"uri={uri}"]
     # nbdkit embeds the system's Python, which finds its standard library
     # through the first python3 on PATH: keep the system's directories first
-    # (a pyenv or venv python3 ahead of them breaks the plugin's imports)
-    os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")
+    # (nbdkit itself is an absolute path, so this PATH does not choose it)
+    os.environ["PATH"] = nbdkit_bin.server_path()
     if not args.background:
         sys.stdout.flush()
-        os.execvp("nbdkit", ["nbdkit", "-f"] + cmd[1:])
+        os.execv(nbdkit, [nbdkit, "-f"] + cmd[1:])
     # nbdkit's own daemon mode sends stderr to /dev/null, and a foreground
     # nbdkit that is our direct child stops when we exit: detach it with
     # `setsid -f` so its log lands in STATE/server.log.  It inherits the
@@ -137,7 +138,7 @@ def cmd_serve(args):
         logfd = os.open(logpath, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.fchmod(logfd, 0o600)         # a log from an older prepl may be 0644
         with os.fdopen(logfd, "ab") as logf:
-            subprocess.run(["setsid", "-f", "nbdkit", "-f"] + cmd[1:], check=True,
+            subprocess.run(["setsid", "-f", nbdkit, "-f"] + cmd[1:], check=True,
                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                            pass_fds=(wfd,))
         os.close(wfd)

@@ -11,10 +11,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from replication import nbdkit_bin  # noqa: E402
 from tests.harness.servers import ForegroundServer, wait_for  # noqa: E402,F401  (wait_for: for tests)
 
 PREPL = [sys.executable, "-m", "replication.cli"]
-ENV = dict(os.environ, PYTHONPATH=REPO, PATH="/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", ""))
+ENV = dict(os.environ, PYTHONPATH=REPO, PATH=nbdkit_bin.server_path())
+# the nbdkit every test server runs: the one `prepl serve` runs
+NBDKIT = nbdkit_bin.binary()
 
 
 def prepl(*args, check=True, **kw):

@@ -27,6 +27,8 @@ import socket
 import subprocess
 import time
 
+from replication import nbdkit_bin
+
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "cachedisk.py")
 DEFAULT_MKFS_ARGS = ("-b", "4096",
@@ -107,7 +109,7 @@ class CacheDisk:
         for p in (self.sock, self.control):
             if os.path.exists(p):
                 os.unlink(p)
-        args = ["nbdkit", "-f", "--exit-with-parent", "-U", self.sock,
+        args = [nbdkit_bin.binary(), "-f", "--exit-with-parent", "-U", self.sock,
                 "python", PLUGIN, "file=" + self.image,
                 "control=" + self.control]
         if self.blocksize:

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from replication.state import StateDir
-from tests.conftest import ENV, PREPL, REPO, prepl
+from tests.conftest import ENV, NBDKIT, PREPL, REPO, prepl
 
 MiB = 1 << 20
 
@@ -94,7 +94,7 @@ def test_second_server_refused(primary, make_server, tmp_path):
     r = prepl("serve", srv.state, "--unix", tmp_path / "other.sock", check=False)
     assert r.returncode == 4 and "in use by another server" in r.stderr
     # bypassing the CLI's check: the plugin's own lock refuses too
-    r = subprocess.run(["nbdkit", "-f", "-U", str(tmp_path / "o2.sock"), "python",
+    r = subprocess.run([NBDKIT, "-f", "-U", str(tmp_path / "o2.sock"), "python",
                         os.path.join(REPO, "nbdplugin", "plugin.py"), f"state={srv.state}"],
                        capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 4 and "in use by another server" in r.stderr
@@ -134,7 +134,7 @@ def test_volume_of_wrong_size(tmp_path):
 
 
 def test_unknown_plugin_parameter(tmp_path):
-    r = subprocess.run(["nbdkit", "-f", "-U", str(tmp_path / "s.sock"), "python",
+    r = subprocess.run([NBDKIT, "-f", "-U", str(tmp_path / "s.sock"), "python",
                         os.path.join(REPO, "nbdplugin", "plugin.py"), "bogus=1"],
                        capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 2 and "unknown parameter 'bogus'" in r.stderr

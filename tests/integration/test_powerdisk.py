@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.conftest import NBDKIT  # noqa: E402
 from tests.harness.powerdisk import (  # noqa: E402
     PLUGIN, CacheDisk, DiskError, PowerLossDisk)
 
@@ -352,7 +353,7 @@ def test_nbd_writeback_then_crash(cachedisk):
 def test_plugin_rejects_bad_config(tmp_path):
     img = tmp_path / "img"
     img.write_bytes(bytes(BS))
-    base = ["nbdkit", "-f", "-U", str(tmp_path / "s"), "python", PLUGIN]
+    base = [NBDKIT, "-f", "-U", str(tmp_path / "s"), "python", PLUGIN]
     ctl = "control=%s" % (tmp_path / "c")
     for extra in (["file=%s" % img, ctl, "bogus=1"],
                   ["file=%s" % (tmp_path / "missing"), ctl],

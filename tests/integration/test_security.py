@@ -179,9 +179,9 @@ os._exit(0)                 # dies with 32 reads in flight
 
 def test_dying_tls_client_cannot_take_the_secondary_down(tmp_path, make_server):
     """A TLS client dying with 32 reads in flight, three times, leaves the
-    secondary up and serving.  (In plaintext, nbdkit 1.32.5 aborts here in
-    every one of 60 tries: connections.c:402, see test_hostile.py; its TLS
-    path does not.)"""
+    secondary up and serving.  (In plaintext, stock nbdkit 1.32.5 aborted
+    here in every one of 60 tries: connections.c:402, see
+    test_client_kill.py; its TLS path did not.)"""
     key = tmp_path / "link.psk"
     prepl("keygen", key)
     prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", "64M",

@@ -18,6 +18,7 @@ import nbd
 import pytest
 
 from replication import transport as T
+from tests.conftest import NBDKIT
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -73,7 +74,7 @@ def nbdkit(tmp_path, request):
         sock = tmp_path / f"nbdkit{n}.sock"
         log = tmp_path / f"nbdkit{n}.log"
         with open(log, "wb") as logf:
-            p = subprocess.Popen(["nbdkit", "-f", "-U", str(sock)] + [str(a) for a in args],
+            p = subprocess.Popen([NBDKIT, "-f", "-U", str(sock)] + [str(a) for a in args],
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
         procs.append(p)
         deadline = time.monotonic() + 10
