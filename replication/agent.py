@@ -22,7 +22,6 @@ still holds every interval since its creation: then the chain from the
 start is the exact difference.
 """
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from . import control, faults, manifest, pack
 from .chain import union_runs
 from .errors import (InUseError, PreplError, RefusedError, StateError,
                      TimedOutError, UsageError)
-from .state import StateDir
+from .state import StateDir, lock_exclusive
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, NbdSource, NbdTarget, TransportError,
                         copy_extents, copy_requests, open_nbd)
 
@@ -401,7 +400,7 @@ def _lock_link(sd, name):
     f = os.fdopen(os.open(sd.p(f"agent.{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                           0o600), "r+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_exclusive(f)
     except BlockingIOError:
         holder = f.read().strip() or "unknown"
         f.close()

@@ -5,7 +5,8 @@ Layout of STATE/:
                 checksum is the SHA-256 of the canonical JSON of body, so a
                 damaged file is detected, never trusted.  Written atomically:
                 temp file, fsync, rename, fsync of the directory.
-  lock          flock()ed by the one server of this directory; holds its pid
+  lock          locked (lock_exclusive) by the one server of this directory;
+                holds its pid
   al            the activity log (see replication/tracker.py)
   maps/         change (.cmap), block (.bmap) and zero (.zmap) map files,
                 one set per interval; valid maps (.vmap) of snapshots
@@ -15,11 +16,13 @@ Layout of STATE/:
 
 Only the server writes anything here after `prepl init`.
 """
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import stat
+import struct
 import time
 import uuid
 
@@ -140,7 +143,7 @@ class StateDir:
         f = os.fdopen(os.open(self.p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600),
                       "r+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(f)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
@@ -157,18 +160,41 @@ class StateDir:
         return flocked(self.p("lock"))
 
 
-def flocked(path):
-    """True if some process holds an flock on path."""
+def lock_exclusive(f):
+    """Takes the exclusive lock of open file f without waiting (raises
+    BlockingIOError if another holds it); it lasts while f stays open.
+    Two locks on the same open file: an flock, which every prepl version
+    takes, and an OFD lock (fcntl F_OFD_SETLK), which flocked() can test
+    without taking anything (F_OFD_GETLK)."""
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        f = open(path, "r")
+        fcntl.fcntl(f, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+    except OSError as e:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(e.errno, e.strerror) from None
+        raise
+
+
+def _flock_struct(kind):
+    # struct flock: l_type, l_whence, l_start, l_len (0: to the end and
+    # beyond), l_pid (0 for OFD locks)
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+
+
+def flocked(path):
+    """True if some process holds the lock of path (lock_exclusive).  Only
+    asks (F_OFD_GETLK): a probe never takes the lock, so it never makes a
+    process that takes it at that moment fail."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_struct(fcntl.F_RDLCK))
+    finally:
+        os.close(fd)
+    return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
 
 
 def new_interval(seq, file_id):
