@@ -38,6 +38,7 @@ image at the snappoint of the last applied interval.
   needs no re-read, otherwise (a restart, other request boundaries) the
   staging is read back and hashed.
 """
+import contextlib
 import errno
 import hashlib
 import json
@@ -274,6 +275,7 @@ class Replica:
         self.fd = os.open(body["volume"], os.O_RDWR | os.O_CLOEXEC)
         self.lock = threading.RLock()      # staging and commit state
         self.rw = RWLock()                 # replica reads vs the apply switch
+        self.stage_users = RWLock()        # staging requests vs the end of their staging
         self.overlay = False               # reads of staged blocks come from the staging
         self.merger = None                 # the merge thread of the last switch
         self.merge_error = None
@@ -372,6 +374,7 @@ class Replica:
         else:
             fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
         self.stage = {
+            "receiving": not complete,      # see _staging_request
             "fd": fd,
             "data": MapFile(maps[0], self.nblocks, create=create),
             "zero": MapFile(maps[1], self.nblocks, create=create),
@@ -382,10 +385,11 @@ class Replica:
         for the next staging while it holds at most KEEP_STAGING of the
         replica's size (its blocks are then allocated already, and nothing
         is freed per interval), else it goes to the reaper."""
-        self.hashes = {}
-        if self.stage:
-            os.close(self.stage["fd"])
-            self.stage = None
+        with self._staging_held():      # its running requests end first
+            self.hashes = {}
+            if self.stage:
+                os.close(self.stage["fd"])
+                self.stage = None
         # data.bmap first, data.img last: a stop in between leaves a staging
         # that starts afresh (see _open_staging)
         names = sorted(os.listdir(self.sd.p("staging")),
@@ -408,7 +412,7 @@ class Replica:
             st = self.body["staging"]
             key = {"primary_uuid": primary_uuid, "base": base, "target": target}
             if st and all(st[k] == v for k, v in key.items()) and self.stage:
-                return
+                return self.stage
             if st and st["state"] == "complete":
                 raise RefusedError("a complete staging is waiting to be applied")
             self._discard_staging()
@@ -418,6 +422,7 @@ class Replica:
                                         in_place=in_place)
             self.sd.write_meta(self.body)
             log.info("staging interval %s -> %s from primary %s", base, target, primary_uuid)
+            return self.stage
 
     def _check_aligned(self, length, offset):
         if offset < 0 or offset + length > self.size:
@@ -427,9 +432,42 @@ class Replica:
             raise OSError(errno.EINVAL, f"staging requests must be aligned to {self.block} "
                           f"bytes (offset {offset}, length {length})")
 
-    def stage_write(self, buf, offset):
+    @contextlib.contextmanager
+    def _staging_request(self, stage):
+        """A request on a connection of staging `stage` (what begin_staging
+        returned; None: the staging receiving now) runs in this context,
+        which yields the staging.  A staging ends when its commit completes
+        it or when it is discarded (replaced, or merged): its descriptor
+        may then be closed or reused, so a request of a connection from
+        an earlier cycle is refused; a staging never ends while one of its
+        requests runs (stage_users)."""
+        self.stage_users.acquire_read()
+        try:
+            cur = self.stage
+            if cur is None or not cur["receiving"] or (stage is not None and stage is not cur):
+                raise OSError(errno.EPERM, "the staging of this connection has ended (its "
+                              "interval was committed, or another staging replaced it): "
+                              "open the staging export of the current interval")
+            yield cur
+        finally:
+            self.stage_users.release_read()
+
+    @contextlib.contextmanager
+    def _staging_held(self):
+        """No staging request runs in this context: running ones end first,
+        new ones wait (and are refused if their staging ended meanwhile)."""
+        self.stage_users.acquire_write()
+        try:
+            yield
+        finally:
+            self.stage_users.release_write()
+
+    def stage_write(self, buf, offset, stage=None):
         self._check_aligned(len(buf), offset)
-        st = self.stage
+        with self._staging_request(stage) as st:
+            self._stage_write(st, buf, offset)
+
+    def _stage_write(self, st, buf, offset):
         with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
             # what is on disk at offset is what was hashed last there; a
             # failed write leaves no hash (the commit then reads it back)
@@ -439,11 +477,14 @@ class Replica:
                 self.block))
         self.writeback.staged(st["fd"], len(buf))
 
-    def stage_batch(self, entries, data):
+    def stage_batch(self, entries, data, stage=None):
         """A decoded batch (replication/pack.py): its data entries staged in
         one C call without the GIL, then its zero entries.  The caller has
         checked every entry's range and alignment."""
-        st = self.stage
+        with self._staging_request(stage) as st:
+            self._stage_batch(st, entries, data)
+
+    def _stage_batch(self, st, entries, data):
         writes = [(o, n) for o, n, z in entries if not z]
         locks = sorted({(o // manifest.PIECE) % len(self.hash_locks) for o, _ in writes})
         for i in locks:
@@ -462,18 +503,21 @@ class Replica:
         self.writeback.staged(st["fd"], len(data))
         for o, n, z in entries:
             if z:
-                self.stage_zero(n, o)
+                self._stage_zero(st, n, o)
 
-    def stage_zero(self, length, offset):
+    def stage_zero(self, length, offset, stage=None):
         self._check_aligned(length, offset)
-        st = self.stage
+        with self._staging_request(stage) as st:
+            self._stage_zero(st, length, offset)
+
+    def _stage_zero(self, st, length, offset):
         b0, n = offset // self.block, -(-length // self.block)
         native.bm_clear(st["data"].bits, self.nblocks, b0, n)
         native.bm_set(st["zero"].bits, self.nblocks, b0, n)
 
-    def stage_flush(self):
-        if self.stage:
-            os.fdatasync(self.stage["fd"])
+    def stage_flush(self, stage=None):
+        with self._staging_request(stage) as st:
+            os.fdatasync(st["fd"])
 
     def _staged_runs(self):
         st = self.stage
@@ -491,7 +535,7 @@ class Replica:
         """Verifies manifest m against the replica and the staging, applies
         the interval atomically, returns the receipt.  Idempotent."""
         t0 = time.monotonic()
-        with self.lock:
+        with self.lock, self._staging_held():
             for key in ("primary_uuid", "replica_uuid", "size", "region_size", "block_size",
                         "base", "target", "extents", "bytes", "digest", "version"):
                 if key not in m:
@@ -536,6 +580,7 @@ class Replica:
                 b["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
                               **geometry}
             receipt = self._switch(st)
+            self.stage["receiving"] = False     # its connections' requests are refused now
             log.info("commit of interval %s: verified in %.3f s, staging durable in %.3f s, "
                      "switched in %.3f s", m["target"]["seq"], t1 - t0, t2 - t1,
                      time.monotonic() - t2)
