@@ -268,10 +268,10 @@ class Agent:
 
     @staticmethod
     def _can_skip_initial_sync(body, info):
-        # deleting a snappoint merges intervals, it never drops changes: the
-        # chain holds every change since creation unless it was truncated
-        return (body["tracked_since_empty"] and info["tracked_since_empty"]
-                and not body.get("chain_truncated"))
+        # nothing drops an interval's changes (deleting a snappoint merges
+        # its interval forward, recovery keeps every map): the chain holds
+        # every change since creation
+        return body["tracked_since_empty"] and info["tracked_since_empty"]
 
     def _transfer(self, primary_uri, body, snap_name, base, target, runs, full):
         """Streams the runs with the AIO engine (replication/transport.py),

@@ -355,8 +355,6 @@ def cmd_snap_list(args):
 
 
 def cmd_snap_convert(args):
-    if not args.dataless:
-        raise UsageError("convert needs --dataless (the only conversion there is)")
     _request(args, "snappoint_convert", name=args.name)
     print(f"snappoint {args.name} is dataless now")
     return EXIT_OK
@@ -491,7 +489,8 @@ def parser():
     c = ssub.add_parser("convert", help="free a snappoint's snapshot, keep its map")
     c.add_argument("state")
     c.add_argument("name", type=_name)
-    c.add_argument("--dataless", action="store_true", required=True)
+    c.add_argument("--dataless", action="store_true", required=True,
+                   help="required: the only conversion there is")
     c.set_defaults(func=cmd_snap_convert)
     c = ssub.add_parser("delete", help="delete a snappoint, merging its changes forward")
     c.add_argument("state")
