@@ -50,7 +50,12 @@ def _print_json(obj):
 
 
 def _request(args, op, **kw):
-    return control.request(state.StateDir(args.state).control_socket, op, **kw)
+    sd = state.StateDir(args.state)
+    try:
+        return control.request(sd.control_socket, op, **kw)
+    except NotRunningError:
+        sd.read_meta()          # a missing or damaged state directory says so (exit 4)
+        raise
 
 
 # ---- init ---------------------------------------------------------------
@@ -370,12 +375,17 @@ def cmd_snap_delete(args):
 
 def cmd_agent(args):
     from . import agent
+    state.StateDir(args.state).read_meta()     # exit 4 at once if it is no state directory
     return agent.run(args)
 
 
 def cmd_sync(args):
     from . import agent
-    reply = agent.request_sync(args.state, args.name, wait=not args.no_wait)
+    try:
+        reply = agent.request_sync(args.state, args.name, wait=not args.no_wait)
+    except NotRunningError:
+        state.StateDir(args.state).read_meta()     # a missing or damaged one says so (exit 4)
+        raise
     if args.no_wait:
         print(f"cycle requested from the agent of link {args.name}")
     else:

@@ -136,7 +136,7 @@ def exchange(path, message, timeout, not_running):
     try:
         try:
             s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
             raise NotRunningError(not_running)
         with s.makefile("rwb") as f:
             f.write(json.dumps(message).encode() + b"\n")

@@ -91,6 +91,9 @@ class StateDir:
                 raise StateError(f"{self.path} does not exist: create it with `prepl init`")
             raise StateError(f"{self.path} is not a prepl state directory (no {META}): "
                              "create one with `prepl init`")
+        except NotADirectoryError:
+            raise StateError(f"{self.path} is not a directory, so no prepl state directory: "
+                             "give the state directory (`prepl init` creates one)")
         try:
             doc = json.loads(raw)
             fmt = doc["format"]
