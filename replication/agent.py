@@ -22,7 +22,6 @@ still holds every interval since its creation: then the chain from the
 start is the exact difference.
 """
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from . import control, faults, manifest, pack, transport
 from .chain import union_runs, verify_interval
 from .errors import (DamagedMapError, InUseError, PreplError, RefusedError, StateError,
                      TimedOutError, UsageError)
-from .state import StateDir
+from .state import StateDir, lock_exclusive
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSource,
                         NbdTarget, TransportError, copy_extents, copy_requests, open_nbd)
 
@@ -276,8 +275,10 @@ class Agent:
 
     @staticmethod
     def _can_skip_initial_sync(body, info):
-        # deleting a snappoint merges intervals, it never drops changes: the
-        # chain holds every change since creation unless it was truncated
+        # nothing drops an interval's changes (deleting a snappoint merges
+        # its interval forward, recovery keeps every map): the chain holds
+        # every change since creation, unless a damaged map was merged away
+        # (chain_truncated, replication/tracker.py)
         return (body["tracked_since_empty"] and info["tracked_since_empty"]
                 and not body.get("chain_truncated"))
 
@@ -400,7 +401,7 @@ def _lock_link(sd, name):
     f = os.fdopen(os.open(sd.p(f"agent.{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                           0o600), "r+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_exclusive(f)
     except BlockingIOError:
         holder = f.read().strip() or "unknown"
         f.close()

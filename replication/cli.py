@@ -10,7 +10,6 @@ import select
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 
@@ -50,7 +49,12 @@ def _print_json(obj):
 
 
 def _request(args, op, **kw):
-    return control.request(state.StateDir(args.state).control_socket, op, **kw)
+    sd = state.StateDir(args.state)
+    try:
+        return control.request(sd.control_socket, op, **kw)
+    except NotRunningError:
+        sd.read_meta()          # a missing or damaged state directory says so (exit 4)
+        raise
 
 
 # ---- init ---------------------------------------------------------------
@@ -129,18 +133,18 @@ def cmd_serve(args):
         sys.stdout.flush()
         os.execv(nbdkit, [nbdkit, "-f"] + cmd[1:])
     # nbdkit's own daemon mode sends stderr to /dev/null, and a foreground
-    # nbdkit that is our direct child stops when we exit: detach it with
-    # `setsid -f` so its log lands in STATE/server.log.  It inherits the
-    # write end of a pipe: EOF on the read end means it has exited.
+    # nbdkit that is our direct child stops when we exit: detach it
+    # (_spawn_detached) so its log lands in STATE/server.log.  It inherits
+    # the write end of a pipe: EOF on the read end means it has exited.
     logpath = sd.p("server.log")
     rfd, wfd = os.pipe()
     try:
         logfd = os.open(logpath, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.fchmod(logfd, 0o600)         # a log from an older prepl may be 0644
-        with os.fdopen(logfd, "ab") as logf:
-            subprocess.run(["setsid", "-f", nbdkit, "-f"] + cmd[1:], check=True,
-                           stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                           pass_fds=(wfd,))
+        try:
+            os.fchmod(logfd, 0o600)     # a log from an older prepl may be 0644
+            _spawn_detached([nbdkit, "-f"] + cmd[1:], logfd, wfd)
+        finally:
+            os.close(logfd)
         os.close(wfd)
         wfd = None
         deadline = time.monotonic() + args.timeout
@@ -162,6 +166,46 @@ def cmd_serve(args):
     where = args.unix or f"{args.bind}:{args.port}"
     print(f"serving {st['volume']} on {where} (pid {st['pid']}, log {logpath})")
     return EXIT_OK
+
+
+def _spawn_detached(argv, logfd, keep_fd, reparent_timeout=30):
+    """Runs argv in a session of its own, as a child of init (or of the
+    nearest subreaper), never of a process that exits after it started:
+    nbdkit 1.32 sets PR_SET_PDEATHSIG(SIGTERM) as it starts, so if its
+    parent exits after that it is killed at once, before it logs anything.
+    (`setsid -f nbdkit` did that once in 30-90 starts on a busy machine:
+    setsid's parent exited after nbdkit's prctl.)  So: fork, setsid, fork
+    again, and the grandchild execs argv only once its parent has exited
+    and it has been reparented.  stdout and stderr go to logfd, keep_fd is
+    inherited; a failure to exec is written to logfd."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)          # the middle process exits at once
+        return
+    code = 1
+    try:                            # the middle process: a new session, a child, exit
+        os.setsid()
+        middle = os.getpid()
+        if os.fork() == 0:
+            deadline = time.monotonic() + reparent_timeout
+            while os.getppid() == middle:
+                if time.monotonic() > deadline:
+                    raise OSError(f"{argv[0]} was not reparented within {reparent_timeout} s")
+                time.sleep(0.001)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+            os.set_inheritable(keep_fd, True)
+            os.execvp(argv[0], argv)
+        code = 0
+    except BaseException as e:      # noqa: B036 -- in a forked child: report, never return
+        try:
+            os.write(logfd, f"prepl: error: cannot start {argv[0]}: {e}\n".encode())
+        finally:
+            os._exit(127)
+    finally:
+        os._exit(code)
 
 
 PSK_USER = "prepl"
@@ -360,8 +404,6 @@ def cmd_snap_list(args):
 
 
 def cmd_snap_convert(args):
-    if not args.dataless:
-        raise UsageError("convert needs --dataless (the only conversion there is)")
     _request(args, "snappoint_convert", name=args.name)
     print(f"snappoint {args.name} is dataless now")
     return EXIT_OK
@@ -389,12 +431,17 @@ def cmd_link_resync(args):
 
 def cmd_agent(args):
     from . import agent
+    state.StateDir(args.state).read_meta()     # exit 4 at once if it is no state directory
     return agent.run(args)
 
 
 def cmd_sync(args):
     from . import agent
-    reply = agent.request_sync(args.state, args.name, wait=not args.no_wait)
+    try:
+        reply = agent.request_sync(args.state, args.name, wait=not args.no_wait)
+    except NotRunningError:
+        state.StateDir(args.state).read_meta()     # a missing or damaged one says so (exit 4)
+        raise
     if args.no_wait:
         print(f"cycle requested from the agent of link {args.name}")
     else:
@@ -513,7 +560,8 @@ def parser():
     c = ssub.add_parser("convert", help="free a snappoint's snapshot, keep its map")
     c.add_argument("state")
     c.add_argument("name", type=_name)
-    c.add_argument("--dataless", action="store_true", required=True)
+    c.add_argument("--dataless", action="store_true", required=True,
+                   help="required: the only conversion there is")
     c.set_defaults(func=cmd_snap_convert)
     c = ssub.add_parser("delete", help="delete a snappoint, merging its changes forward")
     c.add_argument("state")

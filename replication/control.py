@@ -6,18 +6,21 @@ Request:  {"op": "status"} | {"op": "snappoint_create", "name": N, "dataless": B
           | {"op": "shutdown"}  (clean stop of the tracker; the process exits
                                  when nbdkit is signalled, see `prepl stop`)
 Reply:    {"ok": true, "result": ...} or {"ok": false, "code": C, "error": MESSAGE}
+          (code "os_error": the operation failed with an OSError, e.g.
+          ENOSPC from a metadata write; "errno" holds its number)
 
 The server side is a thread started in nbdkit's after_fork (threads started
 earlier do not survive nbdkit's fork).  The socket is created mode 0600 in
 the state directory: whoever may use it may change the volume's state.
 """
+import errno
 import json
 import logging
 import os
 import socket
 import threading
 
-from .errors import BY_CODE, NotRunningError, PreplError
+from .errors import BY_CODE, NotRunningError, OSFailedError, PreplError
 
 log = logging.getLogger(__name__)
 TICK = 1.0
@@ -40,18 +43,40 @@ def listen_private(path, backlog=16):
 
 
 def answer(handlers, line):
+    op = None
     try:
         req = json.loads(line)
         if not isinstance(req, dict) or req.get("op") not in handlers:
             raise PreplError(f"unknown request {line[:80]!r}; ops: {', '.join(handlers)}")
-        return {"ok": True, "result": handlers[req["op"]](req)}
+        op = req["op"]
+        return {"ok": True, "result": handlers[op](req)}
     except PreplError as e:
         return {"ok": False, "code": e.code, "error": str(e)}
     except ValueError as e:
         return {"ok": False, "code": "failed", "error": f"bad request: {e}"}
+    except OSError as e:    # the operation failed (a full disk, EIO): not a bug
+        log.error("%s failed: %s", op, e)
+        return {"ok": False, "code": OSFailedError.code, "errno": e.errno,
+                "error": os_failure(op, e)}
     except Exception as e:  # a bug: keep serving, tell the client
         log.exception("control request failed")
         return {"ok": False, "code": "failed", "error": f"internal error: {e!r}"}
+
+
+REMEDY = {errno.ENOSPC: "free space (on the state directory's or the volume's filesystem), "
+                        "then try again",
+          errno.EDQUOT: "free space or raise the quota, then try again",
+          errno.EIO: "the disk reports I/O errors: check it (dmesg) before trying again",
+          errno.EROFS: "the filesystem is read-only: remount it read-write, then try again"}
+
+
+def os_failure(op, e):
+    """The message of operation op that failed with OSError e."""
+    what = (op or "the request").replace("_", " ")
+    name = errno.errorcode.get(e.errno, "no errno") if e.errno else "no errno"
+    where = f" on {e.filename}" if e.filename else ""
+    return (f"{what} failed: {e.strerror or e} ({name}){where}; "
+            f"{REMEDY.get(e.errno, 'fix the cause, then try again')}")
 
 
 class ControlServer:
@@ -111,7 +136,7 @@ def exchange(path, message, timeout, not_running):
     try:
         try:
             s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
             raise NotRunningError(not_running)
         with s.makefile("rwb") as f:
             f.write(json.dumps(message).encode() + b"\n")
@@ -132,5 +157,7 @@ def request(path, op, timeout=60.0, **args):
     if reply is None:
         raise PreplError("the server closed the control connection without an answer")
     if not reply.get("ok"):
-        raise BY_CODE.get(reply.get("code"), PreplError)(reply.get("error"))
+        err = BY_CODE.get(reply.get("code"), PreplError)(reply.get("error"))
+        err.errno = reply.get("errno")
+        raise err
     return reply["result"]

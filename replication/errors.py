@@ -88,6 +88,17 @@ class DamagedMapError(StateError):
             f"`prepl link resync {state} LINK`")
 
 
+class OSFailedError(PreplError):
+    """The server's operation failed in the operating system (ENOSPC from a
+    metadata write, EIO, ...); errno names the error (None if unknown)."""
+    code = "os_error"
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
+
+
 BY_CODE = {c.code: c for c in (PreplError, UsageError, StateError, InUseError,
                                 NotRunningError, RefusedError, NotFoundError, TimedOutError,
-                                MetadataWriteError, MetadataFailStop, DamagedMapError)}
+                                MetadataWriteError, MetadataFailStop, DamagedMapError,
+                                OSFailedError)}

@@ -69,6 +69,9 @@ def read(state_path):
             raise StateError(f"{state_path} does not exist: create it with `prepl init`")
         raise StateError(f"{state_path} is not a prepl state directory (no {NAME}): "
                          "create one with `prepl init`")
+    except NotADirectoryError:
+        raise StateError(f"{state_path} is not a directory, so no prepl state directory: "
+                         "give the state directory (`prepl init` creates one)")
     except IsADirectoryError:
         raise StateError(f"{path} is a directory, not prepl metadata: the state directory "
                          "is damaged")

@@ -38,6 +38,7 @@ image at the snappoint of the last applied interval.
   needs no re-read, otherwise (a restart, other request boundaries) the
   staging is read back and hashed.
 """
+import contextlib
 import copy
 import errno
 import logging
@@ -273,6 +274,7 @@ class Replica:
         self.fd = os.open(body["volume"], os.O_RDWR | os.O_CLOEXEC)
         self.lock = threading.RLock()      # staging and commit state
         self.rw = RWLock()                 # replica reads vs the apply switch
+        self.stage_users = RWLock()        # staging requests vs the end of their staging
         self.overlay = False               # reads of staged blocks come from the staging
         self.merger = None                 # the merge thread of the last switch
         self.merge_error = None
@@ -380,25 +382,29 @@ class Replica:
         else:
             fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
         self.stage = {
+            "receiving": not complete,      # see _staging_request
             "fd": fd,
             "data": MapFile(maps[0], self.nblocks, create=create),
             "zero": MapFile(maps[1], self.nblocks, create=create),
         }
 
-    def _close_staging(self):
-        self.hashes = {}
-        if self.stage:
-            os.close(self.stage["fd"])
-            self.stage = None
+    def _close_staging(self, held=False):
+        """Closes the staging's descriptor; its running requests end first
+        (held: the caller holds _staging_held already)."""
+        with contextlib.nullcontext() if held else self._staging_held():
+            self.hashes = {}
+            if self.stage:
+                os.close(self.stage["fd"])
+                self.stage = None
 
-    def _discard_staging(self):
+    def _discard_staging(self, held=False):
         """Removes the staging's files (the caller records that it is gone,
         before or after, see _open_staging): its maps are removed; its data
         file is kept for the next staging while it holds at most
         KEEP_STAGING of the replica's size (its blocks are then allocated
         already, and nothing is freed per interval), else it goes to the
         reaper."""
-        self._close_staging()
+        self._close_staging(held)
         # data.bmap first, data.img last: a stop in between leaves a staging
         # that starts afresh (see _open_staging)
         names = sorted(os.listdir(self.sd.p("staging")),
@@ -420,7 +426,7 @@ class Replica:
             st = self.body["staging"]
             key = {"primary_uuid": primary_uuid, "base": base, "target": target}
             if st and all(st[k] == v for k, v in key.items()) and self.stage:
-                return
+                return self.stage
             if st and st["state"] == "complete":
                 raise RefusedError("a complete staging is waiting to be applied")
             # the files of a receiving staging go before the record does: a
@@ -437,6 +443,7 @@ class Replica:
                 self._close_staging()
                 raise
             log.info("staging interval %s -> %s from primary %s", base, target, primary_uuid)
+            return self.stage
 
     def _check_aligned(self, length, offset):
         if offset < 0 or offset + length > self.size:
@@ -446,9 +453,42 @@ class Replica:
             raise OSError(errno.EINVAL, f"staging requests must be aligned to {self.block} "
                           f"bytes (offset {offset}, length {length})")
 
-    def stage_write(self, buf, offset):
+    @contextlib.contextmanager
+    def _staging_request(self, stage):
+        """A request on a connection of staging `stage` (what begin_staging
+        returned; None: the staging receiving now) runs in this context,
+        which yields the staging.  A staging ends when its commit completes
+        it or when it is discarded (replaced, or merged): its descriptor
+        may then be closed or reused, so a request of a connection from
+        an earlier cycle is refused; a staging never ends while one of its
+        requests runs (stage_users)."""
+        self.stage_users.acquire_read()
+        try:
+            cur = self.stage
+            if cur is None or not cur["receiving"] or (stage is not None and stage is not cur):
+                raise OSError(errno.EPERM, "the staging of this connection has ended (its "
+                              "interval was committed, or another staging replaced it): "
+                              "open the staging export of the current interval")
+            yield cur
+        finally:
+            self.stage_users.release_read()
+
+    @contextlib.contextmanager
+    def _staging_held(self):
+        """No staging request runs in this context: running ones end first,
+        new ones wait (and are refused if their staging ended meanwhile)."""
+        self.stage_users.acquire_write()
+        try:
+            yield
+        finally:
+            self.stage_users.release_write()
+
+    def stage_write(self, buf, offset, stage=None):
         self._check_aligned(len(buf), offset)
-        st = self.stage
+        with self._staging_request(stage) as st:
+            self._stage_write(st, buf, offset)
+
+    def _stage_write(self, st, buf, offset):
         with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
             # what is on disk at offset is what was hashed last there; a
             # failed write leaves no hash (the commit then reads it back)
@@ -458,11 +498,14 @@ class Replica:
                 self.block))
         self.writeback.staged(st["fd"], len(buf))
 
-    def stage_batch(self, entries, data):
+    def stage_batch(self, entries, data, stage=None):
         """A decoded batch (replication/pack.py): its data entries staged in
         one C call without the GIL, then its zero entries.  The caller has
         checked every entry's range and alignment."""
-        st = self.stage
+        with self._staging_request(stage) as st:
+            self._stage_batch(st, entries, data)
+
+    def _stage_batch(self, st, entries, data):
         writes = [(o, n) for o, n, z in entries if not z]
         locks = sorted({(o // manifest.PIECE) % len(self.hash_locks) for o, _ in writes})
         for i in locks:
@@ -481,18 +524,21 @@ class Replica:
         self.writeback.staged(st["fd"], len(data))
         for o, n, z in entries:
             if z:
-                self.stage_zero(n, o)
+                self._stage_zero(st, n, o)
 
-    def stage_zero(self, length, offset):
+    def stage_zero(self, length, offset, stage=None):
         self._check_aligned(length, offset)
-        st = self.stage
+        with self._staging_request(stage) as st:
+            self._stage_zero(st, length, offset)
+
+    def _stage_zero(self, st, length, offset):
         b0, n = offset // self.block, -(-length // self.block)
         native.bm_clear(st["data"].bits, self.nblocks, b0, n)
         native.bm_set(st["zero"].bits, self.nblocks, b0, n)
 
-    def stage_flush(self):
-        if self.stage:
-            os.fdatasync(self.stage["fd"])
+    def stage_flush(self, stage=None):
+        with self._staging_request(stage) as st:
+            os.fdatasync(st["fd"])
 
     def _staged_runs(self):
         st = self.stage
@@ -510,7 +556,7 @@ class Replica:
         """Verifies manifest m against the replica and the staging, applies
         the interval atomically, returns the receipt.  Idempotent."""
         t0 = time.monotonic()
-        with self.lock:
+        with self.lock, self._staging_held():
             b = self.body
             manifest.check_replica(m, b)
             done = self.receipt_for(m["target"]["seq"])
@@ -542,6 +588,7 @@ class Replica:
             receipt = self._record_applied(new)
             self.md.commit(new)            # durable first, then visible
             self._serve_overlay(st)
+            self.stage["receiving"] = False     # its connections' requests are refused now
             log.info("commit of interval %s: verified in %.3f s, staging durable in %.3f s, "
                      "switched in %.3f s", m["target"]["seq"], t1 - t0, t2 - t1,
                      time.monotonic() - t2)
@@ -583,7 +630,7 @@ class Replica:
             log.error("the staged data of interval %s could not be made durable (%s): the "
                       "staging is dropped and must be sent again", self.body["staging"]["target"],
                       e.strerror or e)
-            self._discard_staging()
+            self._discard_staging(held=True)    # commit holds it
             raise
 
     def _record_applied(self, new):

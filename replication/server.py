@@ -327,11 +327,15 @@ class StageHandle(Handle):
         self.size = replica.size
         self.block_size = (replica.block, replica.block, 32 << 20)
         self.started = False
+        self.stage = None         # the staging this connection writes (see _start)
 
     def _start(self):
+        """The first request starts (or joins) the staging of this export;
+        every later one must reach that staging, never a later one (the
+        replica refuses it once that staging has ended)."""
         if not self.started:
             try:
-                self.r.begin_staging(*self.key)
+                self.stage = self.r.begin_staging(*self.key)
             except PreplError as e:      # refused (EPERM), or the metadata write's errno
                 raise OSError(getattr(e, "errno", None) or errno.EPERM, str(e))
             self.started = True
@@ -343,19 +347,19 @@ class StageHandle(Handle):
         if not self.started:          # a refused request starts nothing
             self.r._check_aligned(len(buf), offset)
             self._start()
-        self.r.stage_write(buf, offset)     # checks the request (every time)
+        self.r.stage_write(buf, offset, self.stage)     # checks the request (every time)
 
     def zero(self, count, offset, flags=0):
         if not self.started:
             self.r._check_aligned(count, offset)
             self._start()
-        self.r.stage_zero(count, offset)
+        self.r.stage_zero(count, offset, self.stage)
 
     trim = zero
 
     def flush(self):
         self._start()             # an interval may have no changed block at all
-        self.r.stage_flush()
+        self.r.stage_flush(self.stage)
 
 
 class BatchHandle(StageHandle):
@@ -378,7 +382,7 @@ class BatchHandle(StageHandle):
         for off, n, _ in entries:
             self.r._check_aligned(n, off)
         self._start()
-        self.r.stage_batch(entries, data)
+        self.r.stage_batch(entries, data, self.stage)
 
     zero = trim = Handle._refused
 

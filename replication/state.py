@@ -3,7 +3,8 @@
 Layout of STATE/:
   meta.json     versioned metadata, {"format", "checksum", "body"}: see
                 replication/meta.py (the one way to change it)
-  lock          flock()ed by the one server of this directory; holds its pid
+  lock          locked (lock_exclusive) by the one server of this directory;
+                holds its pid
   al            the activity log (see replication/actlog.py)
   maps/         change (.cmap), block (.bmap) and zero (.zmap) map files,
                 one set per interval; valid maps (.vmap) of snapshots
@@ -13,9 +14,11 @@ Layout of STATE/:
 
 Only the server writes anything here after `prepl init`.
 """
+import errno
 import fcntl
 import os
 import stat
+import struct
 import time
 import uuid
 
@@ -68,7 +71,7 @@ class StateDir:
         f = os.fdopen(os.open(self.p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600),
                       "r+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(f)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
@@ -85,18 +88,41 @@ class StateDir:
         return flocked(self.p("lock"))
 
 
-def flocked(path):
-    """True if some process holds an flock on path."""
+def lock_exclusive(f):
+    """Takes the exclusive lock of open file f without waiting (raises
+    BlockingIOError if another holds it); it lasts while f stays open.
+    Two locks on the same open file: an flock, which every prepl version
+    takes, and an OFD lock (fcntl F_OFD_SETLK), which flocked() can test
+    without taking anything (F_OFD_GETLK)."""
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        f = open(path, "r")
+        fcntl.fcntl(f, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+    except OSError as e:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(e.errno, e.strerror) from None
+        raise
+
+
+def _flock_struct(kind):
+    # struct flock: l_type, l_whence, l_start, l_len (0: to the end and
+    # beyond), l_pid (0 for OFD locks)
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+
+
+def flocked(path):
+    """True if some process holds the lock of path (lock_exclusive).  Only
+    asks (F_OFD_GETLK): a probe never takes the lock, so it never makes a
+    process that takes it at that moment fail."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_struct(fcntl.F_RDLCK))
+    finally:
+        os.close(fd)
+    return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
 
 
 def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT_BLOCK,

@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 
+import nbd
 import pytest
 
 from tests.conftest import prepl, runs_to_set
@@ -53,8 +54,10 @@ def decode(data, b):
 class Writer:
     """Sequential stamped writes to its own area; a flush every few writes."""
 
-    def __init__(self, w, srv, ids, seed):
+    def __init__(self, w, srv, ids, seed, crashed):
         self.w, self.srv, self.ids = w, srv, ids
+        self.crashed = crashed     # set just before the power is cut
+        self.errors = []           # (after the cut?, exception)
         self.rnd = random.Random(seed)
         self.history = {}          # block -> [write ids, in order]
         self.acked = []            # write ids acknowledged, in order
@@ -64,9 +67,9 @@ class Writer:
         self.stop = threading.Event()
 
     def run(self):
-        h = self.srv.connect()
         lo = self.w * AREA
         try:
+            h = self.srv.connect()
             while not self.stop.is_set():
                 if self.pause.is_set():
                     self.paused.set()
@@ -84,8 +87,9 @@ class Writer:
                     covered = len(self.acked)
                     h.flush()
                     self.flushed = covered
-        except Exception:
-            pass            # the power went out under us
+        except Exception as e:      # noqa: BLE001 -- judged by the test
+            # expected only once the power went out under us
+            self.errors.append((self.crashed.is_set(), e))
         finally:
             self.paused.set()
 
@@ -109,7 +113,8 @@ def test_power_loss(tmp_path, make_server, mode, seed):
         os.sync()
         srv = make_server(st, tmp_path / "nbd.sock").start()
         ids = iter(range(1, 1 << 60))
-        writers = [Writer(w, srv, ids, rnd.random()) for w in range(WRITERS)]
+        crashed = threading.Event()
+        writers = [Writer(w, srv, ids, rnd.random(), crashed) for w in range(WRITERS)]
         threads = [threading.Thread(target=w.run) for w in writers]
         for t in threads:
             t.start()
@@ -133,6 +138,7 @@ def test_power_loss(tmp_path, make_server, mode, seed):
                         w.pause.clear()
                 time.sleep(0.05)
             assert at_snappoint is not None
+            crashed.set()
             disk.crash(mode, seed)          # power cut while the writers run
         finally:
             os.close(fd)
@@ -141,6 +147,9 @@ def test_power_loss(tmp_path, make_server, mode, seed):
                 w.stop.set()
             for t in threads:
                 t.join(30)
+        unexpected = [e for w in writers for after_cut, e in w.errors
+                      if not (after_cut and isinstance(e, nbd.Error))]
+        assert not unexpected, f"writers failed before the power cut: {unexpected}"
         assert all(len(w.acked) > 20 for w in writers)
 
         disk.start()                         # journal replay

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 
+import nbd
 import numpy as np
 
 import pytest
@@ -43,10 +44,10 @@ def covered(bits, nbits, first, last):
     return all(native.bm_test(bits, nbits, i) for i in range(first, last + 1))
 
 
-def writer(srv, w, stop, acked, inflight, rnd):
-    h = srv.connect()
+def writer(srv, w, stop, acked, inflight, rnd, killed, errors):
     base = w * AREA
     try:
+        h = srv.connect()
         while not stop.is_set():
             n = rnd.choice([512, 4096, 20000, 65536, 300000])
             off = base + rnd.randrange(0, AREA - n)
@@ -55,8 +56,10 @@ def writer(srv, w, stop, acked, inflight, rnd):
             h.pwrite(data, off)
             acked.append((off, data))
             inflight[w] = None
-    except Exception:
-        pass        # the server died under us: this write is not acknowledged
+    except Exception as e:      # noqa: BLE001 -- judged by the test
+        # expected only once the server is killed (the write in flight then
+        # is not acknowledged); anything else fails the test
+        errors.append((killed.is_set(), e))
 
 
 def test_sigkill_during_writes(tmp_path, make_server):
@@ -72,8 +75,10 @@ def test_sigkill_during_writes(tmp_path, make_server):
         if rnd_no:
             assert srv.ctl("status")["recovered"] is not None, "an unclean stop must be seen"
         stop, acked, inflight = threading.Event(), [], [None] * WRITERS
+        killed, errors = threading.Event(), []
         ts = [threading.Thread(target=writer,
-                               args=(srv, w, stop, acked, inflight, random.Random(rnd.random())))
+                               args=(srv, w, stop, acked, inflight, random.Random(rnd.random()),
+                                     killed, errors))
               for w in range(WRITERS)]
         for t in ts:
             t.start()
@@ -81,15 +86,17 @@ def test_sigkill_during_writes(tmp_path, make_server):
         i = 0
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            try:
-                srv.ctl("snappoint_create", name=f"r{rnd_no}-{i}", dataless=rnd.random() < 0.5)
-            except Exception:
-                pass
+            # every snappoint taken while the server runs must succeed
+            srv.ctl("snappoint_create", name=f"r{rnd_no}-{i}", dataless=rnd.random() < 0.5)
             i += 1
+        killed.set()
         srv.kill()
         stop.set()
         for t in ts:
             t.join()
+        unexpected = [e for after_kill, e in errors
+                      if not (after_kill and isinstance(e, nbd.Error))]
+        assert not unexpected, f"writers failed while the server was up: {unexpected}"
         assert len(acked) > 10
         # before any recovery: the bits on disk (page cache) cover every ack
         cmap = union_on_disk(st, "cmap", nregions)
