@@ -80,6 +80,14 @@ def test_damaged_closed_map(tmp_path, make_server):
     # holds every change since creation (no initial sync is skipped on it)
     assert prim.ctl("status")["damaged_intervals"] == []
     assert meta(prim)["chain_truncated"] is True
+    # so a new link to an empty replica gets a full initial sync, not the
+    # chain since creation (which no longer holds every change)
+    prepl("init", tmp_path / "s2", "--volume", tmp_path / "s2.img", "--size", str(SIZE),
+          "--role", "secondary")
+    sec2 = make_server(tmp_path / "s2").start()
+    agent(prim, sec2, "--name", "second")
+    assert meta(prim)["links"]["second"]["last_cycle"]["full"] is True
+    assert sec2.connect().pread(SIZE, 0) == h.pread(SIZE, 0)
 
 
 def test_damage_is_carried_forward_while_a_link_needs_it(tmp_path, make_server):
