@@ -26,6 +26,7 @@ ARGS = {
     ("snappoint", "list"): [[]],
     ("snappoint", "convert"): [["a", "--dataless"]],
     ("snappoint", "delete"): [["a"]],
+    ("link", "resync"): [["default"], ["default", "--json"]],
 }
 KINDS = {"missing": "does not exist", "empty": "is not a prepl state directory",
          "corrupt": "is corrupt", "file": "is not a directory"}
