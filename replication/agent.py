@@ -1,4 +1,6 @@
 """The replication agent of one link: primary state directory -> secondary.
+One cycle, as Agent.cycle() reads; the daemon that schedules cycles is
+replication/daemon.py.
 
 One cycle (ARCHITECTURE §4):
   1. snappoint: ask the primary's server for snappoint LINK.N (with a
@@ -24,7 +26,6 @@ start is the exact difference.
 import errno
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -33,9 +34,8 @@ import nbd
 
 from . import control, faults, manifest, pack, transport
 from .chain import union_runs, verify_interval
-from .errors import (DamagedMapError, InUseError, PreplError, RefusedError, StateError,
-                     TimedOutError, UsageError)
-from .state import StateDir, lock_exclusive
+from .errors import PreplError, RefusedError, StateError
+from .state import StateDir
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSource,
                         NbdTarget, TransportError, copy_extents, copy_requests, open_nbd)
 
@@ -122,6 +122,31 @@ class _Opening:
             _close(h)
 
 
+class _Plan:
+    """What a cycle sends: from base (the interval the replica holds, None:
+    nothing), in full or as the union of changes, up to snappoint snap_name."""
+
+    def __init__(self, base, full, snap_name):
+        self.base, self.full, self.snap_name = base, full, snap_name
+
+
+class _Phases:
+    """The seconds of a cycle's phases (last_cycle.phases in the status)."""
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.phases = {}
+        self._mark = time.monotonic()
+
+    def mark(self, name):
+        now = time.monotonic()
+        self.phases[name] = round(now - self._mark, 4)
+        self._mark = now
+
+    def seconds(self):
+        return time.time() - self.t0
+
+
 class Agent:
     def __init__(self, state, secondary_uri, name="default", primary_uri=None,
                  tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT,
@@ -175,18 +200,51 @@ class Agent:
         finally:
             _close(h)
 
-    # ---- one cycle --------------------------------------------------------
+    # ---- one cycle (ARCHITECTURE §4) ------------------------------------------
     def cycle(self):
-        """Brings the secondary up to a new snappoint; returns the receipt."""
+        """Brings the secondary up to a new snappoint; returns the receipt:
+        plan what to send, take the snappoint, transfer, commit, advance."""
         body = self.sd.read_meta()
         info = self.replica_info()
+        plan = self._plan(body, info)
+        self.ctl("link_update", name=self.name,
+                 fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,
+                         "state": "syncing" if plan.full else "transferring"})
+        primary_uri = self.primary_uri()      # asked before the timed part starts
+        clock = _Phases()
+        body, target = self._snappoint(plan)
+        clock.mark("snappoint")
+        runs = self._runs(body, plan, target)
+        clock.mark("plan")
+        # the commit's connection is opened while the transfer runs
+        commit = _Opening(lambda: self.secondary(f"commit/{target['seq']}"))
+        try:
+            digest, stats = self._transfer(primary_uri, body, plan.snap_name, plan.base,
+                                           target, runs, plan.full)
+            clock.mark("transfer")
+            clock.phases["transfer_copy"] = round(stats["seconds"], 4)
+            receipt = self._commit(manifest.build(body, info["replica_uuid"], plan.base,
+                                                  target, plan.snap_name, digest), commit)
+        finally:
+            commit.discard()
+        clock.mark("commit")
+        faults.point("agent.after_receipt")
+        self._advance(plan, digest, receipt, clock)
+        return receipt
+
+    def _plan(self, body, info):
+        """What this cycle sends (before anything is taken): the base is the
+        interval the replica applied, which must be this very primary's; a
+        full sync when nothing was applied (unless both sides were tracked
+        since empty) or a resync was asked for; the closed maps the union
+        needs are verified first."""
         self._check_peer(body, info)
         applied = info["applied"]
         base = applied["target"] if applied else None
+        resync = bool((body["links"].get(self.name) or {}).get("resync"))
         # the replica's interval must be this primary's very interval: same
         # number, closed by the same snappoint at the same time (a stale copy
         # of this primary has intervals of the same numbers, not the same ones)
-        resync = bool((body["links"].get(self.name) or {}).get("resync"))
         if base and not resync and not any(
                 iv["seq"] == base["seq"] and iv["closed_by"] == base.get("name")
                 and iv.get("closed_at") == base.get("time") for iv in body["intervals"]):
@@ -202,61 +260,44 @@ class Agent:
             for iv in body["intervals"][:-1]:
                 if base is None or iv["seq"] > base["seq"]:
                     verify_interval(self.sd, iv)
-        self.ctl("link_update", name=self.name,
-                 fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,
-                         "state": "syncing" if full else "transferring"})
-        snap_name = f"{self.name}.{body['next_seq']}"
-        primary_uri = self.primary_uri()      # asked before the timed part starts
-        t0 = time.time()
-        phases = {}
-        mark = [time.monotonic()]
+        return _Plan(base, full, f"{self.name}.{body['next_seq']}")
 
-        def phase(name):
-            now = time.monotonic()
-            phases[name] = round(now - mark[0], 4)
-            mark[0] = now
-        self.ctl("snappoint_create", name=snap_name)
-        phase("snappoint")
+    def _snappoint(self, plan):
+        """Step 1: the snappoint closes the interval (the server makes it
+        durable before it answers); returns the metadata and its interval."""
+        self.ctl("snappoint_create", name=plan.snap_name)
         body = self.sd.read_meta()
-        target = next(iv for iv in body["intervals"] if iv["closed_by"] == snap_name)
-        # a full sync is one data run over the whole volume
-        runs = [(0, body["size"], False)] if full else \
-            union_runs(self.sd, body, base["seq"] if base else None, target["seq"])
-        phase("plan")
-        # the commit's connection is opened while the transfer runs
-        commit = _Opening(lambda: self.secondary(f"commit/{target['seq']}"))
-        try:
-            digest, stats = self._transfer(primary_uri, body, snap_name, base, target, runs,
-                                           full)
-            phase("transfer")
-            phases["transfer_copy"] = round(stats["seconds"], 4)
-            receipt = self._commit(manifest.build(body, info["replica_uuid"], base, target,
-                                                  snap_name, digest), commit)
-        finally:
-            commit.discard()
-        phase("commit")
-        faults.point("agent.after_receipt")
-        # advance: only after the receipt
+        return body, next(iv for iv in body["intervals"] if iv["closed_by"] == plan.snap_name)
+
+    def _runs(self, body, plan, target):
+        """Step 2's set: the union of the change maps since the base (a full
+        sync is one data run over the whole volume)."""
+        if plan.full:
+            return [(0, body["size"], False)]
+        return union_runs(self.sd, body, plan.base["seq"] if plan.base else None,
+                          target["seq"])
+
+    def _advance(self, plan, digest, receipt, clock):
+        """Step 4, only after the receipt: the link's cursor moves; LINK.N
+        keeps its snapshot until the next cycle (snap/LINK.N is then the image
+        the replica holds, for checks); the previous cursor goes, and so do
+        snappoints of this link left by cycles that failed."""
         self.ctl("link_update", name=self.name, fields={
-            "cursor": snap_name, "state": "idle", "progress": None, "resync": False,
-            "last_cycle": {"snappoint": snap_name, "bytes": digest.data_bytes,
-                           "zero_bytes": digest.zero_bytes, "seconds": time.time() - t0,
-                           "applied_at": receipt["applied_at"], "full": full,
-                           "phases": phases}})
-        # LINK.N keeps its snapshot until the next cycle (snap/LINK.N is then
-        # the image the replica holds, for checks); the previous cursor goes,
-        # and so do snappoints of this link left by cycles that failed
+            "cursor": plan.snap_name, "state": "idle", "progress": None, "resync": False,
+            "last_cycle": {"snappoint": plan.snap_name, "bytes": digest.data_bytes,
+                           "zero_bytes": digest.zero_bytes, "seconds": clock.seconds(),
+                           "applied_at": receipt["applied_at"], "full": plan.full,
+                           "phases": clock.phases}})
         mine = re.compile(rf"{re.escape(self.name)}\.[0-9]+")   # not link "NAME.x"'s
         stale = [sp["name"] for sp in self.ctl("snappoint_list")
-                 if mine.fullmatch(sp["name"]) and sp["name"] != snap_name]
+                 if mine.fullmatch(sp["name"]) and sp["name"] != plan.snap_name]
         for name in stale:
             try:
                 self.ctl("snappoint_delete", name=name)
             except PreplError as e:          # e.g. another link still needs it
                 log.info("kept snappoint %s: %s", name, e)
-        log.info("cycle %s applied: %d bytes, %d zeroed, %.3f s", snap_name, digest.data_bytes,
-                 digest.zero_bytes, time.time() - t0)
-        return receipt
+        log.info("cycle %s applied: %d bytes, %d zeroed, %.3f s", plan.snap_name,
+                 digest.data_bytes, digest.zero_bytes, clock.seconds())
 
     def _check_peer(self, body, info):
         geometry = {k: body[k] for k in ("size", "region_size", "block_size")}
@@ -394,171 +435,3 @@ class Agent:
         if not reply.get("ok"):
             raise RefusedError(f"the secondary refused the commit: {reply.get('error')}")
         return reply["receipt"]
-
-
-def _lock_link(sd, name):
-    """One agent per link: an flock on STATE/agent.NAME.lock, held for life."""
-    f = os.fdopen(os.open(sd.p(f"agent.{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                          0o600), "r+")
-    try:
-        lock_exclusive(f)
-    except BlockingIOError:
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise InUseError(f"another agent (pid {holder}) runs link {name!r} of {sd}; "
-                         "stop it first")
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-class SyncServer:
-    """STATE/agent.NAME.sock (0600): `prepl sync` asks for a cycle and, unless
-    --no-wait, gets the receipt of the first cycle that started after it."""
-
-    def __init__(self, path):
-        self.path = path
-        self.cond = threading.Condition()
-        self.requested = threading.Event()
-        self.started = 0          # cycles started
-        self.results = {}         # cycle number -> receipt or error text
-        self.sock = control.listen_private(path)   # we hold the link's lock
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with conn, conn.makefile("rwb") as f:
-            req = json.loads(f.readline() or b"{}")
-            with self.cond:
-                want = self.started + 1
-                self.requested.set()
-                if req.get("wait", True):
-                    while want not in self.results:
-                        self.cond.wait()
-                    reply = self.results[want]
-                else:
-                    reply = {"ok": True, "queued": True}
-            f.write(json.dumps(reply).encode() + b"\n")
-            f.flush()
-
-    def begin(self):
-        with self.cond:
-            self.started += 1
-            self.requested.clear()
-            return self.started
-
-    def end(self, n, reply):
-        with self.cond:
-            self.results[n] = reply
-            self.cond.notify_all()
-
-
-def run(args):
-    """`prepl agent`: --once, or cycles on the schedule: every --interval
-    seconds, when the open interval holds --max-dirty bytes, after
-    --max-writes writes, or on `prepl sync`.  A failed cycle is retried with backoff (0.5 s .. 30 s)."""
-    if args.max_in_flight < 4096:
-        raise UsageError(f"--max-in-flight {args.max_in_flight} is too small: at least 4K")
-    if not args.peer_timeout > 0:
-        raise UsageError(f"--peer-timeout {args.peer_timeout} must be more than 0 seconds")
-    agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk,
-                  args.max_in_flight, args.peer_timeout)
-    lock = _lock_link(agent.sd, args.name)  # noqa: F841 (held while we run)
-    _renice(args.nice)
-    sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))
-    deadline = time.monotonic() + args.timeout
-    delay = 0.5
-    next_due = time.monotonic()
-    writes_at_cycle = 0
-    while True:
-        if not args.once:
-            while time.monotonic() < next_due and not sync.requested.is_set():
-                if (args.max_dirty or args.max_writes) and \
-                        _thresholds_reached(agent, args, writes_at_cycle):
-                    break
-                sync.requested.wait(0.2)
-            writes_at_cycle = _load(agent)[1]
-        n = sync.begin() if sync else 0
-        try:
-            receipt = agent.cycle()
-            delay = 0.5
-            if sync:
-                sync.end(n, {"ok": True, "receipt": receipt})
-            if args.once:
-                print(f"applied {receipt['target']['name']} on replica {receipt['replica_uuid']}"
-                      f" ({receipt['bytes']} bytes)")
-                return 0
-            next_due = time.monotonic() + args.interval
-        except (RefusedError, DamagedMapError) as e:
-            if sync:
-                sync.end(n, {"ok": False, "error": str(e), "code": e.code})
-            if args.once or isinstance(e, RefusedError):
-                raise
-            # a damaged map needs the operator (prepl link resync): keep asking
-            log.error("cycle failed: %s; retrying in %.1f s", e, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30)
-            next_due = time.monotonic()
-        except (TransportError, PreplError, OSError) as e:
-            if sync:
-                sync.end(n, {"ok": False, "error": str(e), "code": "failed"})
-            try:
-                agent.ctl("link_update", name=args.name,
-                          fields={"state": "disconnected" if isinstance(e, TransportError)
-                                  else "failing"})
-            except PreplError:
-                pass
-            if args.once and time.monotonic() + delay > deadline:
-                raise TimedOutError(f"timed out after {args.timeout} s; last error: {e}")
-            log.warning("cycle failed (%s); retrying in %.1f s", e, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30)
-            next_due = time.monotonic()
-
-
-def _renice(n):
-    """Lowers the agent's CPU priority to niceness n (never raises it: a
-    unit file's Nice= above n stays)."""
-    cur = os.getpriority(os.PRIO_PROCESS, 0)
-    if n > cur:
-        os.setpriority(os.PRIO_PROCESS, 0, n)
-        log.info("running at niceness %d", n)
-
-
-def _load(agent):
-    """(bytes changed in the open interval, writes served so far)."""
-    try:
-        st = agent.ctl("status")
-    except PreplError:
-        return 0, 0
-    return st["open_interval"]["changed_blocks"] * st["block_size"], st["writes_total"]
-
-
-def _thresholds_reached(agent, args, writes_at_cycle):
-    dirty, writes = _load(agent)
-    if writes < writes_at_cycle:       # the server restarted: its counter too
-        writes_at_cycle = 0
-    return bool((args.max_dirty and dirty >= args.max_dirty) or
-                (args.max_writes and writes - writes_at_cycle >= args.max_writes))
-
-
-def request_sync(state, name, wait=True, timeout=None):
-    """`prepl sync`: asks the running agent of link `name` for a cycle."""
-    sd = StateDir(state)
-    reply = control.exchange(
-        sd.p(f"agent.{name}.sock"), {"op": "sync", "wait": wait}, timeout,
-        f"no agent is running for link {name!r} of {sd} "
-        f"(start one with `prepl agent {sd} --secondary URI --name {name}`)") or {}
-    if not reply.get("ok"):
-        raise (RefusedError if reply.get("code") == "refused" else PreplError)(
-            f"the cycle failed: {reply.get('error')}")
-    return reply

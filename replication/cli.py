@@ -430,15 +430,15 @@ def cmd_link_resync(args):
 # ---- agent ------------------------------------------------------------------
 
 def cmd_agent(args):
-    from . import agent
+    from . import daemon
     state.StateDir(args.state).read_meta()     # exit 4 at once if it is no state directory
-    return agent.run(args)
+    return daemon.run(args)
 
 
 def cmd_sync(args):
-    from . import agent
+    from . import daemon
     try:
-        reply = agent.request_sync(args.state, args.name, wait=not args.no_wait)
+        reply = daemon.request_sync(args.state, args.name, wait=not args.no_wait)
     except NotRunningError:
         state.StateDir(args.state).read_meta()     # a missing or damaged one says so (exit 4)
         raise

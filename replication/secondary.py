@@ -445,7 +445,7 @@ class Replica:
             log.info("staging interval %s -> %s from primary %s", base, target, primary_uuid)
             return self.stage
 
-    def _check_aligned(self, length, offset):
+    def check_aligned(self, length, offset):
         if offset < 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"request [{offset}, {offset + length}) is outside "
                           f"the replica of {self.size} bytes")
@@ -484,7 +484,7 @@ class Replica:
             self.stage_users.release_write()
 
     def stage_write(self, buf, offset, stage=None):
-        self._check_aligned(len(buf), offset)
+        self.check_aligned(len(buf), offset)
         with self._staging_request(stage) as st:
             self._stage_write(st, buf, offset)
 
@@ -527,7 +527,7 @@ class Replica:
                 self._stage_zero(st, n, o)
 
     def stage_zero(self, length, offset, stage=None):
-        self._check_aligned(length, offset)
+        self.check_aligned(length, offset)
         with self._staging_request(stage) as st:
             self._stage_zero(st, length, offset)
 

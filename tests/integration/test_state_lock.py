@@ -19,7 +19,7 @@ from tests.conftest import ENV, REPO
 # many times it was refused
 LOCKER = r"""
 import sys
-from replication.agent import _lock_link
+from replication.daemon import lock_link
 from replication.errors import InUseError
 from replication.state import StateDir
 sd, n, which = StateDir(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -28,7 +28,7 @@ print("ready", flush=True)
 sys.stdin.readline()
 for i in range(n):
     try:
-        f = sd.lock() if which == "server" else _lock_link(sd, "default")
+        f = sd.lock() if which == "server" else lock_link(sd, "default")
     except InUseError:
         refused += 1
         continue
