@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from . import manifest, native
-from .maps import DIGEST_PREFIX, KINDS, MapFile, digest_matches, file_digest
+from .maps import DIGEST_PREFIX, KINDS, MapFile, create_copy, digest_matches, file_digest
 from .errors import DamagedMapError, StateError
 from .meta import fsync_dir
 
@@ -116,6 +116,46 @@ def verify_interval(sd, iv):
             raise DamagedMapError(sd.path, iv["seq"], path, "digest mismatch")
         with _verified_lock:
             _verified[path] = key
+
+
+def merge_into_closed(sd, new, src_bits, dst, dst_maps, file_id):
+    """Deleting a snappoint whose next interval dst is closed: new, durable
+    map files of dst with the bits of the interval before it (src_bits:
+    cmap, bmap, zmap) merged in; dst, in the body new (not yet written),
+    names them and their digests.  Returns the new files' paths (removed by
+    the caller if the record then fails)."""
+    nregions, nblocks, _ = geometry(new)
+    names = {k: f"i{dst['seq']}-{file_id}.{k}" for k in KINDS}
+    paths = [sd.p("maps", names[k]) for k in KINDS]
+    merged = {k: create_copy(dst_maps[k], sd.p("maps", names[k])) for k in KINDS}
+    native.merge_interval(tuple(merged[k].bits for k in KINDS), src_bits, nregions, nblocks)
+    for m in merged.values():
+        m.sync()
+    fsync_dir(sd.p("maps"))
+    dst["maps"] = names
+    dst["digests"] = {k: merged[k].digest() for k in KINDS}
+    return paths
+
+
+def carry_damage(sd, new, src, dst, needing):
+    """Deleting a snappoint merges its interval src into dst: a damaged map
+    must not be laundered by the merge (the merged maps get fresh, matching
+    digests).  In the body new (not yet written): dst is recorded as damaged
+    while some link still needs it (needing(seq, body) names them), and the
+    chain no longer holds every change since the volume was created
+    (chain_truncated: no initial sync is skipped for a new link)."""
+    why = None
+    for iv in (src, dst) if dst["closed_by"] else (src,):
+        try:
+            verify_interval(sd, iv)
+        except DamagedMapError as e:
+            why = why or f"merged with damaged interval {iv['seq']} ({e.path})"
+    if why is None:
+        return
+    new["chain_truncated"] = True
+    if needing(dst["seq"], new):
+        target = next(iv for iv in new["intervals"] if iv["seq"] == dst["seq"])
+        target["damaged"] = target.get("damaged") or why
 
 
 def damaged_intervals(sd, body):

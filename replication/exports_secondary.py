@@ -117,21 +117,21 @@ class StageHandle(Handle):
 
     def pwrite(self, buf, offset, flags=0):
         if not self.started:          # a refused request starts nothing
-            self.r.check_aligned(len(buf), offset)
+            self.r.staging.check_aligned(len(buf), offset)
             self._start()
-        self.r.stage_write(buf, offset, self.stage)     # checks the request (every time)
+        self.r.staging.write(buf, offset, self.stage)     # checks the request (every time)
 
     def zero(self, count, offset, flags=0):
         if not self.started:
-            self.r.check_aligned(count, offset)
+            self.r.staging.check_aligned(count, offset)
             self._start()
-        self.r.stage_zero(count, offset, self.stage)
+        self.r.staging.zero(count, offset, self.stage)
 
     trim = zero
 
     def flush(self):
         self._start()             # an interval may have no changed block at all
-        self.r.stage_flush(self.stage)
+        self.r.staging.flush(self.stage)
 
 
 class BatchHandle(StageHandle):
@@ -152,9 +152,9 @@ class BatchHandle(StageHandle):
             log.error("refused a batch of %d bytes: %s", len(buf), e)
             raise OSError(errno.EINVAL, str(e))
         for off, n, _ in entries:
-            self.r.check_aligned(n, off)
+            self.r.staging.check_aligned(n, off)
         self._start()
-        self.r.stage_batch(entries, data, self.stage)
+        self.r.staging.batch(entries, data, self.stage)
 
     zero = trim = Handle._refused
 

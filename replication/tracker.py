@@ -30,15 +30,15 @@ import os
 import threading
 import time
 
-from . import faults, native
+from . import faults, native, status
 from .actlog import AL_HEADER, ActivityLog
-from .chain import (check_closed_files, create_interval_files, damaged_intervals, geometry,
-                    new_interval, open_interval_maps, upgrade_digests, verify_interval)
-from .errors import (DamagedMapError, MetadataWriteError, NotFoundError, RefusedError,
-                     StateError)
+from .chain import (carry_damage, check_closed_files, create_interval_files, damaged_intervals,
+                    geometry, merge_into_closed, new_interval, open_interval_maps,
+                    upgrade_digests)
+from .errors import MetadataWriteError, NotFoundError, RefusedError, StateError
 from .links import Links
-from .maps import KINDS, create_copy
-from .meta import Metadata, fsync_dir
+from .maps import KINDS
+from .meta import Metadata
 from .snapshots import MAX_SNAPSHOTS, Snapshots
 from .state import StateDir, volume_size
 from .units import check_name
@@ -268,7 +268,7 @@ class Tracker:
             src, dst = ivs[i], ivs[i + 1]
             src_bits = self._c_maps(self.interval_maps(src))
             old_files = [self.sd.p("maps", src["maps"][k]) for k in KINDS]
-            self._carry_damage(new, src, dst)
+            carry_damage(self.sd, new, src, dst, self.links.needing)
             created = []
             try:
                 if dst["closed_by"] is None:
@@ -280,7 +280,8 @@ class Tracker:
                         m.sync()
                 else:
                     old_files += [self.sd.p("maps", dst["maps"][k]) for k in KINDS]
-                    created = self._merge_closed(new, src_bits, dst)
+                    created = merge_into_closed(self.sd, new, src_bits, dst,
+                                                self.interval_maps(dst), self._next_file_id(new))
                 del ivs[i]
                 new["snappoints"] = [x for x in new["snappoints"] if x["name"] != name]
                 self.md.commit(new)
@@ -296,42 +297,6 @@ class Tracker:
                 os.unlink(p)
             log.info("snappoint %s deleted; interval %d merged into interval %d", name,
                      src["seq"], dst["seq"])
-
-    def _merge_closed(self, new, src_bits, dst):
-        """New, durable map files of the closed interval dst with src's bits
-        merged in; dst (in new, not yet written) names them.  Returns their
-        paths."""
-        dmaps = self.interval_maps(dst)
-        fid = self._next_file_id(new)
-        names = {k: f"i{dst['seq']}-{fid}.{k}" for k in KINDS}
-        paths = [self.sd.p("maps", names[k]) for k in KINDS]
-        merged = {k: create_copy(dmaps[k], self.sd.p("maps", names[k])) for k in KINDS}
-        native.merge_interval(self._c_maps(merged), src_bits, self.nregions, self.nblocks)
-        for m in merged.values():
-            m.sync()
-        fsync_dir(self.sd.p("maps"))
-        dst["maps"] = names
-        dst["digests"] = {k: merged[k].digest() for k in KINDS}
-        return paths
-
-    def _carry_damage(self, new, src, dst):
-        """Deleting a snappoint merges its interval src into dst: a damaged
-        map must not be laundered by the merge (the merged maps get fresh,
-        matching digests).  dst is recorded as damaged while some link still
-        needs it, and the chain no longer holds every change since the
-        volume was created (chain_truncated: no initial sync is skipped)."""
-        why = None
-        for iv in (src, dst) if dst["closed_by"] else (src,):
-            try:
-                verify_interval(self.sd, iv)
-            except DamagedMapError as e:
-                why = why or f"merged with damaged interval {iv['seq']} ({e.path})"
-        if why is None:
-            return
-        new["chain_truncated"] = True
-        if self.links.needing(dst["seq"], new):
-            target = next(iv for iv in new["intervals"] if iv["seq"] == dst["seq"])
-            target["damaged"] = target.get("damaged") or why
 
     def snappoint_info(self, sp):
         iv = self.interval_closed_by(sp["name"])
@@ -404,51 +369,12 @@ class Tracker:
     def status(self):
         with self.lock:
             self.check_snapshots()
-            b = self.body
-            return {
-                "state_dir": self.sd.path,
-                "role": b["role"],
-                "volume": b["volume"],
-                "volume_uuid": b["volume_uuid"],
-                "generation": b["generation"],
-                "size": b["size"],
-                "region_size": b["region_size"],
-                "block_size": b["block_size"],
-                "al_extent": b["al_extent"],
-                "tracked_since_empty": b["tracked_since_empty"],
-                "pid": os.getpid(),
-                "uri": self.uri,
-                "recovered": self.recovered,
-                "open_interval": {"seq": self.open_interval["seq"],
-                                  "changed_regions": self.maps["cmap"].count(),
-                                  "changed_blocks": self.maps["bmap"].count()},
-                "intervals": len(b["intervals"]),
-                "snappoints": [self.snappoint_info(sp) for sp in b["snappoints"]],
-                "links": self.links.status(),
-                "damaged_intervals": self.damaged(),
-                "volume_sync_error": os.strerror(self.vol.sync_error)
-                if self.vol.sync_error else None,
-                "unrecorded_invalidations": sorted(self.snaps.invalidated),
-                "writers_in_c": self.vol.writers,
-                "max_concurrent_writers_in_c": self.vol.max_writers,
-                "activity_log_syncs": self.vol.al_syncs,
-                "writes_total": self.vol.writes_total,
-            }
+            return status.primary(self)
 
     def dump_maps(self, limit=100000):
         """Every map as runs [[start, length], ...] (for tests and debugging)."""
-        def runs(m):
-            s, n = m.runs(limit)
-            return [[a, b] for a, b in zip(s.tolist(), n.tolist())]
         with self.lock:
-            out = {"intervals": [], "snapshots": {}}
-            for iv in self.body["intervals"]:
-                maps = self.interval_maps(iv)
-                out["intervals"].append({"seq": iv["seq"], "closed_by": iv["closed_by"],
-                                         **{k: runs(maps[k]) for k in KINDS}})
-            for name, snap in self.snaps.active.items():
-                out["snapshots"][name] = {"valid": snap.c.valid, "vmap": runs(snap.vmap)}
-            return out
+            return status.maps(self, limit)
 
     # ---- shutdown -----------------------------------------------------------
     def _check_open(self):

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from replication import faults, manifest, secondary, state
+from replication import faults, manifest, staging, state, workers
 from replication.chain import union_runs
 from replication.errors import RefusedError
 from replication.secondary import Replica
@@ -68,15 +68,15 @@ def ship(t, r, base, name, tamper=None, split=False):
     snap = t.snapshot(name)
     for off, n, z in manifest.pieces(runs):
         if z:
-            r.stage_zero(n, off)
+            r.staging.zero(n, off)
             d.add(off, n, True)
         else:
             buf = bytearray(n)
             t.vol.snap_pread(snap.c, buf, off)
             cut = (n // 2 // 4096) * 4096 if split and n > 4096 else n
-            r.stage_write(bytes(buf[:cut]), off)
+            r.staging.write(bytes(buf[:cut]), off)
             if cut < n:
-                r.stage_write(bytes(buf[cut:]), off + cut)
+                r.staging.write(bytes(buf[cut:]), off + cut)
             d.add(off, n, False, bytes(buf))
     m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
          "replica_uuid": r.body["volume_uuid"], "size": body["size"],
@@ -104,7 +104,7 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
     monkeypatch.setattr(manifest, "digest_of",
                         lambda *a, **k: read_backs.append(1) or real_digest_of(*a, **k))
     # the staging's writeback is started every 256 KiB staged, here
-    monkeypatch.setattr(secondary._Writeback, "STEP", 256 << 10)
+    monkeypatch.setattr(workers.Writeback, "STEP", 256 << 10)
     rnd = random.Random(1)
     base = None
     for i in range(5):
@@ -125,8 +125,8 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
     # taken on arrival; other boundaries make the commit read the staging back
     assert len(read_backs) == (5 if split else 0)
     assert r.body["bound"]["primary_uuid"] == t.body["volume_uuid"]
-    r.writeback.close()
-    assert r.writeback.kicks > 0
+    r.staging.writeback.close()
+    assert r.staging.writeback.kicks > 0
     staging = str(tmp_path / "s" / "staging")
     assert not [fd for fd in os.listdir("/proc/self/fd")
                 if os.path.realpath(f"/proc/self/fd/{fd}").startswith(staging)], \
@@ -247,7 +247,7 @@ def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch)
         return real_rename(src, dst, *a, **k)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(secondary, "KEEP_STAGING", 0)      # data.img goes too
+    monkeypatch.setattr(staging, "KEEP", 0)      # data.img goes too
     r.commit(m)
     r.wait_merged()
     monkeypatch.setattr(os, "unlink", real_unlink)
@@ -257,7 +257,7 @@ def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch)
 
 def test_small_staging_file_is_reused_a_large_one_reaped(pair, monkeypatch):
     """The staging's data file is kept for the next interval while it holds
-    at most KEEP_STAGING of the replica (written over, never freed per
+    at most staging.KEEP of the replica (written over, never freed per
     interval); a larger one goes to STATE/trash and the reaper removes it
     without anyone waiting.  Stale blocks of a kept file are never served."""
     t, r, tmp_path = pair
@@ -284,12 +284,12 @@ def test_small_staging_file_is_reused_a_large_one_reaped(pair, monkeypatch):
     r.wait_merged()
     assert os.stat(data).st_ino == ino, "the same file was written over"
     assert read_replica_file(tmp_path) == read_snap(t, "s2")
-    t.vol.pwrite(rnd.randbytes(SIZE // 2), 0)   # half the replica: > KEEP_STAGING
+    t.vol.pwrite(rnd.randbytes(SIZE // 2), 0)   # half the replica: > staging.KEEP
     t.create_snappoint("s3")
     r.commit(ship(t, r, m2["target"], "s3"))
     r.wait_merged()
     assert not data.exists()
-    r.reaper.wait()
+    r.staging.reaper.wait()
     assert os.listdir(trash) == []
     assert read_replica(r) == read_snap(t, "s3")
 
@@ -303,7 +303,7 @@ def test_trash_left_by_a_stop_is_removed_at_the_next_start(pair):
     r2 = Replica(tmp_path / "s")
     r2.start()
     try:
-        r2.reaper.wait()
+        r2.staging.reaper.wait()
         assert os.listdir(trash) == []
     finally:
         r2.close()
@@ -387,13 +387,13 @@ def test_background_threads_run_at_lower_priority(pair):
     """The merge and the reaper step back for the server's request threads
     (niceness 10); the threads that serve requests keep theirs."""
     import threading
-    from replication.secondary import _background_priority
+    from replication.workers import background_priority
     _, r, _ = pair
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     got = []
 
     def probe():
-        _background_priority()
+        background_priority()
         got.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
     th = threading.Thread(target=probe)
     th.start()

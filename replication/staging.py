@@ -1,0 +1,241 @@
+"""The secondary's staging area: where one interval is received before it
+is applied.
+
+What it owns: STATE/staging/ -- data.img (sparse; the replica itself for
+the first interval, staged in place) and two block maps (data blocks, zero
+blocks) -- the hashes of the staged writes, and the writeback and reaper
+threads.  What it promises:
+
+* Requests must be block-aligned and inside the replica (check_aligned).
+* A request reaches only the staging its connection started (request()):
+  once that staging ends -- its commit completes it, or it is discarded --
+  a request of an earlier connection is refused (EPERM), and a staging
+  never ends while one of its requests runs (held()).
+* Staged writes are hashed as they arrive (XXH3-128, one C call per write
+  or batch), so a commit whose writes are exactly the manifest's pieces
+  needs no re-read (digest()).
+* make_durable() never retries an fdatasync into a success: on failure the
+  staging is discarded and the interval must be sent again.
+* Files go data.bmap first, data.img last: a stop in between leaves a
+  receiving staging that starts afresh; a data file of at most KEEP of the
+  replica's size is kept for the next interval (its blocks are allocated
+  already), a larger one goes to the reaper.
+"""
+import contextlib
+import errno
+import logging
+import os
+import threading
+
+from . import faults, manifest, native
+from .maps import MapFile
+from .workers import RWLock, Reaper, Writeback, pread_full
+
+log = logging.getLogger(__name__)
+
+KEEP = 0.25     # a staging data file up to this share of the replica is reused
+
+
+class StagingArea:
+    def __init__(self, sd, size, block, replica_fd):
+        self.sd, self.size, self.block = sd, size, block
+        self.nblocks = -(-size // block)
+        self.replica_fd = replica_fd
+        self.current = None               # {"receiving", "fd", "data", "zero"} or None
+        self.hashes = {}                  # offset -> (length, piece hash) of staged writes
+        self.hash_locks = [threading.Lock() for _ in range(64)]
+        self.users = RWLock()             # staging requests vs the end of their staging
+        self.writeback = Writeback()
+        self.reaper = Reaper(sd.p("trash"))
+        os.makedirs(sd.p("staging"), mode=0o700, exist_ok=True)
+
+    # ---- lifetime ------------------------------------------------------------
+    def open(self, in_place, complete=False):
+        """in_place: the first interval (nothing applied yet, so the replica
+        is no point in time of anything) is staged straight into the replica:
+        an initial sync writes its data once, not twice.  A staging still
+        receiving without data.bmap starts afresh; the agent sends its
+        interval whole again.  Any other missing file, and any missing file
+        of a complete staging, is damage: the map's FileNotFoundError ends
+        the start."""
+        maps = [self.sd.p("staging", n) for n in ("data.bmap", "zero.bmap")]
+        data = self.sd.p("staging", "data.img")
+        create = not complete and not os.path.exists(maps[0])
+        if create and os.path.exists(maps[1]):
+            os.unlink(maps[1])
+        if in_place:
+            fd = os.dup(self.replica_fd)
+        elif create:
+            # a data file kept from the last interval is written over: only
+            # the blocks of the maps created here count, the rest is never read
+            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, self.size)
+        else:
+            fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+        self.current = {
+            "receiving": not complete,      # see request()
+            "fd": fd,
+            "data": MapFile(maps[0], self.nblocks, create=create),
+            "zero": MapFile(maps[1], self.nblocks, create=create),
+        }
+        return self.current
+
+    def close(self, held=False):
+        """Closes the staging's descriptor; its running requests end first
+        (held: the caller holds held() already)."""
+        with contextlib.nullcontext() if held else self.held():
+            self.hashes = {}
+            if self.current:
+                os.close(self.current["fd"])
+                self.current = None
+
+    def discard(self, held=False):
+        """Closes the staging and removes its files (the caller records that
+        it is gone, before or after, see open())."""
+        self.close(held)
+        names = sorted(os.listdir(self.sd.p("staging")),
+                       key=lambda n: (n == "data.img", n != "data.bmap"))
+        for name in names:
+            path = self.sd.p("staging", name)
+            if name != "data.img":
+                os.unlink(path)
+            elif os.stat(path).st_blocks * 512 > self.size * KEEP:
+                self.reaper.discard(path)
+
+    def complete(self):
+        """The staging is applied: its connections' requests are refused."""
+        self.current["receiving"] = False
+
+    @contextlib.contextmanager
+    def request(self, stage):
+        """A request on a connection of staging `stage` (what open returned;
+        None: the staging receiving now) runs in this context, which yields
+        the staging; refused (EPERM) once that staging has ended."""
+        self.users.acquire_read()
+        try:
+            cur = self.current
+            if cur is None or not cur["receiving"] or (stage is not None and stage is not cur):
+                raise OSError(errno.EPERM, "the staging of this connection has ended (its "
+                              "interval was committed, or another staging replaced it): "
+                              "open the staging export of the current interval")
+            yield cur
+        finally:
+            self.users.release_read()
+
+    @contextlib.contextmanager
+    def held(self):
+        """No staging request runs in this context: running ones end first,
+        new ones wait (and are refused if their staging ended meanwhile)."""
+        self.users.acquire_write()
+        try:
+            yield
+        finally:
+            self.users.release_write()
+
+    # ---- requests ------------------------------------------------------------
+    def check_aligned(self, length, offset):
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"request [{offset}, {offset + length}) is outside "
+                          f"the replica of {self.size} bytes")
+        if offset % self.block or (length % self.block and offset + length != self.size):
+            raise OSError(errno.EINVAL, f"staging requests must be aligned to {self.block} "
+                          f"bytes (offset {offset}, length {length})")
+
+    def write(self, buf, offset, stage=None):
+        self.check_aligned(len(buf), offset)
+        with self.request(stage) as st:
+            with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
+                # what is on disk at offset is what was hashed last there; a
+                # failed write leaves no hash (the commit then reads it back)
+                self.hashes.pop(offset, None)
+                self.hashes[offset] = (len(buf), native.stage_write(
+                    st["fd"], buf, offset, st["data"].bits, st["zero"].bits, self.nblocks,
+                    self.block))
+            self.writeback.staged(st["fd"], len(buf))
+
+    def batch(self, entries, data, stage=None):
+        """A decoded batch (replication/pack.py): its data entries staged in
+        one C call without the GIL, then its zero entries.  The caller has
+        checked every entry's range and alignment."""
+        with self.request(stage) as st:
+            writes = [(o, n) for o, n, z in entries if not z]
+            locks = sorted({(o // manifest.PIECE) % len(self.hash_locks) for o, _ in writes})
+            for i in locks:
+                self.hash_locks[i].acquire()
+            try:
+                for o, _ in writes:         # a failed write leaves no hash (see write)
+                    self.hashes.pop(o, None)
+                hashes = native.stage_batch(st["fd"], data, [o for o, _ in writes],
+                                            [n for _, n in writes], st["data"].bits,
+                                            st["zero"].bits, self.nblocks, self.block)
+                for (o, n), h in zip(writes, hashes):
+                    self.hashes[o] = (n, h)
+            finally:
+                for i in locks:
+                    self.hash_locks[i].release()
+            self.writeback.staged(st["fd"], len(data))
+            for o, n, z in entries:
+                if z:
+                    self._zero(st, n, o)
+
+    def zero(self, length, offset, stage=None):
+        self.check_aligned(length, offset)
+        with self.request(stage) as st:
+            self._zero(st, length, offset)
+
+    def _zero(self, st, length, offset):
+        b0, n = offset // self.block, -(-length // self.block)
+        native.bm_clear(st["data"].bits, self.nblocks, b0, n)
+        native.bm_set(st["zero"].bits, self.nblocks, b0, n)
+
+    def flush(self, stage=None):
+        with self.request(stage) as st:
+            os.fdatasync(st["fd"])
+
+    # ---- what was staged ------------------------------------------------------
+    def runs(self):
+        st = self.current
+        return manifest.runs(st["data"].bits, st["zero"].bits, self.nblocks, self.block,
+                             self.size)
+
+    def digest(self):
+        """The digest of what is staged: from the hashes taken on arrival
+        when the staged writes are exactly the transfer's pieces, else by
+        reading the staging back."""
+        run_list = self.runs()
+        pieces = list(manifest.pieces(run_list))
+        data = [(o, n) for o, n, z in pieces if not z]
+        if len(data) == len(self.hashes) and all(self.hashes.get(o, (None,))[0] == n
+                                                 for o, n in data):
+            d = manifest.Digest()
+            for o, n, z in pieces:
+                if z:
+                    d.add(o, n, True)
+                else:
+                    d.add_hashed(o, n, self.hashes[o][1])
+            return d
+        return manifest.digest_of(run_list, lambda o, n: pread_full(self.current["fd"], n, o))
+
+    def make_durable(self, target, held=False):
+        """fdatasync of the staged data and maps.  A failure is never
+        retried into a success (after an EIO the kernel may have dropped
+        the pages, and a second fdatasync can succeed without them): the
+        staging is discarded, and the agent stages the interval again."""
+        try:
+            faults.io("secondary.staging.fdatasync")
+            os.fdatasync(self.current["fd"])
+            self.current["data"].sync()
+            self.current["zero"].sync()
+        except OSError as e:
+            log.error("the staged data of interval %s could not be made durable (%s): the "
+                      "staging is dropped and must be sent again", target, e.strerror or e)
+            self.discard(held)
+            raise
+
+    def start(self):
+        self.writeback.start()
+        self.reaper.start()
+
+    def stop(self):
+        self.writeback.close()
+        self.reaper.close()

@@ -1,0 +1,55 @@
+"""What `prepl status` shows of a primary (the schema is in the README's
+reference), and its maps as runs for tests and debugging.  Computed from
+the tracker on demand; nothing here is stored."""
+import os
+
+from .maps import KINDS
+
+
+def primary(t):
+    """The status of tracker t (the caller holds t.lock)."""
+    b = t.body
+    return {
+        "state_dir": t.sd.path,
+        "role": b["role"],
+        "volume": b["volume"],
+        "volume_uuid": b["volume_uuid"],
+        "generation": b["generation"],
+        "size": b["size"],
+        "region_size": b["region_size"],
+        "block_size": b["block_size"],
+        "al_extent": b["al_extent"],
+        "tracked_since_empty": b["tracked_since_empty"],
+        "pid": os.getpid(),
+        "uri": t.uri,
+        "recovered": t.recovered,
+        "open_interval": {"seq": t.open_interval["seq"],
+                          "changed_regions": t.maps["cmap"].count(),
+                          "changed_blocks": t.maps["bmap"].count()},
+        "intervals": len(b["intervals"]),
+        "snappoints": [t.snappoint_info(sp) for sp in b["snappoints"]],
+        "links": t.links.status(),
+        "damaged_intervals": t.damaged(),
+        "volume_sync_error": os.strerror(t.vol.sync_error)
+        if t.vol.sync_error else None,
+        "unrecorded_invalidations": sorted(t.snaps.invalidated),
+        "writers_in_c": t.vol.writers,
+        "max_concurrent_writers_in_c": t.vol.max_writers,
+        "activity_log_syncs": t.vol.al_syncs,
+        "writes_total": t.vol.writes_total,
+    }
+
+
+def maps(t, limit):
+    """Every map of tracker t as runs [[start, length], ...]."""
+    def runs(m):
+        s, n = m.runs(limit)
+        return [[a, b] for a, b in zip(s.tolist(), n.tolist())]
+    out = {"intervals": [], "snapshots": {}}
+    for iv in t.body["intervals"]:
+        maps = t.interval_maps(iv)
+        out["intervals"].append({"seq": iv["seq"], "closed_by": iv["closed_by"],
+                                 **{k: runs(maps[k]) for k in KINDS}})
+    for name, snap in t.snaps.active.items():
+        out["snapshots"][name] = {"valid": snap.c.valid, "vmap": runs(snap.vmap)}
+    return out
