@@ -51,7 +51,11 @@ def answer(handlers, line):
         op = req["op"]
         return {"ok": True, "result": handlers[op](req)}
     except PreplError as e:
-        return {"ok": False, "code": e.code, "error": str(e)}
+        reply = {"ok": False, "code": e.code, "error": str(e)}
+        if getattr(e, "errno", None):        # e.g. a metadata write that failed
+            reply.update(errno=e.errno, error=f"{(op or 'the request').replace('_', ' ')} "
+                         f"failed: {e}")
+        return reply
     except ValueError as e:
         return {"ok": False, "code": "failed", "error": f"bad request: {e}"}
     except OSError as e:    # the operation failed (a full disk, EIO): not a bug

@@ -1,6 +1,7 @@
 """Errors of prepl.  Each class carries its message and the exit code the
 CLI returns for it; the CLI catches PreplError, prints the message and
 exits with the code.  Anything else is a bug and gets a traceback."""
+import errno as _errno
 
 # Exit codes (bup-style: each one means one thing to a script).
 EXIT_OK = 0
@@ -50,19 +51,30 @@ class NotFoundError(PreplError):
     code = "not_found"
 
 
-class MetadataWriteError(PreplError):
-    """The metadata could not be written; nothing was changed (retry once
-    the cause is gone).  .errno is the system call's."""
-    code = "io"
+class OSFailedError(PreplError):
+    """The server's operation failed in the operating system (ENOSPC from a
+    metadata write, EIO, ...); errno names the error (None if unknown)."""
+    code = "os_error"
 
-    def __init__(self, path, err=None):
-        self.errno = getattr(err, "errno", None)
-        if err is None:       # rebuilt from a control-socket reply: path is the message
-            super().__init__(path)
-            return
-        super().__init__(f"cannot write the metadata {path}: {err.strerror or err}; nothing "
-                         "was changed (free space or fix the state directory's filesystem, "
-                         "then retry)")
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class MetadataWriteError(OSFailedError):
+    """The metadata could not be written; nothing was changed (retry once
+    the cause is gone).  .errno is the system call's; on the control socket
+    it travels as an OSFailedError."""
+
+    def __init__(self, path, err):
+        name = errno_name(err.errno)
+        super().__init__(f"cannot write the metadata {path}: {err.strerror or err} ({name}); "
+                         "nothing was changed (free space or fix the state directory's "
+                         "filesystem, then retry)", err.errno)
+
+
+def errno_name(n):
+    return _errno.errorcode.get(n, "no errno") if n else "no errno"
 
 
 class MetadataFailStop(PreplError):
@@ -88,17 +100,6 @@ class DamagedMapError(StateError):
             f"`prepl link resync {state} LINK`")
 
 
-class OSFailedError(PreplError):
-    """The server's operation failed in the operating system (ENOSPC from a
-    metadata write, EIO, ...); errno names the error (None if unknown)."""
-    code = "os_error"
-
-    def __init__(self, message, errno=None):
-        super().__init__(message)
-        self.errno = errno
-
-
 BY_CODE = {c.code: c for c in (PreplError, UsageError, StateError, InUseError,
                                 NotRunningError, RefusedError, NotFoundError, TimedOutError,
-                                MetadataWriteError, MetadataFailStop, DamagedMapError,
-                                OSFailedError)}
+                                MetadataFailStop, DamagedMapError, OSFailedError)}
