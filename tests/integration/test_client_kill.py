@@ -28,6 +28,8 @@ from replication import nbdkit_bin
 from replication.state import StateDir
 from tests.conftest import ENV, REPO, prepl, wait_for
 
+pytestmark = pytest.mark.slow
+
 KILLS = int(os.environ.get("PREPL_CLIENT_KILLS", "100"))
 SIZE = 8 << 20
 CHUNK = 512 << 10
