@@ -53,6 +53,19 @@ def make_server(tmp_path):
 
 
 @pytest.fixture
+def small_fs(tmp_path):
+    """A 1.5 MiB tmpfs (for full-disk tests), unmounted at the end."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k,mode=0700", "tmpfs", d],
+                   check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=True)
+
+
+@pytest.fixture
 def primary(tmp_path, make_server):
     """A fresh 4 MiB primary, served.  Returns the Server."""
     def make(size="4M", *extra):

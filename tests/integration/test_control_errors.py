@@ -5,24 +5,11 @@ never as an "internal error" with a traceback -- and the CLI exits 1 with
 that message.  Once there is space again, the same operations succeed."""
 import errno
 import os
-import subprocess
 
 import pytest
 
 from replication.errors import OSFailedError
 from tests.conftest import prepl
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k,mode=0700", "tmpfs", d],
-                   check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=True)
 
 
 def fill(path):

@@ -3,7 +3,6 @@ snapshot is reported invalid (and its export disappears), nothing else
 changes.  The state directory sits on a small real filesystem (tmpfs)."""
 import os
 import random
-import subprocess
 
 import nbd
 import pytest
@@ -12,18 +11,6 @@ from tests.conftest import prepl, runs_to_set, wait_for
 
 MiB = 1 << 20
 REGION = 65536
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k,mode=0700", "tmpfs", d],
-                   check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=True)
 
 
 def test_cow_out_of_space_invalidates_snapshot_only(tmp_path, small_fs, make_server):
