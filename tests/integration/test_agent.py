@@ -5,6 +5,8 @@ primary gets a full initial sync; wrong peers are refused (exit 5)."""
 import json
 import random
 
+import pytest
+
 from replication.state import StateDir
 from tests.conftest import prepl
 
@@ -113,6 +115,7 @@ def test_replica_of_another_volume_is_refused(tmp_path, make_server):
     assert sec.connect().pread(16 * MiB, 0) == before
 
 
+@pytest.mark.slow
 def test_commit_survives_a_secondary_restart_after_the_transfer(tmp_path, make_server,
                                                                 caplog):
     """The commit's connection is opened while the transfer runs.  When the

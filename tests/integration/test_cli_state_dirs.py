@@ -62,6 +62,7 @@ def snapshot(tmp_path):
     return sorted((d, tuple(sorted(fs))) for d, _, fs in os.walk(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_state_directory_exits_4_with_the_message(tmp_path, kind):
     st = make(tmp_path, kind)

@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+import pytest
+
 from tests.conftest import prepl
 
 MiB = 1 << 20
@@ -47,6 +49,7 @@ def prefix_of(area, w, log):
     return k
 
 
+@pytest.mark.slow
 def test_snapshots_are_instants(tmp_path, make_server):
     st = tmp_path / "st"
     prepl("init", st, "--volume", tmp_path / "v.img", "--size", str(WRITERS * AREA))

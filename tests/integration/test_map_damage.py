@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from replication.state import StateDir
 from tests.conftest import REPO, prepl, served_pair
 
@@ -25,6 +27,7 @@ def meta(srv):
     return StateDir(srv.state).read_meta()
 
 
+@pytest.mark.slow
 def test_damaged_closed_map(tmp_path, make_server):
     prim, sec = served_pair(tmp_path, make_server, SIZE)
     h = prim.connect()
