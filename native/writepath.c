@@ -171,6 +171,20 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
   return r;
 }
 
+/* Takes snap out of the active snapshots (the caller holds epoch
+ * exclusively). */
+static void
+remove_snap (pr_volume *v, pr_snap *snap)
+{
+  int i;
+  for (i = 0; i < v->nsnaps; i++)
+    if (v->snaps[i] == snap) {
+      v->snaps[i] = v->snaps[--v->nsnaps];
+      v->snaps[v->nsnaps] = NULL;
+      return;
+    }
+}
+
 void
 pr_volume_unswitch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
                     uint64_t *zmap, pr_snap *snap)
@@ -189,12 +203,8 @@ pr_volume_unswitch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
   v->cmap = cmap;
   v->bmap = bmap;
   v->zmap = zmap;
-  for (i = 0; snap && i < (uint64_t)v->nsnaps; i++)
-    if (v->snaps[i] == snap) {
-      v->snaps[i] = v->snaps[--v->nsnaps];
-      v->snaps[v->nsnaps] = NULL;
-      break;
-    }
+  if (snap)
+    remove_snap (v, snap);
   /* both sets are durable in the log: the interval goes on with both */
   pthread_mutex_lock (&v->al_lock);
   for (i = 0; i < v->al_words; i++)
@@ -224,14 +234,8 @@ pr_volume_merge_open (pr_volume *v, const uint64_t *cmap,
 void
 pr_volume_drop_snap (pr_volume *v, pr_snap *snap)
 {
-  int i;
   pthread_rwlock_wrlock (&v->epoch);
-  for (i = 0; i < v->nsnaps; i++)
-    if (v->snaps[i] == snap) {
-      v->snaps[i] = v->snaps[--v->nsnaps];
-      v->snaps[v->nsnaps] = NULL;
-      break;
-    }
+  remove_snap (v, snap);
   pthread_rwlock_unlock (&v->epoch);
 }
 

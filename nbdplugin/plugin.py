@@ -25,7 +25,8 @@ def _fail(e):
 
 def _startup(f, *args):
     # before serving, an expected error ends nbdkit with its message and exit
-    # code (no traceback): nothing has been started yet
+    # code (no traceback): nothing has been served yet (after_fork too: a
+    # server whose start could not be recorded must not serve)
     try:
         f(*args)
     except _server.PreplError as e:
@@ -36,7 +37,7 @@ def _startup(f, *args):
 def config(key, value): _startup(srv.config, key, value)
 def config_complete(): _startup(srv.config_complete)
 def thread_model(): return nbdkit.THREAD_MODEL_PARALLEL
-def after_fork(): srv.after_fork()
+def after_fork(): _startup(srv.after_fork)
 def cleanup(): srv.cleanup()
 def list_exports(readonly, is_tls): return srv.list_exports()
 def default_export(readonly, is_tls): return ""

@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 
-from .errors import BY_CODE, NotRunningError, OSFailedError, PreplError
+from .errors import BY_CODE, NotRunningError, OSFailedError, PreplError, errno_name
 
 log = logging.getLogger(__name__)
 TICK = 1.0
@@ -77,7 +77,7 @@ REMEDY = {errno.ENOSPC: "free space (on the state directory's or the volume's fi
 def os_failure(op, e):
     """The message of operation op that failed with OSError e."""
     what = (op or "the request").replace("_", " ")
-    name = errno.errorcode.get(e.errno, "no errno") if e.errno else "no errno"
+    name = errno_name(e.errno)
     where = f" on {e.filename}" if e.filename else ""
     return (f"{what} failed: {e.strerror or e} ({name}){where}; "
             f"{REMEDY.get(e.errno, 'fix the cause, then try again')}")

@@ -73,7 +73,8 @@ def system_python_path():
     under pyenv its shim would come first, and prepl serve would fail with
     "No module named 'numpy'"."""
     system = os.path.realpath("/usr/bin/python3")
-    keep, dropped = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"], []
+    from replication.nbdkit_bin import SYSTEM_PATH
+    keep, dropped = SYSTEM_PATH.split(os.pathsep), []
     for d in os.environ.get("PATH", "").split(os.pathsep):
         if not d or d in keep:
             continue

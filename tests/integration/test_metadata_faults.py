@@ -7,13 +7,14 @@ directory's fsync) stops the server (fail-stop); its next start trusts the
 file.  And a failed commit record never yields a receipt (I1, I2)."""
 import errno
 import os
+import subprocess
 
 import pytest
 
 from replication import control
 from replication.errors import PreplError
 from replication.state import StateDir
-from tests.conftest import prepl, wait_for
+from tests.conftest import ENV, PREPL, prepl, wait_for
 from tests.integration.test_exports import list_exports
 from tests.integration.test_secondary_exports import read_doc, ship
 
@@ -92,6 +93,7 @@ def test_primary_metadata_write_failures(faulty_pair):
         ("delete-open-next", lambda: prim.ctl("snappoint_delete", name="c")),
         ("link", lambda: prim.ctl("link_update", name="l1",
                                   fields={"secondary": "nbd://example:10809", "state": "idle"})),
+        ("resync", lambda: prim.ctl("link_resync", name="l1")),
     ]
     for i, (what, op) in enumerate(ops):
         for j, (point, err) in enumerate(FAULTS):
@@ -340,3 +342,33 @@ def commit_again(prim, sec, name):
     for off, n, z in manifest.pieces(runs):
         d.add(off, n, z, None if z else src.pread(n, off))
     return commit(sec, body, None, target, name, d)
+
+
+@pytest.mark.parametrize("unclean", [False, True], ids=["clean", "after-a-crash"])
+def test_a_start_whose_record_fails_does_not_serve(tmp_path, make_server, unclean):
+    """The start records the server as running (clean: false), after a crash
+    also what recovery did: if that write fails the server does not serve
+    (exit 1, the message, no traceback) and the file is as it was; once the
+    fault clears it starts (and recovers)."""
+    st = tmp_path / "st"
+    prepl("init", st, "--volume", tmp_path / "v.img", "--size", "4M")
+    if unclean:
+        srv = make_server(st).start()
+        srv.connect().pwrite(b"u" * 4096, 0)
+        srv.kill()
+    before = (st / "meta.json").read_bytes()
+    ffile = tmp_path / "faults"
+    ffile.write_text("meta.write ENOSPC 1\n")
+    env = dict(ENV, PREPL_FAULT_FILE=str(ffile))
+    r = subprocess.run(PREPL + ["serve", st, "--unix", tmp_path / "s.sock", "--background",
+                                "--timeout", "20"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    log = (st / "server.log").read_text() if (st / "server.log").exists() else ""
+    assert r.returncode != 0 and "No space left on device" in r.stderr + log, (r.stderr, log)
+    assert "Traceback" not in r.stderr + log
+    assert (st / "meta.json").read_bytes() == before
+    assert not StateDir(st).is_locked()              # nothing serves it
+    ffile.write_text("")
+    srv = make_server(st).start()
+    assert (srv.ctl("status")["recovered"] is not None) == unclean
+    assert srv.connect().pread(4096, 0) == (b"u" * 4096 if unclean else bytes(4096))
