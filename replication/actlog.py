@@ -45,8 +45,8 @@ class ActivityLog:
             # since the first write writes the header before any data
             return np.zeros(n, dtype=np.uint64)
         bits = np.zeros(n, dtype=np.uint64)
-        body = raw[AL_HEADER:]
-        bits[:len(body) // 8] = np.frombuffer(body[:len(body) // 8 * 8], dtype=np.uint64)
+        rest = raw[AL_HEADER:]
+        bits[:len(rest) // 8] = np.frombuffer(rest[:len(rest) // 8 * 8], dtype=np.uint64)
         return bits
 
     def reset(self):
@@ -62,23 +62,22 @@ class ActivityLog:
         records every snapshot as dropped and removes their files.  Returns
         what it did (for status)."""
         sd, body = self.sd, md.body
-        iv = body["intervals"][-1]
+        iv = body.open_interval
         for k in KINDS:
-            p = sd.p("maps", iv["maps"][k])
+            p = sd.p("maps", iv.maps[k])
             if not os.path.exists(p):
                 MapFile(p, nbits(body, k), create=True)
         maps = open_interval_maps(sd, body, iv)
         merged_orphans = self._merge_orphans(body, iv, maps)
         extents = self._mark_logged_extents(body, maps)
-        for m in maps.values():
-            m.sync()
+        maps.sync()
         dropped = []
         with md.change() as new:
-            for sp in new["snappoints"]:
-                if sp["snapshot"]:
-                    sp["snapshot"] = None
-                    sp["invalidated"] = "unclean stop: snapshot not trusted"
-                    dropped.append(sp["name"])
+            for sp in new.snappoints:
+                if sp.snapshot:
+                    sp.snapshot = None
+                    sp.invalidated = "unclean stop: snapshot not trusted"
+                    dropped.append(sp.name)
         # the record first, then the files (a stop in between leaves files
         # that no snappoint names: removed at the next start)
         snapshots.remove_unknown(md.body)
@@ -92,17 +91,17 @@ class ActivityLog:
         """Maps of intervals after the open one that the metadata does not
         know (a switch whose record was never written) are OR-ed into the
         open interval; other unknown interval maps are removed."""
-        known = {f for i in body["intervals"] for f in i["maps"].values()}
-        known |= {f"s{sp['snapshot']['id']}.vmap" for sp in body["snappoints"] if sp["snapshot"]}
+        known = {f for i in body.intervals for f in i.maps.values()}
+        known |= {f"s{sp.snapshot.id}.vmap" for sp in body.snappoints if sp.snapshot}
         merged = 0
         for name in sorted(os.listdir(self.sd.p("maps"))):
             if name in known:
                 continue
             seq, kind = _parse_map_name(name)
             p = self.sd.p("maps", name)
-            if seq is not None and seq > iv["seq"] and kind in ("cmap", "bmap"):
+            if seq is not None and seq > iv.seq and kind in ("cmap", "bmap"):
                 orphan = MapFile(p, nbits(body, kind), writable=False)
-                native.bm_or(maps[kind].bits, orphan.bits, orphan.nbits)
+                native.bm_or(getattr(maps, kind).bits, orphan.bits, orphan.nbits)
                 merged += 1
             os.unlink(p)
         return merged
@@ -111,14 +110,14 @@ class ActivityLog:
         """Every block of every extent in the log counts as written (data,
         not zero) in the open interval; returns the number of extents."""
         nregions, nblocks, _ = geometry(body)
-        rs, bs, ext = body["region_size"], body["block_size"], body["al_extent"]
+        rs, bs, ext = body.region_size, body.block_size, body.al_extent
         starts, lengths = native.bm_runs(self.read(), self.nextents)
         for s, n in zip(starts.tolist(), lengths.tolist()):
-            lo, hi = s * ext, min((s + n) * ext, body["size"])
-            native.bm_set(maps["cmap"].bits, nregions, lo // rs, -(-hi // rs) - lo // rs)
+            lo, hi = s * ext, min((s + n) * ext, body.size)
+            native.bm_set(maps.cmap.bits, nregions, lo // rs, -(-hi // rs) - lo // rs)
             b0, b1 = lo // bs, -(-hi // bs)
-            native.bm_set(maps["bmap"].bits, nblocks, b0, b1 - b0)
-            native.bm_clear(maps["zmap"].bits, nblocks, b0, b1 - b0)
+            native.bm_set(maps.bmap.bits, nblocks, b0, b1 - b0)
+            native.bm_clear(maps.zmap.bits, nblocks, b0, b1 - b0)
         return int(lengths.sum()) if len(lengths) else 0
 
 

@@ -35,6 +35,7 @@ import nbd
 from . import control, faults, manifest, pack, transport
 from .chain import union_runs, verify_interval
 from .errors import PreplError, RefusedError, StateError
+from .meta import Receipt, RecordError, ReplicaInfo
 from .state import StateDir
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSource,
                         NbdTarget, TransportError, copy_extents, copy_requests, open_nbd)
@@ -191,14 +192,19 @@ class Agent:
             raise
 
     def replica_info(self):
+        """What the secondary says of its replica (a meta.ReplicaInfo)."""
         h = self.secondary("info")
         try:
-            return json.loads(transport.pread(h, h.get_size(), 0, self.peer_timeout)
-                              .split(b"\0", 1)[0])
+            doc = transport.pread(h, h.get_size(), 0, self.peer_timeout).split(b"\0", 1)[0]
         except TransportError as e:
             raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:
             _close(h)
+        try:
+            return ReplicaInfo.from_json(json.loads(doc))
+        except (ValueError, RecordError) as e:
+            raise RefusedError(f"{self.secondary_uri} answers no prepl replica's info ({e}): "
+                               "is it a prepl secondary of a compatible version?") from None
 
     # ---- one cycle (ARCHITECTURE §4) ------------------------------------------
     def cycle(self):
@@ -208,7 +214,7 @@ class Agent:
         info = self.replica_info()
         plan = self._plan(body, info)
         self.ctl("link_update", name=self.name,
-                 fields={"replica_uuid": info["replica_uuid"], "secondary": self.secondary_uri,
+                 fields={"replica_uuid": info.replica_uuid, "secondary": self.secondary_uri,
                          "state": "syncing" if plan.full else "transferring"})
         primary_uri = self.primary_uri()      # asked before the timed part starts
         clock = _Phases()
@@ -223,8 +229,8 @@ class Agent:
                                            target, runs, plan.full)
             clock.mark("transfer")
             clock.phases["transfer_copy"] = round(stats["seconds"], 4)
-            receipt = self._commit(manifest.build(body, info["replica_uuid"], plan.base,
-                                                  target, plan.snap_name, digest), commit)
+            receipt = self._commit(manifest.build(body, info.replica_uuid, plan.base, target,
+                                                  digest), commit)
         finally:
             commit.discard()
         clock.mark("commit")
@@ -239,17 +245,15 @@ class Agent:
         since empty) or a resync was asked for; the closed maps the union
         needs are verified first."""
         self._check_peer(body, info)
-        applied = info["applied"]
-        base = applied["target"] if applied else None
-        resync = bool((body["links"].get(self.name) or {}).get("resync"))
+        base = info.applied.target if info.applied else None
+        link = body.links.get(self.name)
+        resync = bool(link and link.resync)
         # the replica's interval must be this primary's very interval: same
         # number, closed by the same snappoint at the same time (a stale copy
         # of this primary has intervals of the same numbers, not the same ones)
-        if base and not resync and not any(
-                iv["seq"] == base["seq"] and iv["closed_by"] == base.get("name")
-                and iv.get("closed_at") == base.get("time") for iv in body["intervals"]):
-            raise RefusedError(f"the replica applied interval {base['seq']} "
-                               f"({base.get('name')}), which this primary does not hold (a "
+        if base and not resync and not any(iv.ref() == base for iv in body.intervals):
+            raise RefusedError(f"the replica applied interval {base.seq} "
+                               f"({base.name}), which this primary does not hold (a "
                                "stale copy of the primary, or the snappoint was deleted); a "
                                f"full resync is needed: `prepl link resync {self.sd} "
                                f"{self.name}`")
@@ -257,25 +261,24 @@ class Agent:
         if resync:
             log.warning("link %s: replicating the whole volume (resync requested)", self.name)
         elif not full:      # before a snappoint is taken for a cycle that cannot work
-            for iv in body["intervals"][:-1]:
-                if base is None or iv["seq"] > base["seq"]:
+            for iv in body.closed_intervals:
+                if base is None or iv.seq > base.seq:
                     verify_interval(self.sd, iv)
-        return _Plan(base, full, f"{self.name}.{body['next_seq']}")
+        return _Plan(base, full, f"{self.name}.{body.next_seq}")
 
     def _snappoint(self, plan):
         """Step 1: the snappoint closes the interval (the server makes it
         durable before it answers); returns the metadata and its interval."""
         self.ctl("snappoint_create", name=plan.snap_name)
         body = self.sd.read_meta()
-        return body, next(iv for iv in body["intervals"] if iv["closed_by"] == plan.snap_name)
+        return body, body.closed_by(plan.snap_name)
 
     def _runs(self, body, plan, target):
         """Step 2's set: the union of the change maps since the base (a full
         sync is one data run over the whole volume)."""
         if plan.full:
-            return [(0, body["size"], False)]
-        return union_runs(self.sd, body, plan.base["seq"] if plan.base else None,
-                          target["seq"])
+            return [(0, body.size, False)]
+        return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq)
 
     def _advance(self, plan, digest, receipt, clock):
         """Step 4, only after the receipt: the link's cursor moves; LINK.N
@@ -286,7 +289,7 @@ class Agent:
             "cursor": plan.snap_name, "state": "idle", "progress": None, "resync": False,
             "last_cycle": {"snappoint": plan.snap_name, "bytes": digest.data_bytes,
                            "zero_bytes": digest.zero_bytes, "seconds": clock.seconds(),
-                           "applied_at": receipt["applied_at"], "full": plan.full,
+                           "applied_at": receipt.applied_at, "full": plan.full,
                            "phases": clock.phases}})
         mine = re.compile(rf"{re.escape(self.name)}\.[0-9]+")   # not link "NAME.x"'s
         stale = [sp["name"] for sp in self.ctl("snappoint_list")
@@ -300,19 +303,20 @@ class Agent:
                  digest.data_bytes, digest.zero_bytes, clock.seconds())
 
     def _check_peer(self, body, info):
-        geometry = {k: body[k] for k in ("size", "region_size", "block_size")}
-        theirs = {k: info[k] for k in geometry}
-        if theirs != geometry:
-            raise RefusedError(f"the secondary's replica has geometry {theirs}, the primary "
-                               f"{geometry}; re-create the replica with the primary's geometry")
-        if info["bound"] and info["bound"]["primary_uuid"] != body["volume_uuid"]:
-            raise RefusedError(f"the secondary's replica {info['replica_uuid']} is bound to "
-                               f"another volume ({info['bound']['primary_uuid']})")
-        link = body["links"].get(self.name)
-        if link and link.get("replica_uuid") not in (None, info["replica_uuid"]):
+        if info.geometry() != body.geometry():
+            names = ("size", "region_size", "block_size")
+            raise RefusedError(f"the secondary's replica has geometry "
+                               f"{dict(zip(names, info.geometry()))}, the primary "
+                               f"{dict(zip(names, body.geometry()))}; re-create the replica "
+                               "with the primary's geometry")
+        if info.bound and info.bound.primary_uuid != body.volume_uuid:
+            raise RefusedError(f"the secondary's replica {info.replica_uuid} is bound to "
+                               f"another volume ({info.bound.primary_uuid})")
+        link = body.links.get(self.name)
+        if link and link.replica_uuid not in (None, info.replica_uuid):
             raise RefusedError(f"link {self.name!r} replicates to replica "
-                               f"{link['replica_uuid']}, but {self.secondary_uri} serves "
-                               f"{info['replica_uuid']}")
+                               f"{link.replica_uuid}, but {self.secondary_uri} serves "
+                               f"{info.replica_uuid}")
 
     @staticmethod
     def _can_skip_initial_sync(body, info):
@@ -320,8 +324,8 @@ class Agent:
         # its interval forward, recovery keeps every map): the chain holds
         # every change since creation, unless a damaged map was merged away
         # (chain_truncated, replication/tracker.py)
-        return (body["tracked_since_empty"] and info["tracked_since_empty"]
-                and not body.get("chain_truncated"))
+        return body.tracked_since_empty and info.tracked_since_empty \
+            and not body.chain_truncated
 
     def _transfer(self, primary_uri, body, snap_name, base, target, runs, full):
         """Streams the runs with the AIO engine (replication/transport.py),
@@ -332,13 +336,13 @@ class Agent:
         for off, n, z in runs:
             if z:
                 d.add(off, n, True)
-        stage = f"{body['volume_uuid']}/{base['seq'] if base else 'none'}/{target['seq']}"
+        base_key = manifest.base_key(base)
+        stage = f"{body.volume_uuid}/{base_key}/{target.seq}"
         if full:
             src_export, dst_export, plan = f"snap/{snap_name}", f"stage/{stage}", None
         else:
             plan = pack.batches(runs, batch_bytes=min(pack.BATCH_BYTES, self.max_in_flight))
-            src_export = (f"pack/{snap_name}/{base['seq'] if base else 'none'}/"
-                          f"{pack.fingerprint(runs)}")
+            src_export = f"pack/{snap_name}/{base_key}/{pack.fingerprint(runs)}"
             dst_export = f"batch/{stage}"
         src_h, dst_h = self._connect(primary_uri, src_export, dst_export)
         t0 = time.monotonic()
@@ -413,9 +417,10 @@ class Agent:
             h = None
         for retry in (h is not None, False):
             if h is None:
-                h = self.secondary(f"commit/{m['target']['seq']}")
+                h = self.secondary(f"commit/{m.target.seq}")
             try:
-                transport.pwrite(h, json.dumps(m, sort_keys=True).encode(), 0, self.peer_timeout)
+                transport.pwrite(h, json.dumps(m.to_json(), sort_keys=True).encode(), 0,
+                                 self.peer_timeout)
                 transport.flush(h, self.peer_timeout)
                 reply = json.loads(transport.pread(h, 65536, 0, self.peer_timeout)
                                    .split(b"\0", 1)[0])
@@ -427,11 +432,14 @@ class Agent:
                     continue
                 # the outcome is unknown; the next cycle learns it from the
                 # replica's applied interval (commits are idempotent)
-                raise TransportError(f"commit of interval {m['target']['seq']} "
+                raise TransportError(f"commit of interval {m.target.seq} "
                                      f"interrupted: {e}", errno=e.errno)
             finally:
                 _close(h)
                 h = None
         if not reply.get("ok"):
             raise RefusedError(f"the secondary refused the commit: {reply.get('error')}")
-        return reply["receipt"]
+        try:
+            return Receipt.from_json(reply.get("receipt"))
+        except RecordError as e:
+            raise RefusedError(f"the secondary's receipt is malformed ({e})") from None

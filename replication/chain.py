@@ -15,9 +15,10 @@ import threading
 import numpy as np
 
 from . import manifest, native
-from .maps import DIGEST_PREFIX, KINDS, MapFile, create_copy, digest_matches, file_digest
+from .maps import (DIGEST_PREFIX, KINDS, IntervalMaps, MapFile, create_copy, digest_matches,
+                   file_digest)
 from .errors import DamagedMapError, StateError
-from .meta import fsync_dir
+from .meta import Interval, fsync_dir
 
 _verified = {}            # path -> what it was verified as (stat + digest)
 _verified_lock = threading.Lock()
@@ -25,8 +26,8 @@ _verified_lock = threading.Lock()
 
 def geometry(body):
     """(regions, blocks, activity-log extents) of the volume."""
-    size, rs, bs = body["size"], body["region_size"], body["block_size"]
-    return -(-size // rs), -(-size // bs), -(-size // body["al_extent"])
+    size, rs, bs = body.size, body.region_size, body.block_size
+    return -(-size // rs), -(-size // bs), -(-size // body.al_extent)
 
 
 def nbits(body, kind):
@@ -37,29 +38,33 @@ def nbits(body, kind):
 
 
 def new_interval(seq, file_id):
-    return {"seq": seq, "closed_by": None, "closed_at": None,
-            "maps": {k: f"i{seq}-{file_id}.{k}" for k in KINDS},
-            "digests": None}
+    return Interval(seq, map_names(seq, file_id))
+
+
+def map_names(seq, file_id):
+    """{kind: file name} of interval seq's maps, file_id making them new."""
+    return {k: f"i{seq}-{file_id}.{k}" for k in KINDS}
 
 
 def create_interval_files(sd, body, interval):
     for kind in KINDS:
-        MapFile(sd.p("maps", interval["maps"][kind]), nbits(body, kind), create=True)
+        MapFile(sd.p("maps", interval.maps[kind]), nbits(body, kind), create=True)
     fsync_dir(sd.p("maps"))
 
 
 def open_interval_maps(sd, body, interval, writable=True):
-    return {k: MapFile(sd.p("maps", interval["maps"][k]), nbits(body, k), writable=writable)
-            for k in KINDS}
+    """The IntervalMaps of interval, mapped."""
+    return IntervalMaps(*(MapFile(sd.p("maps", interval.maps[k]), nbits(body, k),
+                                  writable=writable) for k in KINDS))
 
 
 def check_closed_files(sd, body):
     """Every closed map exists and has its size, else the state directory
     is damaged beyond what replication can route around (StateError).
     Their contents are verified when they are used."""
-    for iv in body["intervals"][:-1]:
+    for iv in body.closed_intervals:
         for k in KINDS:
-            p = sd.p("maps", iv["maps"][k])
+            p = sd.p("maps", iv.maps[k])
             try:
                 have = os.stat(p).st_size
             except FileNotFoundError:
@@ -75,45 +80,44 @@ def upgrade_digests(sd, md):
     XXH3-128 digests of the same bytes (verified first; a map that does not
     match is recorded as damaged, never re-digested).  Returns how many
     intervals were converted."""
-    legacy = [iv["seq"] for iv in md.body["intervals"][:-1]
-              if iv.get("digests") and not all(d.startswith(DIGEST_PREFIX)
-                                               for d in iv["digests"].values())]
+    legacy = [iv.seq for iv in md.body.closed_intervals
+              if iv.digests and not all(d.startswith(DIGEST_PREFIX)
+                                        for d in iv.digests.values())]
     if not legacy:
         return 0
     with md.change() as new:
-        for iv in new["intervals"][:-1]:
-            if iv["seq"] not in legacy:
+        for iv in new.closed_intervals:
+            if iv.seq not in legacy:
                 continue
             for k in KINDS:
-                if file_digest(sd.p("maps", iv["maps"][k]), legacy=True) != iv["digests"][k]:
-                    iv["damaged"] = f"digest mismatch of {iv['maps'][k]} at the upgrade"
+                if file_digest(sd.p("maps", iv.maps[k]), legacy=True) != iv.digests.get(k):
+                    iv.damaged = f"digest mismatch of {iv.maps[k]} at the upgrade"
                     break
             else:
-                iv["digests"] = {k: file_digest(sd.p("maps", iv["maps"][k])) for k in KINDS}
+                iv.digests = {k: file_digest(sd.p("maps", iv.maps[k])) for k in KINDS}
     return len(legacy)
 
 
 def verify_interval(sd, iv):
     """Raises DamagedMapError unless every map of the closed interval iv
     matches its recorded digest (cached while the file does not change)."""
-    if iv.get("damaged"):
-        raise DamagedMapError(sd.path, iv["seq"], sd.p("maps", iv["maps"]["cmap"]),
-                              iv["damaged"])
+    if iv.damaged:
+        raise DamagedMapError(sd.path, iv.seq, sd.p("maps", iv.maps["cmap"]), iv.damaged)
     for k in KINDS:
-        path = sd.p("maps", iv["maps"][k])
-        want = (iv.get("digests") or {}).get(k)
+        path = sd.p("maps", iv.maps[k])
+        want = (iv.digests or {}).get(k)
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise DamagedMapError(sd.path, iv["seq"], path, "the file is missing")
+            raise DamagedMapError(sd.path, iv.seq, path, "the file is missing")
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, want)
         with _verified_lock:
             if _verified.get(path) == key:
                 continue
         if want is None:
-            raise DamagedMapError(sd.path, iv["seq"], path, "no digest is recorded")
+            raise DamagedMapError(sd.path, iv.seq, path, "no digest is recorded")
         if not digest_matches(want, path):
-            raise DamagedMapError(sd.path, iv["seq"], path, "digest mismatch")
+            raise DamagedMapError(sd.path, iv.seq, path, "digest mismatch")
         with _verified_lock:
             _verified[path] = key
 
@@ -125,15 +129,15 @@ def merge_into_closed(sd, new, src_bits, dst, dst_maps, file_id):
     names them and their digests.  Returns the new files' paths (removed by
     the caller if the record then fails)."""
     nregions, nblocks, _ = geometry(new)
-    names = {k: f"i{dst['seq']}-{file_id}.{k}" for k in KINDS}
+    names = map_names(dst.seq, file_id)
     paths = [sd.p("maps", names[k]) for k in KINDS]
-    merged = {k: create_copy(dst_maps[k], sd.p("maps", names[k])) for k in KINDS}
-    native.merge_interval(tuple(merged[k].bits for k in KINDS), src_bits, nregions, nblocks)
-    for m in merged.values():
-        m.sync()
+    merged = IntervalMaps(*(create_copy(m, sd.p("maps", names[k]))
+                            for k, m in zip(KINDS, dst_maps)))
+    native.merge_interval(merged.bits(), src_bits, nregions, nblocks)
+    merged.sync()
     fsync_dir(sd.p("maps"))
-    dst["maps"] = names
-    dst["digests"] = {k: merged[k].digest() for k in KINDS}
+    dst.maps = names
+    dst.digests = merged.digests()
     return paths
 
 
@@ -145,23 +149,23 @@ def carry_damage(sd, new, src, dst, needing):
     chain no longer holds every change since the volume was created
     (chain_truncated: no initial sync is skipped for a new link)."""
     why = None
-    for iv in (src, dst) if dst["closed_by"] else (src,):
+    for iv in (src, dst) if dst.closed else (src,):
         try:
             verify_interval(sd, iv)
         except DamagedMapError as e:
-            why = why or f"merged with damaged interval {iv['seq']} ({e.path})"
+            why = why or f"merged with damaged interval {iv.seq} ({e.path})"
     if why is None:
         return
-    new["chain_truncated"] = True
-    if needing(dst["seq"], new):
-        target = next(iv for iv in new["intervals"] if iv["seq"] == dst["seq"])
-        target["damaged"] = target.get("damaged") or why
+    new.chain_truncated = True
+    if needing(dst.seq, new):
+        target = new.interval(dst.seq)
+        target.damaged = target.damaged or why
 
 
 def damaged_intervals(sd, body):
     """[(interval, DamagedMapError)] of the closed intervals of body."""
     out = []
-    for iv in body["intervals"][:-1]:
+    for iv in body.closed_intervals:
         try:
             verify_interval(sd, iv)
         except DamagedMapError as e:
@@ -173,27 +177,23 @@ def interval_union(sd, body, after_seq, upto_seq):
     """(data_bits, zero_bits) over blocks for the closed intervals with
     after_seq < seq <= upto_seq (after_seq None: from the start).  Zero
     bits describe the end state: a block zeroed and later written is data."""
-    nblocks = -(-body["size"] // body["block_size"])
+    nregions, nblocks, _ = geometry(body)
     words = native.words_for(nblocks)
     bmap = np.zeros(words, np.uint64)
     zmap = np.zeros(words, np.uint64)
-    cmap = np.zeros(native.words_for(-(-body["size"] // body["region_size"])), np.uint64)
+    cmap = np.zeros(native.words_for(nregions), np.uint64)
     found = False
-    for iv in body["intervals"]:
-        if iv["closed_by"] is None:
-            break
-        if (after_seq is not None and iv["seq"] <= after_seq) or iv["seq"] > upto_seq:
+    for iv in body.closed_intervals:
+        if (after_seq is not None and iv.seq <= after_seq) or iv.seq > upto_seq:
             continue
         verify_interval(sd, iv)
-        m = {k: MapFile(sd.p("maps", iv["maps"][k]),
-                        nblocks if k != "cmap" else cmap.size * 64, writable=False)
-             for k in ("cmap", "bmap", "zmap")}
-        nb = np.array(m["bmap"].bits[:words])
-        nz = np.array(m["zmap"].bits[:words])
-        nc = np.array(m["cmap"].bits)
+        m = open_interval_maps(sd, body, iv, writable=False)
+        nb = np.array(m.bmap.bits[:words])
+        nz = np.array(m.zmap.bits[:words])
+        nc = np.array(m.cmap.bits)
         native.merge_interval((nc, nb, nz), (cmap, bmap, zmap), cmap.size * 64, nblocks)
         cmap, bmap, zmap = nc, nb, nz
-        found = found or iv["seq"] == upto_seq
+        found = found or iv.seq == upto_seq
     if not found:
         raise StateError(f"interval {upto_seq} is not a closed interval of {sd}")
     return bmap & ~zmap, zmap
@@ -204,5 +204,4 @@ def union_runs(sd, body, after_seq, upto_seq):
     of the intervals (after_seq, upto_seq] sends, as the agent, the pack
     export and the tests all see it."""
     data, zero = interval_union(sd, body, after_seq, upto_seq)
-    return manifest.runs(data, zero, -(-body["size"] // body["block_size"]),
-                         body["block_size"], body["size"])
+    return manifest.runs(data, zero, geometry(body)[1], body.block_size, body.size)

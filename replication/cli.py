@@ -13,7 +13,8 @@ import stat
 import sys
 import time
 
-from . import control, nbdkit_bin, state
+from . import control, nbdkit_bin, state, status
+from .meta import Receipt
 from .errors import (EXIT_OK, NotRunningError, PreplError, RefusedError, StateError,
                      UsageError, InUseError)
 from .units import check_name, fmt_size, parse_pow2, parse_size
@@ -64,13 +65,12 @@ def cmd_init(args):
                           region_size=args.region_size, block_size=args.block_size,
                           role=args.role)
     if args.json:
-        _print_json({"state_dir": sd.path, "volume": body["volume"],
-                     "volume_uuid": body["volume_uuid"], "size": body["size"],
-                     "role": body["role"]})
+        _print_json({"state_dir": sd.path, "volume": body.volume,
+                     "volume_uuid": body.volume_uuid, "size": body.size, "role": body.role})
     else:
-        print(f"initialised {sd.path}: {body['role']} of {body['volume']} "
-              f"({fmt_size(body['size'])}, region {fmt_size(body['region_size'])}, "
-              f"block {fmt_size(body['block_size'])}), volume uuid {body['volume_uuid']}")
+        print(f"initialised {sd.path}: {body.role} of {body.volume} "
+              f"({fmt_size(body.size)}, region {fmt_size(body.region_size)}, "
+              f"block {fmt_size(body.block_size)}), volume uuid {body.volume_uuid}")
     return EXIT_OK
 
 
@@ -81,11 +81,11 @@ def _precheck_serve(sd):
     if sd.is_locked():
         raise InUseError(f"state directory {sd.path} is in use by another server; "
                          f"stop it first (`prepl stop {sd.path}`)")
-    have = state.volume_size(body["volume"]) if os.path.exists(body["volume"]) else None
-    if have != body["size"]:
-        raise StateError(f"volume {body['volume']} is "
+    have = state.volume_size(body.volume) if os.path.exists(body.volume) else None
+    if have != body.size:
+        raise StateError(f"volume {body.volume} is "
                          f"{'missing' if have is None else f'{have} bytes'} but {sd.path} "
-                         f"tracks a volume of {body['size']} bytes; nothing was changed")
+                         f"tracks a volume of {body.size} bytes; nothing was changed")
     return body
 
 
@@ -109,7 +109,7 @@ def cmd_serve(args):
                          "(made by `prepl keygen FILE`), or --bind 127.0.0.1")
     nbdkit = nbdkit_bin.binary()
     cmd = [nbdkit, "--log=stderr", "-P", sd.pidfile,
-           "-t", str(nbdkit_threads(body["role"], args.threads))]
+           "-t", str(nbdkit_threads(body.role, args.threads))]
     scheme = "nbd"
     if args.tls_psk:
         _check_psk_file(args.tls_psk)
@@ -298,7 +298,7 @@ def cmd_stop(args):
     grace = time.monotonic() + 2
     note = ""
     while _pid_alive(pid) or sd.is_locked():
-        if time.monotonic() > grace and not note and sd.read_meta()["clean"]:
+        if time.monotonic() > grace and not note and sd.read_meta().clean:
             os.kill(pid, signal.SIGKILL)
             note = " (connected clients were disconnected)"
         if time.monotonic() > deadline:
@@ -316,15 +316,7 @@ def cmd_status(args):
         st = _request(args, "status")
         st["running"] = True
     except NotRunningError as e:
-        body = sd.read_meta()
-        st = {"running": False, "state_dir": sd.path, "role": body["role"],
-              "volume": body["volume"], "volume_uuid": body["volume_uuid"],
-              "size": body["size"], "generation": body["generation"],
-              "clean_stop": body["clean"],
-              "snappoints": [{"name": sp["name"], "created": sp["created"],
-                              "snapshot": "valid" if sp["snapshot"] else
-                              ("invalid" if sp.get("invalidated") else "none")}
-                             for sp in body["snappoints"]]}
+        st = status.stopped(sd.path, sd.read_meta())
         _show_status(args, st)
         print(str(e), file=sys.stderr)
         return e.exit_code
@@ -445,8 +437,7 @@ def cmd_sync(args):
     if args.no_wait:
         print(f"cycle requested from the agent of link {args.name}")
     else:
-        r = reply["receipt"]
-        print(f"applied {r['target']['name']} on replica {r['replica_uuid']} ({r['bytes']} bytes)")
+        print(daemon.applied_message(Receipt.from_json(reply["receipt"])))
     return EXIT_OK
 
 

@@ -122,10 +122,9 @@ def run(args):
             receipt = agent.cycle()
             delay = 0.5
             if sync:
-                sync.end(n, {"ok": True, "receipt": receipt})
+                sync.end(n, {"ok": True, "receipt": receipt.to_json()})
             if args.once:
-                print(f"applied {receipt['target']['name']} on replica {receipt['replica_uuid']}"
-                      f" ({receipt['bytes']} bytes)")
+                print(applied_message(receipt))
                 return 0
             next_due = time.monotonic() + args.interval
         except (RefusedError, DamagedMapError) as e:
@@ -179,6 +178,12 @@ def _thresholds_reached(agent, args, writes_at_cycle):
         writes_at_cycle = 0
     return bool((args.max_dirty and dirty >= args.max_dirty) or
                 (args.max_writes and writes - writes_at_cycle >= args.max_writes))
+
+
+def applied_message(receipt):
+    """What `agent --once` and `sync` print of a cycle's meta.Receipt."""
+    return (f"applied {receipt.target.name} on replica {receipt.replica_uuid} "
+            f"({receipt.bytes} bytes)")
 
 
 def request_sync(state, name, wait=True, timeout=None):

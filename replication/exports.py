@@ -37,7 +37,7 @@ class Handle:
     def flush(self):
         pass
 
-    def _refused(self, *args):
+    def refuse_write(self, *args):
         raise OSError(errno.EROFS, "this export is read-only")
 
-    pwrite = zero = trim = _refused
+    pwrite = zero = trim = refuse_write

@@ -31,10 +31,10 @@ PACK_PREFIX = "pack/"
 
 def list_exports(t):
     """(name, description) of the listed exports of tracker t."""
-    out = [("", f"prepl volume {t.body['volume']} ({t.body['volume_uuid']})")]
-    for sp in t.body["snappoints"]:
-        if t.snapshot(sp["name"]) is not None:
-            out.append((SNAP_PREFIX + sp["name"], f"snapshot at snappoint {sp['name']}"))
+    out = [("", f"prepl volume {t.body.volume} ({t.body.volume_uuid})")]
+    for sp in t.body.snappoints:
+        if t.snapshot(sp.name) is not None:
+            out.append((SNAP_PREFIX + sp.name, f"snapshot at snappoint {sp.name}"))
     return out
 
 
@@ -63,7 +63,7 @@ def _open_pack(t, name):
         raise OSError(errno.ENOENT, f"snappoint {parts[1][:64]!r} has no valid snapshot")
     with t.lock:
         try:
-            target = t.interval_closed_by(parts[1])["seq"]
+            target = t.interval_closed_by(parts[1]).seq
             if base is not None and base >= target:
                 raise StateError(f"interval {base} is not before interval {target}")
             run_list = union_runs(t.sd, t.body, base, target)
@@ -111,7 +111,7 @@ class SnapHandle(Handle):
 
     def extents(self, count, offset):
         t = self.tracker
-        bs = t.body["block_size"]
+        bs = t.body.block_size
         with t.lock:
             maps = t.interval_maps(t.interval_closed_by(self.name))
             b0 = offset // bs
@@ -119,8 +119,8 @@ class SnapHandle(Handle):
             w0 = b0 // 64
             w1 = -(-b1 // 64)
             lo, hi = b0 - w0 * 64, b1 - w0 * 64
-            b = np.unpackbits(maps["bmap"].bits[w0:w1].view(np.uint8), bitorder="little")[lo:hi]
-            z = np.unpackbits(maps["zmap"].bits[w0:w1].view(np.uint8), bitorder="little")[lo:hi]
+            b = np.unpackbits(maps.bmap.bits[w0:w1].view(np.uint8), bitorder="little")[lo:hi]
+            z = np.unpackbits(maps.zmap.bits[w0:w1].view(np.uint8), bitorder="little")[lo:hi]
         kind = np.where(b == 0, EXTENT_HOLE, np.where(z == 1, EXTENT_ZERO, 0))
         edges = np.flatnonzero(np.diff(kind)) + 1
         starts = np.concatenate(([0], edges))

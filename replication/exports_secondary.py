@@ -45,7 +45,7 @@ def check_stage_export(primary_uuid, base, target):
 
 def list_exports(r):
     """(name, description) of the listed exports of replica r."""
-    return [("", f"prepl replica {r.body['volume_uuid']}")]
+    return [("", f"prepl replica {r.body.volume_uuid}")]
 
 
 def open_export(r, name, readonly):
@@ -156,7 +156,7 @@ class BatchHandle(StageHandle):
         self._start()
         self.r.staging.batch(entries, data, self.stage)
 
-    zero = trim = Handle._refused
+    zero = trim = Handle.refuse_write
 
 
 class CommitHandle(Handle):
@@ -180,7 +180,7 @@ class CommitHandle(Handle):
             return
         try:
             m = manifest.parse(text, self.target)
-            self.result = {"ok": True, "receipt": self.r.commit(m)}
+            self.result = {"ok": True, "receipt": self.r.commit(m).to_json()}
         except PreplError as e:
             log.error("commit of interval %s refused: %s", self.target, e)
             self.result = {"ok": False, "error": str(e)}
@@ -190,7 +190,7 @@ class CommitHandle(Handle):
         res = self.result
         if res is None:
             receipt = self.r.receipt_for(self.target)
-            res = {"ok": True, "receipt": receipt} if receipt else \
+            res = {"ok": True, "receipt": receipt.to_json()} if receipt else \
                 {"ok": False, "error": f"interval {self.target} is not applied"}
         doc = json.dumps(res, sort_keys=True).encode()
         data = doc[offset:offset + len(buf)]

@@ -28,6 +28,7 @@ import xxhash
 
 from . import native
 from .errors import PreplError, RefusedError
+from .meta import Manifest, RecordError
 
 MANIFEST_VERSION = 2
 PIECE = 1 << 20      # the transfer engine is fastest with 1 MiB requests
@@ -108,79 +109,68 @@ def digest_of(run_list, read, piece=PIECE):
 
 # ---- the manifest of a commit ---------------------------------------------------
 
-GEOMETRY = ("size", "region_size", "block_size")
-
-
-def build(primary, replica_uuid, base, target, snap_name, digest):
-    """The manifest of interval (base, target] of the primary whose metadata
-    is primary, staged with digest (a Digest)."""
-    return {"version": MANIFEST_VERSION, "primary_uuid": primary["volume_uuid"],
-            "replica_uuid": replica_uuid, **{k: primary[k] for k in GEOMETRY},
-            "base": base, "target": {"seq": target["seq"], "name": snap_name,
-                                     "time": target["closed_at"]},
-            "extents": digest.extents, "bytes": digest.data_bytes,
-            "digest": digest.hexdigest()}
+def build(primary, replica_uuid, base, target, digest):
+    """The Manifest of interval (base, target] (base: an IntervalRef or
+    None; target: the closed Interval) of the primary whose metadata is
+    primary (a Body), staged with digest (a Digest)."""
+    return Manifest(MANIFEST_VERSION, primary.volume_uuid, replica_uuid, primary.size,
+                    primary.region_size, primary.block_size, base, target.ref(),
+                    digest.extents, digest.data_bytes, digest.hexdigest())
 
 
 def parse(text, target):
-    """The manifest written to commit/TARGET: JSON whose fields have the
+    """The Manifest written to commit/TARGET: JSON whose fields have the
     right types, for that target, after its base; else PreplError, before
     anything looks at its values."""
     try:
-        m = json.loads(text)
-    except ValueError as e:
-        raise PreplError(f"malformed manifest: {e}")
-
-    def interval(v):
-        return isinstance(v, dict) and type(v.get("seq")) is int and v["seq"] >= 0
-    ok = (isinstance(m, dict)
-          and interval(m.get("target")) and m["target"]["seq"] == target
-          and (m.get("base") is None or (interval(m["base"]) and m["base"]["seq"] < target))
-          and all(type(m.get(k)) is int for k in GEOMETRY + ("extents", "bytes"))
-          and all(isinstance(m.get(k), str) for k in ("primary_uuid", "replica_uuid",
-                                                       "digest")))
+        m = Manifest.from_json(json.loads(text))
+        ok = m.target.seq == target and 0 <= (m.base.seq if m.base else 0) and (
+            m.base is None or m.base.seq < target)
+    except (ValueError, RecordError) as e:
+        ok, why = False, f" ({e})"
+    else:
+        why = ""
     if not ok:
-        raise PreplError(f"malformed manifest for commit/{target}: it needs integer size, "
-                         "region_size, block_size, extents, bytes, string primary_uuid, "
-                         f"replica_uuid, digest, a target {{\"seq\": {target}}} and a base "
-                         "that is null or an earlier {\"seq\": N}")
+        raise PreplError(f"malformed manifest for commit/{target}{why}: it needs integer "
+                         "version, size, region_size, block_size, extents, bytes, string "
+                         f"primary_uuid, replica_uuid, digest, a target {{\"seq\": {target}}} "
+                         "and a base that is null or an earlier {\"seq\": N}")
     return m
 
 
 def check_replica(m, replica):
-    """Refuses (RefusedError) a manifest not meant for the replica whose
-    metadata is replica: version, replica UUID, geometry."""
-    for key in ("primary_uuid", "replica_uuid", *GEOMETRY, "base", "target", "extents",
-                "bytes", "digest", "version"):
-        if key not in m:
-            raise RefusedError(f"malformed manifest: no {key!r}")
-    if m["version"] != MANIFEST_VERSION:
-        raise RefusedError(f"manifest version {m['version']!r} is not supported")
-    if m["replica_uuid"] != replica["volume_uuid"]:
-        raise RefusedError(f"manifest is for replica {m['replica_uuid']}, this is "
-                           f"{replica['volume_uuid']}")
-    geometry = {k: replica[k] for k in GEOMETRY}
-    if {k: m[k] for k in GEOMETRY} != geometry:
-        raise RefusedError(f"geometry mismatch: primary {dict((k, m[k]) for k in GEOMETRY)}"
-                           f", replica {geometry}")
+    """Refuses (RefusedError) a Manifest not meant for the replica whose
+    metadata is replica (a Body): version, replica UUID, geometry."""
+    if m.version != MANIFEST_VERSION:
+        raise RefusedError(f"manifest version {m.version!r} is not supported")
+    if m.replica_uuid != replica.volume_uuid:
+        raise RefusedError(f"manifest is for replica {m.replica_uuid}, this is "
+                           f"{replica.volume_uuid}")
+    if m.geometry() != replica.geometry():
+        raise RefusedError(f"geometry mismatch: primary {_geometry(m)}, replica "
+                           f"{_geometry(replica)}")
+
+
+def _geometry(rec):
+    return dict(zip(("size", "region_size", "block_size"), rec.geometry()))
 
 
 def check_staged(m, d):
     """Refuses (RefusedError) a manifest whose extents, bytes or digest
     differ from d, the Digest of what was staged."""
-    if (d.extents, d.data_bytes) != (m["extents"], m["bytes"]) or \
-            d.hexdigest() != m["digest"]:
+    if (d.extents, d.data_bytes) != (m.extents, m.bytes) or d.hexdigest() != m.digest:
         raise RefusedError(
             f"staged data does not match the manifest: staged {d.extents} extents, "
             f"{d.data_bytes} bytes, digest {d.hexdigest()[:16]}; manifest "
-            f"{m['extents']} extents, {m['bytes']} bytes, digest {m['digest'][:16]}")
+            f"{m.extents} extents, {m.bytes} bytes, digest {m.digest[:16]}")
 
 
 def base_key(base):
-    """A manifest's base as a staging export spells it ("none" or the seq)."""
-    return "none" if base is None else str(base["seq"])
+    """A manifest's base (an IntervalRef or None) as a staging export
+    spells it ("none" or the seq)."""
+    return "none" if base is None else str(base.seq)
 
 
 def fingerprint(m):
-    """SHA-256 of the manifest's canonical JSON: what a receipt is for."""
-    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+    """SHA-256 of the Manifest's canonical JSON: what a receipt is for."""
+    return hashlib.sha256(json.dumps(m.to_json(), sort_keys=True).encode()).hexdigest()

@@ -14,6 +14,7 @@ at its first start, replication/tracker.py).
 import hashlib
 import mmap
 import os
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
@@ -63,6 +64,28 @@ class MapFile:
 
     def runs(self, limit=None):
         return native.bm_runs(self.bits, self.nbits, 0, limit)
+
+
+class IntervalMaps(NamedTuple):
+    """The three maps of one interval, in KINDS order."""
+    cmap: MapFile
+    bmap: MapFile
+    zmap: MapFile
+
+    def bits(self):
+        """(cmap, bmap, zmap) bit arrays, as the C calls take them."""
+        return tuple(m.bits for m in self)
+
+    def sync(self):
+        for m in self:
+            m.sync()
+
+    def digests(self):
+        """{kind: digest} (what a closed interval records)."""
+        return {k: m.digest() for k, m in zip(KINDS, self)}
+
+
+assert IntervalMaps._fields == KINDS
 
 
 def create_copy(src, path):

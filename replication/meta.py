@@ -1,9 +1,14 @@
 """The metadata of a state directory: the one durable record of a node's
-state, and the one way to change it.
+state, its typed records, and the one way to change it.
 
 STATE/meta.json is {"format", "checksum", "body"}; the checksum is the
 SHA-256 of the canonical JSON of body, so a damaged file is detected,
-never trusted.
+never trusted.  The body is read into typed records (Body, Interval,
+Snappoint, SnapshotRecord, Link, Binding, Staging, Applied, Receipt,
+IntervalRef); this module alone turns them into JSON and back, checking
+every field's type (a body that does not fit is corrupt, never half-read).
+Keys it does not know are kept as they are, except a link's transient
+state and progress, which format 1 saved and nothing reads.
 
 Memory follows the disk.  A server holds its body in a Metadata object.
 A change edits a deep copy (`with md.change() as body: ...`), writes it
@@ -21,24 +26,323 @@ directory -- and only then makes the copy the body everybody reads.
   whatever file it finds, recovering as after any unclean stop.
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import types
+import typing
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from . import faults
-from .errors import MetadataFailStop, MetadataWriteError, StateError
+from .errors import MetadataFailStop, MetadataWriteError, PreplError, StateError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2     # 2: closed maps' digests are XXH3-128 ("xxh3-128:HEX"); 1: SHA-256 hex
 NAME = "meta.json"
 ROLES = ("primary", "secondary")
-# keys every metadata body has since `prepl init`, with their types
-REQUIRED = {"volume_uuid": str, "volume": str, "size": int, "region_size": int,
-            "block_size": int, "role": str, "generation": int, "clean": bool,
-            "intervals": list, "snappoints": list, "links": dict}
+
+
+# ---- typed records ------------------------------------------------------------
+class RecordError(ValueError):
+    """A record's JSON lacks a field or has one of the wrong type; .where
+    names it (e.g. "intervals[2].seq")."""
+
+    def __init__(self, where):
+        super().__init__(f"missing or invalid: {where}")
+        self.where = where
+
+
+_HINTS = {}
+
+
+def _hints(cls):
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _load(value, hint, where):
+    """value (JSON) checked against the type hint; records are built."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_json(value, where + ".")
+    if origin is list and isinstance(value, list):
+        return [_load(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict) and all(type(k) is str for k in value):
+        return {k: _load(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is float and type(value) in (int, float):
+        return value
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if hint is dict and isinstance(value, dict):
+        return copy.deepcopy(value)
+    raise RecordError(where)
+
+
+def _dump(value):
+    if isinstance(value, Record):
+        return value.to_json()
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class Record:
+    """A record of the metadata: its fields are its JSON keys; .extra holds
+    the keys it does not know, written back as they were."""
+    DROPPED = ()        # keys read and forgotten (transient ones old formats saved)
+    OMIT_NONE = False   # optional fields that are None are left out of the JSON
+
+    def __post_init__(self):
+        self.extra = {}
+
+    @classmethod
+    def from_json(cls, doc, where=""):
+        """The record of JSON object doc (RecordError if it does not fit)."""
+        if not isinstance(doc, dict):
+            raise RecordError(where.rstrip(".") or "body")
+        hints, kw = _hints(cls), {}
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if f.name in doc:
+                kw[f.name] = _load(doc[f.name], hints[f.name], where + f.name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecordError(where + f.name)
+        rec = cls(**kw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        rec.extra = {k: copy.deepcopy(v) for k, v in doc.items()
+                     if k not in known and k not in cls.DROPPED}
+        return rec
+
+    def to_json(self):
+        out = copy.deepcopy(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (self.OMIT_NONE and value is None and f.default is None):
+                out[f.name] = _dump(value)
+        return out
+
+
+@dataclass
+class IntervalRef(Record):
+    """An interval as another node names it: its number, the snappoint that
+    closed it and when (a manifest's base and target, a receipt's).  A name
+    or time the sender left out stays out (a manifest's fingerprint is of
+    what was sent)."""
+    OMIT_NONE = True
+    seq: int
+    name: str | None = None
+    time: float | None = None
+
+
+@dataclass
+class Interval(Record):
+    """An interval of the chain: its map files and, once a snappoint closed
+    it, their digests (replication/chain.py)."""
+    seq: int
+    maps: dict[str, str]              # map kind (replication/maps.py KINDS) -> file in maps/
+    closed_by: str | None = None      # the snappoint that closed it (None: the open one)
+    closed_at: float | None = None
+    digests: dict[str, str] | None = None     # map kind -> digest, once closed
+    damaged: str | None = None        # why its maps cannot be trusted (a merge of a damaged map)
+
+    @property
+    def closed(self):
+        return self.closed_by is not None
+
+    def ref(self):
+        return IntervalRef(self.seq, self.closed_by, self.closed_at)
+
+
+@dataclass
+class SnapshotRecord(Record):
+    """The files of a snapshot: snaps/sID.img and maps/sID.vmap."""
+    id: int
+
+
+@dataclass
+class Snappoint(Record):
+    name: str
+    seq: int                          # the interval it closed
+    created: float
+    snapshot: SnapshotRecord | None = None    # None: dataless (or invalidated)
+    invalidated: str | None = None    # why its snapshot was dropped
+
+
+@dataclass
+class Link(Record):
+    """A replication link of a primary (replication/links.py); state and
+    progress are transient and never written."""
+    DROPPED = ("state", "progress")
+    replica_uuid: str | None = None
+    secondary: str | None = None      # its address (URI)
+    cursor: str | None = None         # the snappoint whose image the replica holds
+    last_cycle: dict | None = None    # the agent's account of its last cycle (for status)
+    resync: bool = False              # the next cycle sends the whole volume
+
+
+@dataclass
+class Binding(Record):
+    """Whose replica a secondary is: bound by its first commit."""
+    primary_uuid: str
+    bound_at: float
+    size: int
+    region_size: int
+    block_size: int
+
+
+@dataclass
+class Manifest(Record):
+    """What a commit verifies: interval (base, target] of a primary, staged
+    as extents with a digest (built, parsed and checked in
+    replication/manifest.py; kept in a complete staging)."""
+    version: int
+    primary_uuid: str
+    replica_uuid: str
+    size: int
+    region_size: int
+    block_size: int
+    base: IntervalRef | None
+    target: IntervalRef
+    extents: int
+    bytes: int
+    digest: str
+
+    def geometry(self):
+        return (self.size, self.region_size, self.block_size)
+
+
+@dataclass
+class Staging(Record):
+    """The interval a secondary receives (replication/staging.py)."""
+    DROPPED = ("files",)      # saved by early format-1 versions, never read
+    primary_uuid: str
+    base: str                         # manifest.base_key: "none" or the base's seq
+    target: str                       # the target's seq
+    state: str                        # "receiving" or "complete"
+    started: float
+    in_place: bool = False            # the first interval, staged into the replica
+    manifest: Manifest | None = None  # once complete
+    manifest_digest: str | None = None
+    bytes: int | None = None
+    zero_bytes: int | None = None
+
+    @property
+    def complete(self):
+        return self.state == "complete"
+
+    def key(self):
+        return (self.primary_uuid, self.base, self.target)
+
+
+@dataclass
+class Applied(Record):
+    """The interval whose image a secondary's export "" serves."""
+    target: IntervalRef
+    base: IntervalRef | None
+    applied_at: float
+
+
+@dataclass
+class Receipt(Record):
+    """What a secondary answers a commit with, and keeps (KEEP_RECEIPTS)."""
+    replica_uuid: str
+    primary_uuid: str
+    base: IntervalRef | None
+    target: IntervalRef
+    manifest_digest: str
+    bytes: int
+    zero_bytes: int
+    applied_at: float
+
+
+@dataclass
+class ReplicaInfo(Record):
+    """What a secondary says of its replica (its export "info", read by the
+    agent before each cycle)."""
+    role: str
+    replica_uuid: str
+    size: int
+    region_size: int
+    block_size: int
+    tracked_since_empty: bool
+    bound: Binding | None = None
+    applied: Applied | None = None
+    staging: Staging | None = None
+
+    def geometry(self):
+        return (self.size, self.region_size, self.block_size)
+
+
+@dataclass
+class Body(Record):
+    """A node's metadata: its volume, the chain of intervals and snappoints,
+    its links (a primary), its binding, staging, applied interval and
+    receipts (a secondary)."""
+    volume_uuid: str
+    volume: str                       # the volume's path
+    size: int
+    region_size: int
+    block_size: int
+    role: str
+    generation: int
+    clean: bool                       # the last stop was clean
+    intervals: list[Interval]         # the chain; the last one is open
+    snappoints: list[Snappoint]
+    links: dict[str, Link]
+    al_extent: int
+    created: float
+    tracked_since_empty: bool         # created empty by `prepl init --size`
+    next_seq: int
+    next_snap_id: int
+    next_file_id: int
+    chain_truncated: bool = False     # a damaged map was merged away: not every change is held
+    bound: Binding | None = None
+    applied: Applied | None = None
+    receipts: list[Receipt] = field(default_factory=list)
+    staging: Staging | None = None
+
+    @property
+    def open_interval(self):
+        return self.intervals[-1]
+
+    @property
+    def closed_intervals(self):
+        return self.intervals[:-1]
+
+    def interval(self, seq):
+        """The interval numbered seq, or None."""
+        return next((iv for iv in self.intervals if iv.seq == seq), None)
+
+    def closed_by(self, name):
+        """The interval snappoint name closed, or None."""
+        return next((iv for iv in self.intervals if iv.closed_by == name), None)
+
+    def snappoint(self, name):
+        """The snappoint named name, or None."""
+        return next((sp for sp in self.snappoints if sp.name == name), None)
+
+    def take_file_id(self):
+        n = self.next_file_id
+        self.next_file_id = n + 1
+        return n
+
+    def geometry(self):
+        """(size, region size, block size): what a replica must match."""
+        return (self.size, self.region_size, self.block_size)
 
 
 def canonical(body):
@@ -58,8 +362,8 @@ def fsync_dir(path):
 
 
 def read(state_path):
-    """The metadata body of the state directory, checked: format, checksum,
-    required keys."""
+    """The metadata body of the state directory (a Body), checked: format,
+    checksum, every record's fields."""
     path = os.path.join(state_path, NAME)
     try:
         with open(path, "rb") as f:
@@ -93,24 +397,33 @@ def read(state_path):
     if digest != checksum(body):
         raise StateError(f"{path} is corrupt (checksum mismatch); nothing was changed. "
                          "Restore it from a backup or re-create the state directory")
-    bad = sorted(k for k, t in REQUIRED.items() if type(body.get(k)) is not t) \
-        if isinstance(body, dict) else ["body"]
-    if not bad and (body["role"] not in ROLES or body["size"] <= 0):
-        bad = ["role" if body["role"] not in ROLES else "size"]
+    try:
+        rec = Body.from_json(body)
+        bad = None if rec.role in ROLES else "role"
+        bad = bad or (None if rec.size > 0 else "size")
+    except RecordError as e:
+        bad = e.where
     if bad:
-        raise StateError(f"{path} is corrupt (missing or invalid: {', '.join(bad)}) although "
+        raise StateError(f"{path} is corrupt (missing or invalid: {bad}) although "
                          "its checksum matches; nothing was changed. Restore it from a "
                          "backup or re-create the state directory")
-    return body
+    return rec
 
 
 def write(state_path, body):
-    """Atomically replaces the metadata; durable on return.  Raises
+    """Atomically replaces the metadata with body (a Body); durable on
+    return.  Raises
     MetadataWriteError (nothing changed) or MetadataFailStop (the new file
     is in place, its durability unknown)."""
     path = os.path.join(state_path, NAME)
     tmp = path + ".tmp"
-    doc = {"format": FORMAT, "checksum": checksum(body), "body": body}
+    raw = body.to_json()
+    try:
+        Body.from_json(raw)      # what is written must read back (no field of a wrong type)
+    except RecordError as e:
+        raise PreplError(f"refusing to write the metadata {path}: {e} (a bug; nothing "
+                         "was changed)") from None
+    doc = {"format": FORMAT, "checksum": checksum(raw), "body": raw}
     data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -167,11 +480,16 @@ class Metadata:
         """Yields a deep copy of the body to edit; on a normal exit writes it
         durably and only then makes it the body.  An exception inside the
         block, or a failed write, leaves everything as it was."""
-        new = copy.deepcopy(self._body)
+        new = self.draft()
         yield new
         self.commit(new)
 
+    def draft(self):
+        """A deep copy of the body, to edit and then commit()."""
+        return copy.deepcopy(self._body)
+
     def commit(self, new):
+        """Writes the edited copy new durably, then makes it the body."""
         try:
             write(self.path, new)
         except MetadataFailStop as e:

@@ -38,7 +38,6 @@ image at the snappoint of the last applied interval.
   needs no re-read, otherwise (a restart, other request boundaries) the
   staging is read back and hashed.
 """
-import copy
 import logging
 import os
 import threading
@@ -48,7 +47,7 @@ import numpy as np
 
 from . import faults, manifest, native
 from .errors import RefusedError, StateError
-from .meta import Metadata
+from .meta import Applied, Binding, Metadata, Receipt, ReplicaInfo, Staging
 from .staging import StagingArea
 from .workers import RWLock, background_priority, pread_full
 from .state import StateDir, volume_size
@@ -63,21 +62,18 @@ class Replica:
     def __init__(self, path):
         self.sd = StateDir(path)
         body = self.sd.read_meta()
-        if body["role"] != "secondary":
-            raise StateError(f"{self.sd} is a {body['role']} state directory, not a secondary")
+        if body.role != "secondary":
+            raise StateError(f"{self.sd} is a {body.role} state directory, not a secondary")
         self._lockfile = self.sd.lock()
-        for key, empty in (("bound", None), ("applied", None), ("receipts", []),
-                           ("staging", None)):
-            body.setdefault(key, empty)      # absent means empty: nothing to write
         self.md = Metadata(self.sd.path, body)
-        self.size = body["size"]
-        self.block = body["block_size"]
+        self.size = body.size
+        self.block = body.block_size
         self.nblocks = -(-self.size // self.block)
-        have = volume_size(body["volume"])
+        have = volume_size(body.volume)
         if have != self.size:
-            raise StateError(f"replica {body['volume']} is {have} bytes but {self.sd} records "
+            raise StateError(f"replica {body.volume} is {have} bytes but {self.sd} records "
                              f"{self.size}; refusing to serve it (nothing was changed)")
-        self.fd = os.open(body["volume"], os.O_RDWR | os.O_CLOEXEC)
+        self.fd = os.open(body.volume, os.O_RDWR | os.O_CLOEXEC)
         self.lock = threading.RLock()      # staging and commit state
         self.rw = RWLock()                 # replica reads vs the apply switch
         self.overlay = False               # reads of staged blocks come from the staging
@@ -85,18 +81,17 @@ class Replica:
         self.merge_error = None
         self.staging = StagingArea(self.sd, self.size, self.block, self.fd)
         self.uri = None
-        st = body["staging"]
-        if st and st["state"] == "complete":
-            log.warning("redoing the apply of interval %s from its durable staging",
-                        st["target"])
-            self.staging.open(st.get("in_place", False), complete=True)
-            if self._applied_seq() != st["target"]:    # recorded with "complete"
-                raise StateError(f"{self.sd}: a complete staging of interval {st['target']} "
+        st = body.staging
+        if st and st.complete:
+            log.warning("redoing the apply of interval %s from its durable staging", st.target)
+            self.staging.open(st.in_place, complete=True)
+            if self._applied_seq() != st.target:    # recorded with "complete"
+                raise StateError(f"{self.sd}: a complete staging of interval {st.target} "
                                  "that is not recorded as applied: the metadata is damaged")
             self._serve_overlay(st)
             self._merge(st)
         elif st:
-            self.staging.open(st.get("in_place", False))
+            self.staging.open(st.in_place)
 
     @property
     def body(self):
@@ -106,21 +101,18 @@ class Replica:
 
     # ---- identity ------------------------------------------------------
     def info(self):
+        """The replica as the agent reads it (export "info"; status)."""
         b = self.body
-        return {"role": "secondary", "replica_uuid": b["volume_uuid"], "size": b["size"],
-                "region_size": b["region_size"], "block_size": b["block_size"],
-                "bound": b["bound"], "applied": b["applied"],
-                "tracked_since_empty": b["tracked_since_empty"],
-                "staging": {k: v for k, v in b["staging"].items() if k != "files"}
-                if b["staging"] else None}
+        return ReplicaInfo("secondary", b.volume_uuid, b.size, b.region_size, b.block_size,
+                           b.tracked_since_empty, b.bound, b.applied, b.staging).to_json()
 
     def check_stage_name(self, primary_uuid, base, target):
         """Refuses (RefusedError) a staging export this replica will never
         accept; opening changes nothing."""
-        bound = self.body["bound"]
-        if bound and bound["primary_uuid"] != primary_uuid:
-            raise RefusedError(f"replica {self.body['volume_uuid']} is bound to primary volume "
-                               f"{bound['primary_uuid']}, not {primary_uuid}")
+        bound = self.body.bound
+        if bound and bound.primary_uuid != primary_uuid:
+            raise RefusedError(f"replica {self.body.volume_uuid} is bound to primary volume "
+                               f"{bound.primary_uuid}, not {primary_uuid}")
         applied = self._applied_seq()
         if base != (applied if applied is not None else "none"):
             raise RefusedError(f"stale or out-of-order interval: the replica has applied "
@@ -128,8 +120,8 @@ class Replica:
                                f"the staging starts from {base}")
 
     def _applied_seq(self):
-        a = self.body["applied"]
-        return str(a["target"]["seq"]) if a else None
+        a = self.body.applied
+        return str(a.target.seq) if a else None
 
     # ---- reads of the replica -------------------------------------------
     def pread(self, buf, offset):
@@ -143,7 +135,7 @@ class Replica:
             # the replica; runs of one kind are read at once
             b0, b1 = offset // self.block, (offset + n - 1) // self.block
             stage = self.staging.current
-            kinds = (_bits(stage["data"].bits, b0, b1) + 2 * _bits(stage["zero"].bits, b0, b1))
+            kinds = _bits(stage.data.bits, b0, b1) + 2 * _bits(stage.zero.bits, b0, b1)
             cuts = np.flatnonzero(np.diff(kinds)) + 1
             for first, last in zip([0] + cuts.tolist(), cuts.tolist() + [len(kinds)]):
                 lo = max(offset, (b0 + first) * self.block)
@@ -153,7 +145,7 @@ class Replica:
                 if kind >= 2:
                     view[:] = bytes(hi - lo)
                 else:
-                    view[:] = pread_full(stage["fd"] if kind else self.fd, hi - lo, lo)
+                    view[:] = pread_full(stage.fd if kind else self.fd, hi - lo, lo)
         finally:
             self.rw.release_read()
 
@@ -165,21 +157,21 @@ class Replica:
         with self.lock:
             self.check_stage_name(primary_uuid, base, target)
             self._finish_merge()
-            st = self.body["staging"]
-            key = {"primary_uuid": primary_uuid, "base": base, "target": target}
-            if st and all(st[k] == v for k, v in key.items()) and self.staging.current:
+            st = self.body.staging
+            key = (primary_uuid, base, target)
+            if st and st.key() == key and self.staging.current:
                 return self.staging.current
-            if st and st["state"] == "complete":
+            if st and st.complete:
                 raise RefusedError("a complete staging is waiting to be applied")
             # the files of a receiving staging go before the record does: a
             # stop in between leaves a receiving staging without data.bmap,
             # which starts afresh (StagingArea.open)
             self.staging.discard()
-            in_place = self.body["applied"] is None
+            in_place = self.body.applied is None
             try:
                 self.staging.open(in_place)
                 with self.md.change() as new:
-                    new["staging"] = dict(key, state="receiving", started=time.time(),
+                    new.staging = Staging(*key, state="receiving", started=time.time(),
                                           in_place=in_place)
             except BaseException:
                 self.staging.close()
@@ -189,10 +181,7 @@ class Replica:
 
     # ---- commit ------------------------------------------------------------
     def receipt_for(self, target_seq):
-        for r in self.body["receipts"]:
-            if r["target"]["seq"] == target_seq:
-                return r
-        return None
+        return next((r for r in self.body.receipts if r.target.seq == target_seq), None)
 
     def commit(self, m):
         """Verifies manifest m against the replica and the staging, applies
@@ -201,38 +190,34 @@ class Replica:
         with self.lock, self.staging.held():
             b = self.body
             manifest.check_replica(m, b)
-            done = self.receipt_for(m["target"]["seq"])
-            if done is not None and done["manifest_digest"] == manifest.fingerprint(m):
+            done = self.receipt_for(m.target.seq)
+            if done is not None and done.manifest_digest == manifest.fingerprint(m):
                 return done
-            geometry = {k: b[k] for k in manifest.GEOMETRY}
-            self.check_stage_name(m["primary_uuid"], manifest.base_key(m["base"]),
-                                  str(m["target"]["seq"]))
-            st = b["staging"]
-            if not st or st["primary_uuid"] != m["primary_uuid"] or \
-                    st["base"] != manifest.base_key(m["base"]) or \
-                    st["target"] != str(m["target"]["seq"]) or self.staging.current is None:
+            key = (m.primary_uuid, manifest.base_key(m.base), str(m.target.seq))
+            self.check_stage_name(*key)
+            st = b.staging
+            if not st or st.key() != key or self.staging.current is None:
                 raise RefusedError("nothing is staged for this interval; stage it first")
             d = self.staging.digest()
             manifest.check_staged(m, d)
             # the staged data durable, then one metadata write records it
             # complete and applied (the switch); the merge comes after
             t1 = time.monotonic()
-            self.staging.make_durable(st["target"], held=True)    # commit holds it
+            self.staging.make_durable(st.target, held=True)    # commit holds it
             t2 = time.monotonic()
             faults.point("secondary.commit.staged_durable")
-            new = copy.deepcopy(b)
-            st = new["staging"]
-            st.update(state="complete", manifest=m, manifest_digest=manifest.fingerprint(m),
-                      bytes=d.data_bytes, zero_bytes=d.zero_bytes)
-            if new["bound"] is None:
-                new["bound"] = {"primary_uuid": m["primary_uuid"], "bound_at": time.time(),
-                                **geometry}
+            new = self.md.draft()
+            st = new.staging
+            st.state, st.manifest, st.manifest_digest = "complete", m, manifest.fingerprint(m)
+            st.bytes, st.zero_bytes = d.data_bytes, d.zero_bytes
+            if new.bound is None:
+                new.bound = Binding(m.primary_uuid, time.time(), *b.geometry())
             receipt = self._record_applied(new)
             self.md.commit(new)            # durable first, then visible
             self._serve_overlay(st)
             self.staging.complete()        # its connections' requests are refused now
             log.info("commit of interval %s: verified in %.3f s, staging durable in %.3f s, "
-                     "switched in %.3f s", m["target"]["seq"], t1 - t0, t2 - t1,
+                     "switched in %.3f s", m.target.seq, t1 - t0, t2 - t1,
                      time.monotonic() - t2)
             faults.point("secondary.commit.after_switch")
             self.merger = threading.Thread(target=self._merge_in_background, args=(st,),
@@ -243,18 +228,14 @@ class Replica:
     def _record_applied(self, new):
         """Records, in the metadata body new (not yet written), its complete
         staging as the applied interval with a receipt; returns the receipt."""
-        st = new["staging"]
-        m = st["manifest"]
-        receipt = self.receipt_for(m["target"]["seq"])
+        st = new.staging
+        m = st.manifest
+        receipt = self.receipt_for(m.target.seq)
         if receipt is None:
-            receipt = {"replica_uuid": new["volume_uuid"],
-                       "primary_uuid": m["primary_uuid"], "base": m["base"],
-                       "target": m["target"], "manifest_digest": st["manifest_digest"],
-                       "bytes": st["bytes"], "zero_bytes": st["zero_bytes"],
-                       "applied_at": time.time()}
-            new["receipts"] = ([receipt] + new["receipts"])[:KEEP_RECEIPTS]
-        new["applied"] = {"target": m["target"], "base": m["base"],
-                          "applied_at": receipt["applied_at"]}
+            receipt = Receipt(new.volume_uuid, m.primary_uuid, m.base, m.target,
+                              st.manifest_digest, st.bytes, st.zero_bytes, time.time())
+            new.receipts = ([receipt] + new.receipts)[:KEEP_RECEIPTS]
+        new.applied = Applied(m.target, m.base, receipt.applied_at)
         return receipt
 
     def _serve_overlay(self, st):
@@ -262,11 +243,11 @@ class Replica:
         is held for a flag, not for an fsync; it waits for running reads)."""
         self.rw.acquire_write()
         try:
-            self.overlay = not st.get("in_place")
+            self.overlay = not st.in_place
         finally:
             self.rw.release_write()
-        log.info("applied interval %s (%d bytes, %d zeroed)", st["manifest"]["target"],
-                 st["bytes"], st["zero_bytes"])
+        log.info("applied interval %s (%d bytes, %d zeroed)", st.target, st.bytes,
+                 st.zero_bytes)
 
     def _merge(self, st):
         """Copies the applied staging into the replica, makes it durable and
@@ -277,8 +258,8 @@ class Replica:
         for i, part in enumerate((run_list[:half], run_list[half:])):
             if i:
                 faults.point("secondary.apply.midway")
-            if not st.get("in_place"):
-                native.copy_ranges(self.staging.current["fd"], self.fd,
+            if not st.in_place:
+                native.copy_ranges(self.staging.current.fd, self.fd,
                                    [(o, n) for o, n, z in part if not z])
             native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
         os.fdatasync(self.fd)
@@ -292,10 +273,10 @@ class Replica:
         # between leaves orphan files (the next staging clears them), never
         # a "complete" staging whose files are gone
         with self.md.change() as new:
-            new["staging"] = None
+            new.staging = None
         faults.point("secondary.merge.recorded")
         self.staging.discard()
-        log.info("merged interval %s into the replica in %.3f s", st["target"],
+        log.info("merged interval %s into the replica in %.3f s", st.target,
                  time.monotonic() - t0)
 
     def _merge_in_background(self, st):
@@ -304,7 +285,7 @@ class Replica:
             self._merge(st)
         except BaseException as e:      # noqa: B036 -- kept for the next staging
             log.error("merging interval %s into the replica failed: %s (the overlay keeps "
-                      "serving it; retried before the next staging)", st["target"], e)
+                      "serving it; retried before the next staging)", st.target, e)
             self.merge_error = e
 
     def _finish_merge(self):
@@ -315,8 +296,8 @@ class Replica:
             self.merger = None
         if self.merge_error is not None:
             self.merge_error = None
-            st = self.body["staging"]
-            if st and st["state"] == "complete":
+            st = self.body.staging
+            if st and st.complete:
                 self._merge(st)
 
     def wait_merged(self):
@@ -335,8 +316,8 @@ class Replica:
         pass
 
     def status(self):
-        return dict(self.info(), state_dir=self.sd.path, volume=self.body["volume"],
-                    volume_uuid=self.body["volume_uuid"], generation=self.body["generation"],
+        return dict(self.info(), state_dir=self.sd.path, volume=self.body.volume,
+                    volume_uuid=self.body.volume_uuid, generation=self.body.generation,
                     pid=os.getpid(), uri=self.uri)
 
     def start(self):

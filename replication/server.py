@@ -41,7 +41,7 @@ class Server:
         if not self.state:
             raise UsageError("missing parameter state=DIR (the prepl state directory)")
         try:
-            if StateDir(self.state).read_meta()["role"] == "secondary":
+            if StateDir(self.state).read_meta().role == "secondary":
                 self.replica = Replica(self.state)
             else:
                 self.tracker = Tracker(self.state)

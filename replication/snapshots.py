@@ -21,6 +21,7 @@ from . import native
 from .chain import nbits
 from .errors import StateError
 from .maps import MapFile
+from .meta import SnapshotRecord, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,19 @@ class Snapshot:
     """A snapshot of the volume at a snappoint: sparse image + valid map."""
 
     def __init__(self, sd, body, rec, create=False):
-        self.id = rec["id"]
+        """rec: its meta.SnapshotRecord."""
+        self.id = rec.id
         self.img_path = sd.p("snaps", f"s{self.id}.img")
         self.vmap_path = sd.p("maps", f"s{self.id}.vmap")
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(self.img_path, flags, 0o600)
         if create:
-            os.ftruncate(self.fd, body["size"])
-        elif os.fstat(self.fd).st_size != body["size"]:
+            os.ftruncate(self.fd, body.size)
+        elif os.fstat(self.fd).st_size != body.size:
             have = os.fstat(self.fd).st_size
             os.close(self.fd)
             raise StateError(f"snapshot image {self.img_path} has {have} bytes, expected "
-                             f"{body['size']}: it was damaged; refusing to serve it as a "
+                             f"{body.size}: it was damaged; refusing to serve it as a "
                              "snapshot (nothing was changed)")
         self.vmap = MapFile(self.vmap_path, nbits(body, "vmap"), create=create)
         self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits)
@@ -74,13 +76,13 @@ class Snapshots:
     def open_recorded(sd, body):
         """[(name, Snapshot)] of the snapshots the metadata records (at start,
         before anything is written: a damaged image refuses the start)."""
-        return [(sp["name"], Snapshot(sd, body, sp["snapshot"]))
-                for sp in body["snappoints"] if sp["snapshot"]]
+        return [(sp.name, Snapshot(sd, body, sp.snapshot))
+                for sp in body.snappoints if sp.snapshot]
 
     def remove_unknown(self, body):
         """Removes snapshot files that no snappoint of body names."""
-        known = {f"s{sp['snapshot']['id']}.{ext}" for sp in body["snappoints"]
-                 if sp["snapshot"] for ext in ("img", "vmap")}
+        known = {f"s{sp.snapshot.id}.{ext}" for sp in body.snappoints
+                 if sp.snapshot for ext in ("img", "vmap")}
         for d, ext in (("snaps", ".img"), ("maps", ".vmap")):
             for name in os.listdir(self.sd.p(d)):
                 if name.endswith(ext) and name.startswith("s") and name not in known:
@@ -89,10 +91,9 @@ class Snapshots:
     def create(self, body, new_body):
         """A new, empty snapshot with the next id of new_body (a copy of the
         metadata not yet written); its files are durable."""
-        rec = {"id": new_body["next_snap_id"]}
-        new_body["next_snap_id"] += 1          # ids are never reused
+        rec = SnapshotRecord(new_body.next_snap_id)
+        new_body.next_snap_id += 1             # ids are never reused
         snap = Snapshot(self.sd, body, rec, create=True)
-        from .meta import fsync_dir
         fsync_dir(self.sd.p("snaps"))
         return snap
 

@@ -22,6 +22,7 @@ threads.  What it promises:
   already), a larger one goes to the reaper.
 """
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -36,12 +37,22 @@ log = logging.getLogger(__name__)
 KEEP = 0.25     # a staging data file up to this share of the replica is reused
 
 
+@dataclasses.dataclass(eq=False)
+class Stage:
+    """One staging's open files: requests of its connections are accepted
+    while it is receiving (see request())."""
+    receiving: bool
+    fd: int                           # data.img, or a dup of the replica's (in place)
+    data: MapFile                     # blocks staged with data
+    zero: MapFile                     # blocks staged as zeroes
+
+
 class StagingArea:
     def __init__(self, sd, size, block, replica_fd):
         self.sd, self.size, self.block = sd, size, block
         self.nblocks = -(-size // block)
         self.replica_fd = replica_fd
-        self.current = None               # {"receiving", "fd", "data", "zero"} or None
+        self.current = None               # the Stage being received or applied, or None
         self.hashes = {}                  # offset -> (length, piece hash) of staged writes
         self.hash_locks = [threading.Lock() for _ in range(64)]
         self.users = RWLock()             # staging requests vs the end of their staging
@@ -72,12 +83,8 @@ class StagingArea:
             os.ftruncate(fd, self.size)
         else:
             fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
-        self.current = {
-            "receiving": not complete,      # see request()
-            "fd": fd,
-            "data": MapFile(maps[0], self.nblocks, create=create),
-            "zero": MapFile(maps[1], self.nblocks, create=create),
-        }
+        self.current = Stage(not complete, fd, MapFile(maps[0], self.nblocks, create=create),
+                             MapFile(maps[1], self.nblocks, create=create))
         return self.current
 
     def close(self, held=False):
@@ -86,7 +93,7 @@ class StagingArea:
         with contextlib.nullcontext() if held else self.held():
             self.hashes = {}
             if self.current:
-                os.close(self.current["fd"])
+                os.close(self.current.fd)
                 self.current = None
 
     def discard(self, held=False):
@@ -104,7 +111,7 @@ class StagingArea:
 
     def complete(self):
         """The staging is applied: its connections' requests are refused."""
-        self.current["receiving"] = False
+        self.current.receiving = False
 
     @contextlib.contextmanager
     def request(self, stage):
@@ -114,7 +121,7 @@ class StagingArea:
         self.users.acquire_read()
         try:
             cur = self.current
-            if cur is None or not cur["receiving"] or (stage is not None and stage is not cur):
+            if cur is None or not cur.receiving or (stage is not None and stage is not cur):
                 raise OSError(errno.EPERM, "the staging of this connection has ended (its "
                               "interval was committed, or another staging replaced it): "
                               "open the staging export of the current interval")
@@ -149,9 +156,9 @@ class StagingArea:
                 # failed write leaves no hash (the commit then reads it back)
                 self.hashes.pop(offset, None)
                 self.hashes[offset] = (len(buf), native.stage_write(
-                    st["fd"], buf, offset, st["data"].bits, st["zero"].bits, self.nblocks,
+                    st.fd, buf, offset, st.data.bits, st.zero.bits, self.nblocks,
                     self.block))
-            self.writeback.staged(st["fd"], len(buf))
+            self.writeback.staged(st.fd, len(buf))
 
     def batch(self, entries, data, stage=None):
         """A decoded batch (replication/pack.py): its data entries staged in
@@ -165,15 +172,15 @@ class StagingArea:
             try:
                 for o, _ in writes:         # a failed write leaves no hash (see write)
                     self.hashes.pop(o, None)
-                hashes = native.stage_batch(st["fd"], data, [o for o, _ in writes],
-                                            [n for _, n in writes], st["data"].bits,
-                                            st["zero"].bits, self.nblocks, self.block)
+                hashes = native.stage_batch(st.fd, data, [o for o, _ in writes],
+                                            [n for _, n in writes], st.data.bits,
+                                            st.zero.bits, self.nblocks, self.block)
                 for (o, n), h in zip(writes, hashes):
                     self.hashes[o] = (n, h)
             finally:
                 for i in locks:
                     self.hash_locks[i].release()
-            self.writeback.staged(st["fd"], len(data))
+            self.writeback.staged(st.fd, len(data))
             for o, n, z in entries:
                 if z:
                     self._zero(st, n, o)
@@ -185,17 +192,17 @@ class StagingArea:
 
     def _zero(self, st, length, offset):
         b0, n = offset // self.block, -(-length // self.block)
-        native.bm_clear(st["data"].bits, self.nblocks, b0, n)
-        native.bm_set(st["zero"].bits, self.nblocks, b0, n)
+        native.bm_clear(st.data.bits, self.nblocks, b0, n)
+        native.bm_set(st.zero.bits, self.nblocks, b0, n)
 
     def flush(self, stage=None):
         with self.request(stage) as st:
-            os.fdatasync(st["fd"])
+            os.fdatasync(st.fd)
 
     # ---- what was staged ------------------------------------------------------
     def runs(self):
         st = self.current
-        return manifest.runs(st["data"].bits, st["zero"].bits, self.nblocks, self.block,
+        return manifest.runs(st.data.bits, st.zero.bits, self.nblocks, self.block,
                              self.size)
 
     def digest(self):
@@ -214,7 +221,7 @@ class StagingArea:
                 else:
                     d.add_hashed(o, n, self.hashes[o][1])
             return d
-        return manifest.digest_of(run_list, lambda o, n: pread_full(self.current["fd"], n, o))
+        return manifest.digest_of(run_list, lambda o, n: pread_full(self.current.fd, n, o))
 
     def make_durable(self, target, held=False):
         """fdatasync of the staged data and maps.  A failure is never
@@ -223,9 +230,9 @@ class StagingArea:
         staging is discarded, and the agent stages the interval again."""
         try:
             faults.io("secondary.staging.fdatasync")
-            os.fdatasync(self.current["fd"])
-            self.current["data"].sync()
-            self.current["zero"].sync()
+            os.fdatasync(self.current.fd)
+            self.current.data.sync()
+            self.current.zero.sync()
         except OSError as e:
             log.error("the staged data of interval %s could not be made durable (%s): the "
                       "staging is dropped and must be sent again", target, e.strerror or e)

@@ -58,7 +58,8 @@ class StateDir:
 
     # ---- metadata (replication/meta.py owns the format) -----------------
     def read_meta(self):
-        """The metadata body, checked: format, checksum, required keys."""
+        """The metadata body (a meta.Body), checked: format, checksum, every
+        record's fields."""
         return meta.read(self.path)
 
     def write_meta(self, body):
@@ -166,26 +167,14 @@ def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT
         os.makedirs(sd.p("maps"), mode=0o700, exist_ok=True)
         os.makedirs(sd.p("snaps"), mode=0o700, exist_ok=True)
         os.chmod(sd.path, 0o700)
-        body = {
-            "volume_uuid": str(uuid.uuid4()),
-            "volume": volume,
-            "size": size,
-            "region_size": region_size,
-            "block_size": block_size,
-            "al_extent": max(al_extent, region_size),
-            "role": role,
-            "generation": 1,
-            "created": time.time(),
-            "tracked_since_empty": created,
-            "clean": True,
-            "next_seq": 1,
-            "next_snap_id": 1,
-            "next_file_id": 2,
-            "intervals": [chain.new_interval(0, 1)],
-            "snappoints": [],
-            "links": {},
-        }
-        chain.create_interval_files(sd, body, body["intervals"][0])
+        body = meta.Body(
+            volume_uuid=str(uuid.uuid4()), volume=volume, size=size,
+            region_size=region_size, block_size=block_size,
+            al_extent=max(al_extent, region_size), role=role, generation=1,
+            created=time.time(), tracked_since_empty=created, clean=True,
+            next_seq=1, next_snap_id=1, next_file_id=2,
+            intervals=[chain.new_interval(0, 1)], snappoints=[], links={})
+        chain.create_interval_files(sd, body, body.open_interval)
         sd.write_meta(body)
     except BaseException:
         if created:

@@ -11,23 +11,23 @@ def primary(t):
     b = t.body
     return {
         "state_dir": t.sd.path,
-        "role": b["role"],
-        "volume": b["volume"],
-        "volume_uuid": b["volume_uuid"],
-        "generation": b["generation"],
-        "size": b["size"],
-        "region_size": b["region_size"],
-        "block_size": b["block_size"],
-        "al_extent": b["al_extent"],
-        "tracked_since_empty": b["tracked_since_empty"],
+        "role": b.role,
+        "volume": b.volume,
+        "volume_uuid": b.volume_uuid,
+        "generation": b.generation,
+        "size": b.size,
+        "region_size": b.region_size,
+        "block_size": b.block_size,
+        "al_extent": b.al_extent,
+        "tracked_since_empty": b.tracked_since_empty,
         "pid": os.getpid(),
         "uri": t.uri,
         "recovered": t.recovered,
-        "open_interval": {"seq": t.open_interval["seq"],
-                          "changed_regions": t.maps["cmap"].count(),
-                          "changed_blocks": t.maps["bmap"].count()},
-        "intervals": len(b["intervals"]),
-        "snappoints": [t.snappoint_info(sp) for sp in b["snappoints"]],
+        "open_interval": {"seq": t.open_interval.seq,
+                          "changed_regions": t.maps.cmap.count(),
+                          "changed_blocks": t.maps.bmap.count()},
+        "intervals": len(b.intervals),
+        "snappoints": [t.snappoints.info(sp) for sp in b.snappoints],
         "links": t.links.status(),
         "damaged_intervals": t.damaged(),
         "volume_sync_error": os.strerror(t.vol.sync_error)
@@ -40,16 +40,33 @@ def primary(t):
     }
 
 
+def stopped(path, body):
+    """The status of a state directory whose server is not running, from its
+    metadata (a meta.Body)."""
+    return {"running": False, "state_dir": path, "role": body.role, "volume": body.volume,
+            "volume_uuid": body.volume_uuid, "size": body.size,
+            "generation": body.generation, "clean_stop": body.clean,
+            "snappoints": [{"name": sp.name, "created": sp.created,
+                            "snapshot": snapshot_state(sp, sp.snapshot is not None)}
+                           for sp in body.snappoints]}
+
+
+def snapshot_state(sp, valid):
+    """"valid", "invalid" (dropped: sp.invalidated says why) or "none"
+    (dataless) for snappoint sp whose snapshot is valid or not."""
+    return "valid" if valid else ("invalid" if sp.invalidated else "none")
+
+
 def maps(t, limit):
     """Every map of tracker t as runs [[start, length], ...]."""
     def runs(m):
         s, n = m.runs(limit)
         return [[a, b] for a, b in zip(s.tolist(), n.tolist())]
     out = {"intervals": [], "snapshots": {}}
-    for iv in t.body["intervals"]:
+    for iv in t.body.intervals:
         maps = t.interval_maps(iv)
-        out["intervals"].append({"seq": iv["seq"], "closed_by": iv["closed_by"],
-                                 **{k: runs(maps[k]) for k in KINDS}})
+        out["intervals"].append({"seq": iv.seq, "closed_by": iv.closed_by,
+                                 **{k: runs(m) for k, m in zip(KINDS, maps)}})
     for name, snap in t.snaps.active.items():
         out["snapshots"][name] = {"valid": snap.c.valid, "vmap": runs(snap.vmap)}
     return out

@@ -105,3 +105,14 @@ def runs_to_set(runs):
 
 def read_json(text):
     return json.loads(text)
+
+
+def meta_json(state):
+    """The metadata body of state directory `state` as meta.json holds it:
+    its JSON, read here and not by the code under test, so a test compares
+    what a server shows against the file itself (read_meta() must accept
+    the file too)."""
+    from replication.state import StateDir
+    StateDir(state).read_meta()
+    with open(os.path.join(state, "meta.json")) as f:
+        return json.load(f)["body"]

@@ -42,9 +42,9 @@ def test_empty_pair_replicates_changes_only(tmp_path, make_server):
     h.flush()
     agent_once(prim, sec)
     assert sec.connect().pread(16 * MiB, 0) == h.pread(16 * MiB, 0)
-    link = StateDir(prim.state).read_meta()["links"]["default"]
-    assert link["last_cycle"]["full"] is False
-    assert link["last_cycle"]["bytes"] == 4096 * len(written)     # I3: only what changed
+    link = StateDir(prim.state).read_meta().links["default"]
+    assert link.last_cycle["full"] is False
+    assert link.last_cycle["bytes"] == 4096 * len(written)     # I3: only what changed
     # ... and counted outside the agent: what the secondary staged (its receipt)
     seq = json.loads(sec.connect("info").pread(4096, 0).split(b"\0", 1)[0])["applied"]
     receipt = json.loads(sec.connect(f"commit/{seq['target']['seq']}").pread(65536, 0)
@@ -57,7 +57,7 @@ def test_empty_pair_replicates_changes_only(tmp_path, make_server):
         assert sec.connect().pread(16 * MiB, 0) == h.pread(16 * MiB, 0)
     snaps = prim.ctl("status")["snappoints"]
     assert len(snaps) == 1 and snaps[0]["snapshot"] == "valid"     # old cursors retired
-    assert StateDir(prim.state).read_meta()["links"]["default"]["cursor"] == snaps[0]["name"]
+    assert StateDir(prim.state).read_meta().links["default"].cursor == snaps[0]["name"]
 
 
 def test_initial_sync_of_a_volume_with_data(tmp_path, make_server):
@@ -65,8 +65,8 @@ def test_initial_sync_of_a_volume_with_data(tmp_path, make_server):
     prim, sec = make_pair(tmp_path, make_server, prefill=data, ssize="8M")
     prim.connect().pwrite(b"x" * 5000, 12345)
     agent_once(prim, sec)
-    link = StateDir(prim.state).read_meta()["links"]["default"]
-    assert link["last_cycle"]["full"] is True
+    link = StateDir(prim.state).read_meta().links["default"]
+    assert link.last_cycle["full"] is True
     assert sec.connect().pread(8 * MiB, 0) == prim.connect().pread(8 * MiB, 0)
 
 
@@ -83,7 +83,7 @@ def test_max_in_flight(tmp_path, make_server):
     for bad in ("1K", "0", "lots"):
         r = agent_once(prim, sec, "--max-in-flight", bad, check=False)
         assert r.returncode == 2 and "--max-in-flight" in r.stderr, r.stderr
-    assert StateDir(prim.state).read_meta()["links"].get("default", {}).get("cursor") is None
+    assert StateDir(prim.state).read_meta().links.get("default") is None
     # the smallest window: one 4 KiB batch at a time, still the whole interval
     h = prim.connect()
     rnd = random.Random(11)
@@ -142,7 +142,7 @@ def test_commit_survives_a_secondary_restart_after_the_transfer(tmp_path, make_s
     a._transfer = transfer_then_restart
     caplog.set_level("INFO", logger="replication.agent")
     receipt = a.cycle()
-    name = receipt["target"]["name"]
+    name = receipt.target.name
     assert sec.connect().pread(16 * MiB, 0) == prim.connect(f"snap/{name}").pread(16 * MiB, 0)
     assert "commit on the early connection failed" in caplog.text     # the path taken
 
@@ -158,7 +158,7 @@ def test_cycle_of_zeroes_only(tmp_path, make_server):
     h.zero(4096, 12 * MiB)
     h.flush()
     agent_once(prim, sec)
-    link = StateDir(prim.state).read_meta()["links"]["default"]
-    assert link["last_cycle"]["bytes"] == 0
-    assert link["last_cycle"]["zero_bytes"] == 3 * MiB + 4096
+    link = StateDir(prim.state).read_meta().links["default"]
+    assert link.last_cycle["bytes"] == 0
+    assert link.last_cycle["zero_bytes"] == 3 * MiB + 4096
     assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)

@@ -47,7 +47,7 @@ def test_agent_daemon(tmp_path, make_server):
             h.pwrite(b"w" * 512, (i % 64) * 4096)
         wait_for(lambda: applied()["target"]["seq"] > before, 30, "a --max-writes cycle")
         # the secondary applies before the agent records the cycle: wait for that
-        wait_for(lambda: StateDir(prim.state).read_meta()["links"]["default"].get("cursor")
+        wait_for(lambda: StateDir(prim.state).read_meta().links["default"].cursor
                  == applied()["target"]["name"], 30, "the agent to record its cycle")
     finally:
         stop_process(a)

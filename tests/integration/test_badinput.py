@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from replication.meta import Link
 from replication.state import StateDir
 from tests.conftest import ENV, NBDKIT, PREPL, REPO, prepl
 
@@ -148,7 +149,7 @@ def test_delete_refuses_a_links_base(tmp_path, make_server):
     srv.stop()
     sd = StateDir(st)
     body = sd.read_meta()
-    body["links"] = {"dr": {"cursor": "base"}}   # the replication issue adds links
+    body.links = {"dr": Link(cursor="base")}     # as an agent's cycle leaves it
     sd.write_meta(body)
     srv = make_server(st).start()
     r = prepl("snappoint", "delete", st, "base", check=False)

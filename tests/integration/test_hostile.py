@@ -59,8 +59,8 @@ def well_behaved(prim=None, sec=None, replica=None, seed=0):
         h.shutdown()
         assert prim.connect().pread(65536, 7 * 65536) == data
     if sec is not None:
-        assert read_doc(sec, "info")["replica_uuid"] == StateDir(sec.state).read_meta()[
-            "volume_uuid"]
+        assert read_doc(sec, "info")["replica_uuid"] == StateDir(sec.state).read_meta() \
+            .volume_uuid
         if replica is not None:
             assert sec.connect().pread(len(replica), 0) == replica
 
@@ -108,7 +108,7 @@ def test_garbage_export_names_open_nothing(tmp_path, make_server):
     prim, sec = served_pair(tmp_path, make_server, 4 * MiB)
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "passwd").write_text("canary\n")
-    uuid = StateDir(prim.state).read_meta()["volume_uuid"]
+    uuid = StateDir(prim.state).read_meta().volume_uuid
     before = tree(tmp_path)
     for srv in (prim, sec):
         for name in bad_names(uuid):
@@ -167,7 +167,7 @@ def test_zero_length_huge_wrapping_and_unaligned_requests(tmp_path, make_server)
         err, data = c.call(CMD_READ, 0, 64 * MiB, read_len=64 * MiB)
         assert err == 0 and data[:MiB] == old and data[MiB:] == bytes(63 * MiB)
 
-    uuid = StateDir(prim.state).read_meta()["volume_uuid"]
+    uuid = StateDir(prim.state).read_meta().volume_uuid
     with RawNbd(sec.sock) as c:
         assert c.go(f"stage/{uuid}/none/0")[0] == "ok"
         for cmd, off, n, payload, err in [
@@ -209,7 +209,7 @@ def test_client_vanishes_mid_payload(tmp_path, make_server):
     h.pwrite(old, 0)
     h.flush()
     status = prim.ctl("status")
-    uuid = StateDir(prim.state).read_meta()["volume_uuid"]
+    uuid = StateDir(prim.state).read_meta().volume_uuid
     before = tree(tmp_path)
     for srv, export in ((prim, ""), (sec, f"stage/{uuid}/none/0")):
         c = RawNbd(srv.sock)
@@ -419,6 +419,15 @@ META_CASES = [
     ("bad role", lambda g, d: forged(d, role="tertiary"), "corrupt (missing or invalid: role)"),
     ("size text", lambda g, d: forged(d, size="8M"), "corrupt (missing or invalid: size)"),
     ("body list", lambda g, d: forged(dict(d, body=[])), "corrupt (missing or invalid: body)"),
+    # every record's fields are checked, not only the body's own
+    ("interval seq text", lambda g, d: forged(d, intervals=[
+        dict(d["body"]["intervals"][0], seq="0")] + d["body"]["intervals"][1:]),
+     "corrupt (missing or invalid: intervals[0].seq)"),
+    ("snapshot id gone", lambda g, d: forged(d, snappoints=[
+        dict(d["body"]["snappoints"][0], snapshot={})]),
+     "corrupt (missing or invalid: snappoints[0].snapshot.id)"),
+    ("link not an object", lambda g, d: forged(d, links={"dr": 5}),
+     "corrupt (missing or invalid: links.dr)"),
     ("format 0", lambda g, d: json.dumps(dict(d, format=0)).encode(), "is no prepl metadata"),
     ("format text", lambda g, d: json.dumps(dict(d, format="1")).encode(),
      "is no prepl metadata"),
@@ -489,8 +498,8 @@ def test_corrupt_or_missing_map_files_refused(tmp_path, make_server):
     changes, the activity log included."""
     srv, body = primary_with_history(tmp_path, make_server)
     maps = os.path.join(srv.state, "maps")
-    closed, opened = body["intervals"][0]["maps"], body["intervals"][-1]["maps"]
-    snap_id = body["snappoints"][0]["snapshot"]["id"]
+    closed, opened = body.intervals[0].maps, body.open_interval.maps
+    snap_id = body.snappoints[0].snapshot.id
     half = lambda p, k: open(p, "wb").write(k[:len(k) // 2])      # noqa: E731
     gone = lambda p, k: os.unlink(p)                               # noqa: E731
     cases = [
@@ -505,7 +514,7 @@ def test_corrupt_or_missing_map_files_refused(tmp_path, make_server):
     prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", "8M",
           "--role", "secondary")
     sec = make_server(tmp_path / "s").start()
-    uuid = body["volume_uuid"]
+    uuid = body.volume_uuid
     st = sec.connect(f"stage/{uuid}/none/0")
     st.pwrite(b"z" * 4096, 0)
     st.flush()
@@ -536,7 +545,7 @@ def test_refused_start_leaves_the_activity_log_alone(tmp_path, make_server):
     """A start refused because an open map is truncated changes no file of
     the state directory, the activity log included."""
     srv, body = primary_with_history(tmp_path, make_server)
-    path = os.path.join(srv.state, "maps", body["intervals"][-1]["maps"]["bmap"])
+    path = os.path.join(srv.state, "maps", body.open_interval.maps["bmap"])
     with open(path, "r+b") as f:
         f.truncate(8)
     before = tree(tmp_path)
@@ -559,7 +568,7 @@ def test_truncated_snapshot_image_is_never_served(tmp_path, make_server):
     h.flush()
     h.shutdown()
     srv.stop()
-    snap_id = StateDir(srv.state).read_meta()["snappoints"][0]["snapshot"]["id"]
+    snap_id = StateDir(srv.state).read_meta().snappoints[0].snapshot.id
     os.truncate(os.path.join(srv.state, "snaps", f"s{snap_id}.img"), 4 * MiB)
     r = run_prepl("serve", srv.state, "--unix", tmp_path / "x.sock", "--background")
     if r.returncode == 4:
@@ -670,7 +679,7 @@ def test_stale_copy_of_the_primary_is_refused(tmp_path, make_server):
     shutil.copyfile(tmp_path / "p.img", tmp_path / "old.img")
     sd = StateDir(tmp_path / "old")
     body = sd.read_meta()
-    body["volume"] = str(tmp_path / "old.img")
+    body.volume = str(tmp_path / "old.img")
     sd.write_meta(body)
     prim.start()
     prim.connect().pwrite(b"2" * MiB, MiB)

@@ -11,8 +11,7 @@ import subprocess
 
 import pytest
 
-from replication.state import StateDir
-from tests.conftest import REPO, prepl, served_pair
+from tests.conftest import REPO, meta_json, prepl, served_pair
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -24,7 +23,7 @@ def agent(prim, sec, *extra, check=True):
 
 
 def meta(srv):
-    return StateDir(srv.state).read_meta()
+    return meta_json(srv.state)
 
 
 @pytest.mark.slow

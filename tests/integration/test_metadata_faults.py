@@ -14,7 +14,7 @@ import pytest
 from replication import control
 from replication.errors import PreplError
 from replication.state import StateDir
-from tests.conftest import ENV, PREPL, prepl, wait_for
+from tests.conftest import ENV, PREPL, meta_json, prepl, wait_for
 from tests.integration.test_exports import list_exports
 from tests.integration.test_secondary_exports import read_doc, ship
 
@@ -45,7 +45,7 @@ def faulty_pair(tmp_path, make_server):
 
 
 def meta(srv):
-    return StateDir(srv.state).read_meta()
+    return meta_json(srv.state)
 
 
 def primary_view_matches_file(prim):

@@ -12,7 +12,7 @@ import pytest
 
 from replication import manifest, pack
 from replication.state import StateDir
-from tests.conftest import ENV
+from tests.conftest import ENV, meta_json
 from tests.integration.test_secondary_exports import (SIZE, commit, interval_runs,  # noqa: F401
                                                       pair, read_doc)
 
@@ -38,8 +38,8 @@ def ship_packed(prim, sec, base, name, batch_bytes=64 << 10):
     body, target, runs = interval_runs(prim, base_seq, name)
     plan = pack.batches(runs, batch_bytes=batch_bytes)
     src = prim.connect(pack_name(name, base_seq, runs))
-    dst = sec.connect(f"batch/{body['volume_uuid']}/{'none' if base is None else base_seq}/"
-                      f"{target['seq']}")
+    dst = sec.connect(f"batch/{body.volume_uuid}/{'none' if base is None else base_seq}/"
+                      f"{target.seq}")
     d = manifest.Digest()
     for b in plan:
         data = src.pread(b.data_bytes, b.stream_offset) if b.data_bytes else b""
@@ -71,7 +71,7 @@ def test_pack_export_is_the_snapshot_packed(pair):
         assert h.get_size() == len(model) and h.is_read_only()
         got = b"".join(h.pread(min(50000, len(model) - o), o) for o in range(0, len(model), 50000))
         assert got == model
-        base = target["seq"]
+        base = target.seq
     # not listed
     r = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={prim.sock}"],
                        capture_output=True, text=True, env=ENV, check=True)
@@ -85,14 +85,14 @@ def test_pack_export_refuses_wrong_fingerprint_and_bad_names(pair):
     prim.ctl("snappoint_create", name="s0")
     _, target, runs = interval_runs(prim, None, "s0")
     fp = pack.fingerprint(runs)
-    before = StateDir(prim.state).read_meta()
+    before = meta_json(prim.state)
     for name in (f"pack/s0/none/{'0' * 32}",            # another run list
                  f"pack/s0/none/{pack.fingerprint(runs[1:])}",
-                 f"pack/nope/none/{fp}", f"pack/s0/{target['seq']}/{fp}",   # base not before
+                 f"pack/nope/none/{fp}", f"pack/s0/{target.seq}/{fp}",   # base not before
                  f"pack/s0/007/{fp}", "pack/s0/none", f"pack/s0/none/{fp}/x", "pack/"):
         with pytest.raises(nbd.Error):
             prim.connect(name)
-    assert StateDir(prim.state).read_meta() == before
+    assert meta_json(prim.state) == before
     assert "fingerprint" in open(prim.log, errors="replace").read()
     prim.connect(f"pack/s0/none/{fp}").shutdown()
 
@@ -119,7 +119,7 @@ def test_malformed_batches_refused_with_nothing_staged(pair):
     assert reply["ok"]
     scribble(prim, rnd)
     prim.ctl("snappoint_create", name="s1")
-    uuid = StateDir(prim.state).read_meta()["volume_uuid"]
+    uuid = StateDir(prim.state).read_meta().volume_uuid
     before, info = sec.connect().pread(SIZE, 0), read_doc(sec, "info")
     good = pack.encode_header([(0, 4096, False)]) + b"x" * 4096
     bad = [b"nonsense" * 512,

@@ -79,7 +79,7 @@ def test_ext4_through_cycles(tmp_path, make_server):
         for step in range(3):
             workload(fs.mountpoint, rnd, step, synced)
             receipt = agent.cycle()                 # no freeze: crash-consistent images
-            name = receipt["target"]["name"]
+            name = receipt.target.name
             export_to_file(sec, "", tmp_path / "replica.copy")
             export_to_file(prim, f"snap/{name}", tmp_path / "snap.copy")
             got = mounted_tree(tmp_path / "replica.copy", tmp_path / "m1")

@@ -50,7 +50,7 @@ def test_replica_is_a_snapshot_after_every_cycle(tmp_path, make_server):
     try:
         for _ in range(8):
             receipt = agent.cycle()
-            name = receipt["target"]["name"]
+            name = receipt.target.name
             assert image_sha(sec, "") == image_sha(prim, f"snap/{name}"), \
                 f"I1: the replica is not the primary's image at {name}"
     finally:

@@ -29,22 +29,22 @@ def interval_runs(prim, base_seq, name):
     """(metadata, the interval NAME closes, the run list since base_seq)."""
     sd = StateDir(prim.state)
     body = sd.read_meta()
-    target = next(iv for iv in body["intervals"] if iv["closed_by"] == name)
-    return body, target, union_runs(sd, body, base_seq, target["seq"])
+    target = body.closed_by(name)
+    return body, target, union_runs(sd, body, base_seq, target.seq)
 
 
 def commit(sec, body, base, target, name, d, tamper=None):
     """The manifest of a staged interval (digest d) into commit/TARGET;
     returns (manifest, reply)."""
     info = read_doc(sec, "info")
-    m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
-         "replica_uuid": info["replica_uuid"], "size": body["size"],
-         "region_size": body["region_size"], "block_size": body["block_size"],
-         "base": base, "target": {"seq": target["seq"], "name": name},
+    m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body.volume_uuid,
+         "replica_uuid": info["replica_uuid"], "size": body.size,
+         "region_size": body.region_size, "block_size": body.block_size,
+         "base": base, "target": {"seq": target.seq, "name": name},
          "extents": d.extents, "bytes": d.data_bytes, "digest": d.hexdigest()}
     if tamper:
         tamper(m)
-    c = sec.connect(f"commit/{target['seq']}")
+    c = sec.connect(f"commit/{target.seq}")
     c.pwrite(json.dumps(m).encode(), 0)
     c.flush()
     reply = json.loads(c.pread(65536, 0).split(b"\0", 1)[0])
@@ -57,8 +57,8 @@ def ship(prim, sec, base, name, tamper=None):
     then the manifest into commit/TARGET; returns (manifest, reply)."""
     body, target, runs = interval_runs(prim, base["seq"] if base else None, name)
     src = prim.connect(f"snap/{name}")
-    dst = sec.connect(f"stage/{body['volume_uuid']}/{base['seq'] if base else 'none'}/"
-                      f"{target['seq']}")
+    dst = sec.connect(f"stage/{body.volume_uuid}/{base['seq'] if base else 'none'}/"
+                      f"{target.seq}")
     d = manifest.Digest()
     for off, n, z in manifest.pieces(runs):
         if z:
@@ -98,7 +98,7 @@ def test_intervals_through_exports(pair):
         assert read_doc(sec, f"commit/{m['target']['seq']}")["receipt"] == reply["receipt"]
         base = m["target"]
     info = read_doc(sec, "info")
-    assert info["bound"]["primary_uuid"] == StateDir(prim.state).read_meta()["volume_uuid"]
+    assert info["bound"]["primary_uuid"] == StateDir(prim.state).read_meta().volume_uuid
     assert info["applied"]["target"]["name"] == "s2"
 
 
@@ -108,7 +108,7 @@ def test_opening_and_listing_change_nothing(pair):
     r = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sec.sock}"],
                        capture_output=True, text=True, env=ENV, check=True)
     assert [e["export-name"] for e in json.loads(r.stdout)["exports"]] == [""]
-    uuid = StateDir(prim.state).read_meta()["volume_uuid"]
+    uuid = StateDir(prim.state).read_meta().volume_uuid
     sec.connect(f"stage/{uuid}/none/0").shutdown()        # open, no write
     read_doc(sec, "commit/0")                              # not applied yet: no state
     assert read_doc(sec, "info") == before
@@ -124,7 +124,7 @@ def test_replica_is_read_only_and_bad_exports_refused(pair):
     for name in ("stage/x", "stage/a/b/c/d", "commit/abc", "nope", "snap/x"):
         with pytest.raises(nbd.Error):
             sec.connect(name)
-    uuid = StateDir(prim.state).read_meta()["volume_uuid"]
+    uuid = StateDir(prim.state).read_meta().volume_uuid
     with pytest.raises(nbd.Error):
         sec.connect(f"stage/{uuid}/7/8")                   # not after the last applied
     st = sec.connect(f"stage/{uuid}/none/0")

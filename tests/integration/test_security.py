@@ -267,7 +267,7 @@ def test_state_files_are_private(tmp_path, make_server):
         prepl("agent", pstate, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once")
         prepl("snappoint", "create", pstate, "extra")
         applied = read_doc(sec, "info")["applied"]["target"]["seq"]
-        uuid_ = StateDir(pstate).read_meta()["volume_uuid"]
+        uuid_ = StateDir(pstate).read_meta().volume_uuid
         st = sec.connect(f"stage/{uuid_}/{applied}/{applied + 1}")
         st.pwrite(b"s" * 4096, 0)
         st.flush()

@@ -108,8 +108,8 @@ def test_sigkill_during_writes(tmp_path, make_server):
         # the metadata on disk, plus the activity log's extents
         body = StateDir(st).read_meta()
         closed = np.zeros(native.words_for(nregions), np.uint64)
-        for iv in body["intervals"][:-1]:
-            closed |= bits_of(os.path.join(st, "maps", iv["maps"]["cmap"]), nregions)
+        for iv in body.closed_intervals:
+            closed |= bits_of(os.path.join(st, "maps", iv.maps["cmap"]), nregions)
         for off, data in acked:
             end = off + len(data) - 1
             assert covered(cmap, nregions, off // REGION, end // REGION), "change bit lost"
@@ -143,4 +143,4 @@ def test_sigkill_during_writes(tmp_path, make_server):
         assert set(range(off // REGION, (off + n - 1) // REGION + 1)) <= cm
         assert set(range(off // BLOCK, (off + n - 1) // BLOCK + 1)) <= bm
     assert srv.connect().pread(4096, 0) == bytes(model[:4096])
-    assert StateDir(st).read_meta()["clean"] is False
+    assert StateDir(st).read_meta().clean is False

@@ -34,9 +34,9 @@ class Staging:
         self.prim, self.sec, self.name = prim, sec, name
         self.body, self.target, self.runs = interval_runs(prim, base_seq, name)
         self.kind = kind
-        self.conn = sec.connect(f"{kind}/{self.body['volume_uuid']}/"
+        self.conn = sec.connect(f"{kind}/{self.body.volume_uuid}/"
                                 f"{'none' if base_seq is None else base_seq}/"
-                                f"{self.target['seq']}")
+                                f"{self.target.seq}")
         self.digest = manifest.Digest()
 
     def send(self, part=slice(None)):
@@ -153,4 +153,4 @@ def test_connection_of_a_committed_staging_cannot_change_the_overlay(pair, make_
     assert read_doc(sec, "info")["staging"]["state"] == "complete"     # the overlay serves
     second.stray()
     assert replica(sec) == snapshot(prim, "s1")
-    assert StateDir(sec.state).read_meta()["applied"]["target"]["name"] == "s1"
+    assert StateDir(sec.state).read_meta().applied.target.name == "s1"

@@ -31,13 +31,13 @@ class InProcess:
         (self.t.vol.trim if trim else self.t.vol.zero)(n, off)
 
     def create(self, name, dataless):
-        self.t.create_snappoint(name, dataless)
+        self.t.snappoints.create(name, dataless)
 
     def convert(self, name):
-        self.t.convert_snappoint(name)
+        self.t.snappoints.convert(name)
 
     def delete(self, name):
-        self.t.delete_snappoint(name)
+        self.t.snappoints.delete(name)
 
     def maps(self):
         return self.t.dump_maps()

@@ -4,6 +4,7 @@ replica must equal the primary's snapshot at the applied snappoint (I1),
 bad manifests are refused with the replica untouched, commits are
 idempotent, and a crash in the middle of an apply is redone at restart."""
 import hashlib
+import json
 import os
 import random
 
@@ -11,7 +12,7 @@ import pytest
 
 from replication import faults, manifest, staging, state, workers
 from replication.chain import union_runs
-from replication.errors import RefusedError
+from replication.errors import PreplError, RefusedError
 from replication.secondary import Replica
 from replication.tracker import Tracker
 
@@ -60,10 +61,10 @@ def ship(t, r, base, name, tamper=None, split=False):
     then commit a manifest.  Returns the manifest.  split: each data piece
     is staged as two writes (not the transfer's request boundaries)."""
     body = t.body
-    target = next(iv for iv in body["intervals"] if iv["closed_by"] == name)
-    runs = union_runs(t.sd, body, base["seq"] if base else None, target["seq"])
-    r.begin_staging(body["volume_uuid"], "none" if base is None else str(base["seq"]),
-                    str(target["seq"]))
+    target = body.closed_by(name)
+    runs = union_runs(t.sd, body, base["seq"] if base else None, target.seq)
+    r.begin_staging(body.volume_uuid, "none" if base is None else str(base["seq"]),
+                    str(target.seq))
     d = manifest.Digest()
     snap = t.snapshot(name)
     for off, n, z in manifest.pieces(runs):
@@ -78,21 +79,27 @@ def ship(t, r, base, name, tamper=None, split=False):
             if cut < n:
                 r.staging.write(bytes(buf[cut:]), off + cut)
             d.add(off, n, False, bytes(buf))
-    m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body["volume_uuid"],
-         "replica_uuid": r.body["volume_uuid"], "size": body["size"],
-         "region_size": body["region_size"], "block_size": body["block_size"],
-         "base": base, "target": {"seq": target["seq"], "name": name},
+    m = {"version": manifest.MANIFEST_VERSION, "primary_uuid": body.volume_uuid,
+         "replica_uuid": r.body.volume_uuid, "size": body.size,
+         "region_size": body.region_size, "block_size": body.block_size,
+         "base": base, "target": {"seq": target.seq, "name": name},
          "extents": d.extents, "bytes": d.data_bytes, "digest": d.hexdigest()}
     if tamper:
         tamper(m)
     return m
 
 
+def commit(r, m):
+    """Manifest m (JSON, as the agent writes it) parsed and committed, as the
+    commit export does; returns the receipt."""
+    return r.commit(manifest.parse(json.dumps(m), m["target"]["seq"]))
+
+
 def first_interval(t, r):
     """Volume of "1"s applied as interval 0 (snappoint s0) and merged."""
     t.vol.pwrite(b"1" * SIZE, 0)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))
+    t.snappoints.create("s0")
+    commit(r, ship(t, r, None, "s0"))
     r.wait_merged()
 
 
@@ -112,11 +119,11 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
             off = rnd.randrange(SIZE - 70000)
             t.vol.pwrite(rnd.randbytes(rnd.randint(1, 70000)), off)
         t.vol.zero(8192 * (i + 1), 65536 * i)
-        t.create_snappoint(f"s{i}")
+        t.snappoints.create(f"s{i}")
         m = ship(t, r, base, f"s{i}", split=split)
-        receipt = r.commit(m)
+        receipt = commit(r, m)
         assert read_replica(r) == read_snap(t, f"s{i}"), "I1: replica == snapshot"
-        assert r.commit(m) == receipt, "a commit is idempotent"
+        assert commit(r, m) == receipt, "a commit is idempotent"
         r.wait_merged()
         assert read_replica_file(tmp_path) == read_snap(t, f"s{i}"), "merged on disk"
         assert read_replica(r) == read_snap(t, f"s{i}")
@@ -124,7 +131,7 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
     # pieces staged as the transfer cuts them are verified from the hashes
     # taken on arrival; other boundaries make the commit read the staging back
     assert len(read_backs) == (5 if split else 0)
-    assert r.body["bound"]["primary_uuid"] == t.body["volume_uuid"]
+    assert r.body.bound.primary_uuid == t.body.volume_uuid
     r.staging.writeback.close()
     assert r.staging.writeback.kicks > 0
     staging = str(tmp_path / "s" / "staging")
@@ -133,60 +140,63 @@ def test_intervals_apply_exactly(pair, split, monkeypatch):
         "the writeback thread closed its descriptors"
 
 
-@pytest.mark.parametrize("tamper,msg", [
-    (lambda m: m.update(digest="0" * 64), "does not match the manifest"),
-    (lambda m: m.update(bytes=m["bytes"] + 1), "does not match the manifest"),
-    (lambda m: m.update(replica_uuid="x"), "manifest is for replica"),
-    (lambda m: m.update(block_size=8192), "geometry mismatch"),
-    (lambda m: m.update(version=99), "not supported"),
-    (lambda m: m.pop("digest"), "malformed manifest"),
+@pytest.mark.parametrize("tamper,error,msg", [
+    (lambda m: m.update(digest="0" * 64), RefusedError, "does not match the manifest"),
+    (lambda m: m.update(bytes=m["bytes"] + 1), RefusedError, "does not match the manifest"),
+    (lambda m: m.update(replica_uuid="x"), RefusedError, "manifest is for replica"),
+    (lambda m: m.update(block_size=8192), RefusedError, "geometry mismatch"),
+    (lambda m: m.update(version=99), RefusedError, "not supported"),
+    (lambda m: m.pop("digest"), PreplError, "malformed manifest"),      # parse refuses these
+    (lambda m: m.update(bytes="1"), PreplError, "malformed manifest"),
+    (lambda m: m["target"].update(seq=0), PreplError, "malformed manifest"),
 ])
-def test_bad_manifests_refused(pair, tamper, msg):
+def test_bad_manifests_refused(pair, tamper, error, msg):
     t, r, _ = pair
     t.vol.pwrite(b"a" * 100000, 5000)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))
+    t.snappoints.create("s0")
+    commit(r, ship(t, r, None, "s0"))
     t.vol.pwrite(b"b" * 100000, 5000)
-    t.create_snappoint("s1")
+    t.snappoints.create("s1")
     before = read_replica(r)
     m = ship(t, r, {"seq": 0, "name": "s0"}, "s1", tamper)
-    with pytest.raises(RefusedError, match=msg):
-        r.commit(m)
+    with pytest.raises(error, match=msg) as e:
+        commit(r, m)
+    assert type(e.value) is error
     assert read_replica(r) == before == read_snap(t, "s0")
-    assert r.body["applied"]["target"]["name"] == "s0"
+    assert r.body.applied.target.name == "s0"
 
 
 def test_stale_and_foreign_staging_refused(pair, tmp_path):
     t, r, _ = pair
     t.vol.pwrite(b"a" * 100000, 5000)
-    t.create_snappoint("s0")
+    t.snappoints.create("s0")
     m0 = ship(t, r, None, "s0")
-    r.commit(m0)
+    commit(r, m0)
     t.vol.pwrite(b"b" * 100000, 5000)
-    t.create_snappoint("s1")
+    t.snappoints.create("s1")
     with pytest.raises(RefusedError, match="stale or out-of-order"):
-        r.begin_staging(t.body["volume_uuid"], "none", "1")     # replays from scratch
+        r.begin_staging(t.body.volume_uuid, "none", "1")     # replays from scratch
     with pytest.raises(RefusedError, match="bound to primary volume"):
         r.begin_staging("another-volume", "0", "1")
     # a forged manifest for an applied interval is not a replay
     forged = dict(m0, digest="f" * 64)
     with pytest.raises(RefusedError):
-        r.commit(forged)
+        commit(r, forged)
     assert read_replica(r) == read_snap(t, "s0")
 
 
 def test_crash_midway_through_apply_is_redone(pair, tmp_path):
     t, r, _ = pair
     rnd = random.Random(2)
-    t.create_snappoint("s")
-    r.commit(ship(t, r, None, "s"))
+    t.snappoints.create("s")
+    commit(r, ship(t, r, None, "s"))
     for _ in range(50):
         t.vol.pwrite(rnd.randbytes(4096), rnd.randrange(SIZE // 4096) * 4096)
-    t.create_snappoint("s0")
+    t.snappoints.create("s0")
     m = ship(t, r, {"seq": 0, "name": "s"}, "s0")
     faults.set_for_test("secondary.apply.midway:raise")
     try:
-        r.commit(m)                 # the receipt: applied, served as an overlay
+        commit(r, m)                 # the receipt: applied, served as an overlay
         assert read_replica(r) == read_snap(t, "s0")
         with pytest.raises(faults.FaultInjected):
             r.wait_merged()         # the merge into the replica crashed halfway
@@ -200,8 +210,8 @@ def test_crash_midway_through_apply_is_redone(pair, tmp_path):
     try:
         assert read_replica(r2) == read_snap(t, "s0")
         assert read_replica_file(tmp_path) == read_snap(t, "s0")
-        assert r2.body["applied"]["target"]["seq"] == m["target"]["seq"]
-        assert r2.commit(m)["target"] == m["target"]   # the receipt is there
+        assert r2.body.applied.target.seq == m["target"]["seq"]
+        assert commit(r2, m).target.to_json() == m["target"]   # the receipt is there
     finally:
         r2._lockfile.close()
         r._lockfile = r2._lockfile
@@ -212,13 +222,13 @@ def test_a_large_apply_keeps_readers_out_for_less_than_100ms(pair):
     flag flip, not for the copy or an fsync."""
     t, r, _ = pair
     rnd = random.Random(5)
-    t.create_snappoint("s")
-    r.commit(ship(t, r, None, "s"))
+    t.snappoints.create("s")
+    commit(r, ship(t, r, None, "s"))
     r.wait_merged()
     t.vol.pwrite(rnd.randbytes(SIZE), 0)            # every block changes
-    t.create_snappoint("s0")
+    t.snappoints.create("s0")
     r.rw.longest_write_hold = 0.0
-    r.commit(ship(t, r, {"seq": 0, "name": "s"}, "s0"))
+    commit(r, ship(t, r, {"seq": 0, "name": "s"}, "s0"))
     r.wait_merged()
     assert read_replica(r) == read_snap(t, "s0")
     assert 0 < r.rw.longest_write_hold < 0.1, r.rw.longest_write_hold
@@ -232,23 +242,23 @@ def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch)
     t, r, _ = pair
     first_interval(t, r)
     t.vol.pwrite(b"2" * 100000, 0)
-    t.create_snappoint("s1")
+    t.snappoints.create("s1")
     m = ship(t, r, {"seq": 0, "name": "s0"}, "s1")
     on_disk = []
     real_unlink, real_rename = os.unlink, os.rename
 
     def unlink(path, *a, **k):
-        on_disk.append(state.StateDir(r.sd.path).read_meta()["staging"])
+        on_disk.append(state.StateDir(r.sd.path).read_meta().staging)
         return real_unlink(path, *a, **k)
 
     def rename(src, dst, *a, **k):       # data.img into the trash
         if str(src).startswith(r.sd.p("staging") + "/"):
-            on_disk.append(state.StateDir(r.sd.path).read_meta()["staging"])
+            on_disk.append(state.StateDir(r.sd.path).read_meta().staging)
         return real_rename(src, dst, *a, **k)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(staging, "KEEP", 0)      # data.img goes too
-    r.commit(m)
+    commit(r, m)
     r.wait_merged()
     monkeypatch.setattr(os, "unlink", real_unlink)
     monkeypatch.setattr(os, "rename", real_rename)
@@ -265,28 +275,28 @@ def test_small_staging_file_is_reused_a_large_one_reaped(pair, monkeypatch):
     trash = tmp_path / "s" / "trash"
     rnd = random.Random(7)
     t.vol.pwrite(rnd.randbytes(SIZE), 0)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))            # in place: no data file
+    t.snappoints.create("s0")
+    commit(r, ship(t, r, None, "s0"))            # in place: no data file
     r.wait_merged()
     base = {"seq": 0, "name": "s0"}
     t.vol.pwrite(rnd.randbytes(65536), 0)       # a small interval
-    t.create_snappoint("s1")
+    t.snappoints.create("s1")
     m = ship(t, r, base, "s1")
-    r.commit(m)
+    commit(r, m)
     r.wait_merged()
     assert read_replica_file(tmp_path) == read_snap(t, "s1")
     ino = os.stat(data).st_ino                  # kept
     t.vol.pwrite(rnd.randbytes(65536), SIZE // 2)     # other blocks
-    t.create_snappoint("s2")
+    t.snappoints.create("s2")
     m2 = ship(t, r, m["target"], "s2")
-    r.commit(m2)
+    commit(r, m2)
     assert read_replica(r) == read_snap(t, "s2"), "the overlay serves no stale block"
     r.wait_merged()
     assert os.stat(data).st_ino == ino, "the same file was written over"
     assert read_replica_file(tmp_path) == read_snap(t, "s2")
     t.vol.pwrite(rnd.randbytes(SIZE // 2), 0)   # half the replica: > staging.KEEP
-    t.create_snappoint("s3")
-    r.commit(ship(t, r, m2["target"], "s3"))
+    t.snappoints.create("s3")
+    commit(r, ship(t, r, m2["target"], "s3"))
     r.wait_merged()
     assert not data.exists()
     r.staging.reaper.wait()
@@ -314,10 +324,10 @@ def test_trash_left_by_a_stop_is_removed_at_the_next_start(pair):
 def test_reads_during_merge_see_the_new_image(pair):
     t, r, _ = pair
     t.vol.pwrite(b"1" * SIZE, 0)
-    t.create_snappoint("s0")
-    r.commit(ship(t, r, None, "s0"))
+    t.snappoints.create("s0")
+    commit(r, ship(t, r, None, "s0"))
     t.vol.pwrite(b"2" * (SIZE // 2), 0)
-    t.create_snappoint("s1")
+    t.snappoints.create("s1")
     m = ship(t, r, {"seq": 0, "name": "s0"}, "s1")
     seen = []
     real_point = faults.point
@@ -328,7 +338,7 @@ def test_reads_during_merge_see_the_new_image(pair):
         real_point(name)
     faults.point = read_midway
     try:
-        r.commit(m)
+        commit(r, m)
         r.wait_merged()
     finally:
         faults.point = real_point
@@ -346,16 +356,16 @@ def test_receiving_staging_with_half_removed_files_starts_afresh(pair):
     base = {"seq": 0, "name": "s0"}
     for i, gone in enumerate((["data.bmap"], ["data.bmap", "zero.bmap"])):
         t.vol.pwrite(bytes([50 + i]) * 200000, 4096 * (i + 1))
-        t.create_snappoint(f"s{i + 1}")
+        t.snappoints.create(f"s{i + 1}")
         ship(t, r, base, f"s{i + 1}")                  # staged, not committed
-        assert r.body["staging"]["state"] == "receiving"
+        assert r.body.staging.state == "receiving"
         r.close()
         r._lockfile.close()
         for name in gone:                              # an interrupted removal
             os.unlink(tmp_path / "s" / "staging" / name)
         r = Replica(tmp_path / "s")
         m = ship(t, r, base, f"s{i + 1}")
-        r.commit(m)
+        commit(r, m)
         assert read_replica(r) == read_snap(t, f"s{i + 1}")
         r.wait_merged()
         assert read_replica_file(tmp_path) == read_snap(t, f"s{i + 1}")
@@ -371,10 +381,10 @@ def test_complete_staging_with_a_missing_map_is_refused(pair, monkeypatch):
     t, r, tmp_path = pair
     first_interval(t, r)
     t.vol.pwrite(b"2" * 200000, 4096)
-    t.create_snappoint("s1")
+    t.snappoints.create("s1")
     monkeypatch.setattr(Replica, "_merge_in_background", lambda self, st: None)
-    r.commit(ship(t, r, {"seq": 0, "name": "s0"}, "s1"))
-    assert r.body["staging"]["state"] == "complete"
+    commit(r, ship(t, r, {"seq": 0, "name": "s0"}, "s1"))
+    assert r.body.staging.state == "complete"
     r.close()
     r._lockfile.close()
     os.unlink(tmp_path / "s" / "staging" / "data.bmap")
