@@ -201,7 +201,15 @@ class Agent:
         finally:
             _close(h)
         try:
-            return ReplicaInfo.from_json(json.loads(doc))
+            doc = json.loads(doc)
+            if isinstance(doc, dict) and doc.get("role") == "primary":
+                promoted = doc.get("promoted") or {}
+                raise RefusedError(
+                    f"{self.secondary_uri} is a primary (generation {doc.get('generation')}"
+                    + (f", promoted by a failover from volume {promoted.get('from_volume_uuid')}"
+                       if promoted else "") + "), not a secondary: this link cannot replicate "
+                    "to it (after a failover the old primary must fail back)")
+            return ReplicaInfo.from_json(doc)
         except (ValueError, RecordError) as e:
             raise RefusedError(f"{self.secondary_uri} answers no prepl replica's info ({e}): "
                                "is it a prepl secondary of a compatible version?") from None

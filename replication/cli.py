@@ -349,6 +349,12 @@ def _show_status(args, st):
         print(f"server:     running, pid {st['pid']}")
         print(f"open interval {oi['seq']}: {oi['changed_regions']} regions / "
               f"{oi['changed_blocks']} blocks changed")
+        p = st.get("promoted")
+        if p:
+            t = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["at"]))
+            print(f"promoted:   {t} by failover from a replica of {p['from_volume_uuid']}; "
+                  f"divergence point interval {p['divergence']['seq']} "
+                  f"({p['divergence'].get('name')})")
     for sp in st.get("snappoints", []):
         print(f"snappoint {sp['name']}: snapshot {sp['snapshot']}")
     for d in st.get("damaged_intervals") or []:
@@ -441,6 +447,46 @@ def cmd_sync(args):
     return EXIT_OK
 
 
+# ---- roles ---------------------------------------------------------------------
+
+def cmd_failover(args):
+    from . import roles
+    sd = state.StateDir(args.state)
+    body = sd.read_meta()
+    if args.peer:
+        info, why = roles.probe(args.peer, args.tls_psk)
+        old = body.bound.primary_uuid if body.bound else None
+        if info is None:
+            print(f"prepl: warning: the old primary at {args.peer} does not answer ({why}); "
+                  "failing over without checking it", file=sys.stderr)
+        elif old and info.get("volume_uuid") != old:
+            raise RefusedError(f"{args.peer} serves volume {info.get('volume_uuid')}, not {old} "
+                               f"(the primary {sd.path} replicates): wrong --peer; nothing "
+                               "was changed")
+        elif info.get("role") == "primary" and not args.force:
+            raise RefusedError(f"the old primary at {args.peer} still serves volume {old} as a "
+                               f"primary (generation {info.get('generation')}): stop it first "
+                               f"(`prepl stop STATE` on its host), or give --force to fail over "
+                               "anyway (both sides then accept writes: split brain); nothing "
+                               "was changed")
+        elif info.get("role") == "primary":
+            print(f"prepl: warning: --force: the old primary at {args.peer} still serves; both "
+                  "sides accept writes from now on (split brain)", file=sys.stderr)
+    else:
+        print("prepl: warning: no --peer: whether the old primary still serves was not "
+              "checked (if it does, both sides accept writes: split brain)", file=sys.stderr)
+    res = _request(args, "failover", timeout=args.timeout)
+    if args.json:
+        _print_json(res)
+    else:
+        d = res["divergence"]
+        print(f"{sd.path} is a primary now (generation {res['generation']}): export \"\" is "
+              f"read-write at {res['uri']}; divergence point: interval {d['seq']} "
+              f"({d.get('name')}) of volume {res['promoted_from']}; writes from now on are "
+              f"tracked after snappoint {res['failback_snappoint']}")
+    return EXIT_OK
+
+
 # ---- parser ---------------------------------------------------------------
 
 def parser():
@@ -530,6 +576,25 @@ def parser():
     s.add_argument("--name", type=_name, default="default")
     s.add_argument("--no-wait", action="store_true", help="return once the cycle is requested")
     s.set_defaults(func=cmd_sync)
+
+    s = sub.add_parser("failover", help="make this secondary (its server running) a primary",
+                       description="Promotes the replica of a running secondary in place: "
+                       "export \"\" becomes the read-write, tracked volume at the same address "
+                       "(the image of the last applied interval), the generation goes up and "
+                       "writes from now on are tracked for a later failback. Refused (exit 5) "
+                       "on a primary, on a replica that never applied an interval, and while "
+                       "the old primary at --peer still serves (unless --force).")
+    s.add_argument("state")
+    s.add_argument("--peer", metavar="URI",
+                   help="the old primary's NBD address: checked first (it must not serve "
+                        "as a primary any more)")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK file for a --peer served with TLS")
+    s.add_argument("--force", action="store_true",
+                   help="fail over although the old primary still serves (split brain)")
+    s.add_argument("--timeout", type=float, default=600,
+                   help="seconds to wait for the server (a merge in progress ends first)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_failover)
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")

@@ -5,6 +5,7 @@ Request:  {"op": "status"} | {"op": "snappoint_create", "name": N, "dataless": B
           | {"op": "snappoint_delete", "name": N} | {"op": "maps"}
           | {"op": "shutdown"}  (clean stop of the tracker; the process exits
                                  when nbdkit is signalled, see `prepl stop`)
+          | {"op": "failover"}  (a secondary becomes a primary: replication/roles.py)
 Reply:    {"ok": true, "result": ...} or {"ok": false, "code": C, "error": MESSAGE}
           (code "os_error": the operation failed with an OSError, e.g.
           ENOSPC from a metadata write; "errno" holds its number)
@@ -84,12 +85,12 @@ def os_failure(op, e):
 
 
 class ControlServer:
-    def __init__(self, path, owner):
-        """owner: the Tracker (primary) or Replica (secondary) whose
-        control_handlers() and tick() this socket serves."""
+    def __init__(self, path, owner, handlers):
+        """owner: the Tracker (primary) or Replica (secondary) whose tick()
+        this socket runs; handlers: op -> function(request)."""
         self.path = path
         self.owner = owner
-        self.handlers = owner.control_handlers()
+        self.handlers = handlers
         self._stop = threading.Event()
         self.sock = listen_private(path)      # we hold the state lock: any old one is stale
         self.sock.settimeout(TICK)
@@ -97,6 +98,10 @@ class ControlServer:
 
     def start(self):
         self.thread.start()
+
+    def serve(self, owner, handlers):
+        """From now on: another owner (a failover's new primary)."""
+        self.owner, self.handlers = owner, handlers
 
     def _run(self):
         while not self._stop.is_set():

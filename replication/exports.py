@@ -41,3 +41,15 @@ class Handle:
         raise OSError(errno.EROFS, "this export is read-only")
 
     pwrite = zero = trim = refuse_write
+
+
+class DocHandle(Handle):
+    """A small read-only document (nbdkit's info plugin pattern)."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.size = -(-max(len(doc), 1) // 4096) * 4096
+
+    def pread(self, buf, offset):
+        data = self.doc[offset:offset + len(buf)]
+        buf[:] = data + bytes(len(buf) - len(data))

@@ -8,17 +8,21 @@
                read-only, not listed: the data pieces of the interval union
                (BASE, NAME] one after the other (replication/pack.py); FP
                must be the fingerprint of that union's run list
+  info         read-only, not listed: JSON, what this node is (role,
+               volume UUID, generation, geometry, what it was promoted
+               from): what a failover asks of the old primary (--peer)
 Opening or listing an export never changes state.
 """
 import errno
+import json
 import logging
 
 import numpy as np
 
-from . import pack
+from . import pack, status
 from .chain import union_runs
 from .errors import StateError
-from .exports import Handle, parse_seq
+from .exports import DocHandle, Handle, parse_seq
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ def open_export(t, name, readonly):
     """The handle of export name of tracker t (OSError ENOENT/EINVAL)."""
     if name == "":
         return VolumeHandle(t, readonly)
+    if name == "info":
+        return DocHandle(json.dumps(status.primary_info(t), sort_keys=True).encode())
     if name.startswith(SNAP_PREFIX):
         snap = t.snapshot(name[len(SNAP_PREFIX):])
         if snap is not None:

@@ -22,7 +22,7 @@ import logging
 
 from . import manifest, pack
 from .errors import PreplError
-from .exports import Handle, is_uuid, parse_seq
+from .exports import DocHandle, Handle, is_uuid, parse_seq
 from .secondary import COMMIT_EXPORT_SIZE
 
 log = logging.getLogger(__name__)
@@ -75,18 +75,6 @@ class ReplicaHandle(Handle):
     def __init__(self, replica):
         self.size = replica.size
         self.pread = replica.pread
-
-
-class DocHandle(Handle):
-    """A small read-only document (nbdkit's info plugin pattern)."""
-
-    def __init__(self, doc):
-        self.doc = doc
-        self.size = -(-max(len(doc), 1) // 4096) * 4096
-
-    def pread(self, buf, offset):
-        data = self.doc[offset:offset + len(buf)]
-        buf[:] = data + bytes(len(buf) - len(data))
 
 
 class StageHandle(Handle):

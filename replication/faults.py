@@ -17,6 +17,9 @@ A point costs one dictionary lookup when no fault is set.  The points:
   secondary.merge.recorded         staging dropped from the metadata, its files not
                                    yet removed
   agent.after_receipt              receipt in hand, the link's cursor not moved
+  secondary.failover.before_record failover: merge done, staging discarded, new
+                                   interval files created, nothing recorded
+  secondary.failover.recorded      failover recorded, the primary not yet serving
 
 The C points (primary.al.*) only crash (no :raise).  Each has a test in
 tests/integration/test_crash_sweep.py.

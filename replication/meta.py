@@ -270,6 +270,17 @@ class Receipt(Record):
 
 
 @dataclass
+class Promotion(Record):
+    """What a primary promoted by failover was a replica of
+    (replication/roles.py): the old primary's volume and the last interval
+    the replica applied of it (the divergence point)."""
+    from_volume_uuid: str
+    divergence: IntervalRef
+    at: float
+    generation: int                   # the generation the failover began
+
+
+@dataclass
 class ReplicaInfo(Record):
     """What a secondary says of its replica (its export "info", read by the
     agent before each cycle)."""
@@ -314,6 +325,7 @@ class Body(Record):
     applied: Applied | None = None
     receipts: list[Receipt] = field(default_factory=list)
     staging: Staging | None = None
+    promoted: Promotion | None = None     # a primary made by failover
 
     @property
     def open_interval(self):

@@ -300,6 +300,18 @@ class Replica:
             if st and st.complete:
                 self._merge(st)
 
+    def quiesce(self):
+        """Before a role change (the caller holds self.lock): the last merge
+        is done and an incomplete staging is discarded (the change's record
+        forgets it)."""
+        self._finish_merge()
+        self.staging.discard()
+
+    def hand_over_lock(self):
+        """The state directory's lock, for what serves it next (failover)."""
+        f, self._lockfile = self._lockfile, None
+        return f
+
     def wait_merged(self):
         """For tests and shutdown: the last merge is done (its error raised)."""
         if self.merger is not None:

@@ -6,13 +6,21 @@ A server serves one state directory: a primary (replication/tracker.py,
 exports in replication/exports_primary.py) or a secondary
 (replication/secondary.py, exports in replication/exports_secondary.py).
 Its control socket (replication/control.py) starts in after_fork.
+
+A failover (replication/roles.py) turns a served secondary into a primary
+without a restart: once its record is written, a Tracker takes over the
+state directory's lock and the volume, and new connections get the
+primary's exports (connections opened before keep reading the volume).
+If the Tracker cannot start after the record, the server stops (its next
+start serves the primary).
 """
 import logging
 import os
 
-from . import exports_primary, exports_secondary
+from . import exports_primary, exports_secondary, faults, roles
 from .control import ControlServer
-from .errors import EXIT_STATE, PreplError, StateError, UsageError  # noqa: F401 (plugin.py: PreplError)
+from .errors import (EXIT_STATE, PreplError, RefusedError, StateError,  # noqa: F401 (plugin.py: PreplError)
+                     UsageError)
 from .secondary import Replica
 from .state import StateDir
 from .tracker import Tracker
@@ -64,8 +72,40 @@ class Server:
             self.tracker.start()
         if self.replica:
             self.replica.start()
-        self.control = ControlServer(self.owner.sd.control_socket, self.owner)
+        self.control = ControlServer(self.owner.sd.control_socket, self.owner,
+                                     self.control_handlers())
         self.control.start()
+
+    def control_handlers(self):
+        return dict(self.owner.control_handlers(), failover=self.failover)
+
+    def failover(self, req):
+        """The control socket's "failover": this secondary becomes a primary
+        (replication/roles.py) and is served as one from now on."""
+        if self.replica is None:
+            raise RefusedError(f"{self.state} is a primary already"
+                               + (f" (promoted by a failover at generation "
+                                  f"{self.tracker.body.promoted.generation})"
+                                  if self.tracker.body.promoted else "")
+                               + "; failover turns a secondary into a primary")
+        body = roles.failover(self.replica)
+        faults.point("secondary.failover.recorded")
+        old = self.replica
+        try:
+            old.close()
+            t = Tracker(self.state, lockfile=old.hand_over_lock())
+            t.md.fail_stop = _fail_stop
+            t.uri = self.uri
+            t.start()
+        except BaseException as e:      # the record says primary: a restart serves it
+            _fail_stop(f"the failover is recorded but the primary could not start: {e!r}")
+        self.tracker = t
+        self.replica = None
+        self.control.serve(t, self.control_handlers())
+        p = body.promoted
+        return {"role": "primary", "generation": body.generation,
+                "promoted_from": p.from_volume_uuid, "divergence": p.divergence.to_json(),
+                "failback_snappoint": roles.FAILBACK, "uri": self.uri}
 
     def cleanup(self):
         if self.control:

@@ -20,6 +20,7 @@ def primary(t):
         "block_size": b.block_size,
         "al_extent": b.al_extent,
         "tracked_since_empty": b.tracked_since_empty,
+        "promoted": b.promoted.to_json() if b.promoted else None,
         "pid": os.getpid(),
         "uri": t.uri,
         "recovered": t.recovered,
@@ -38,6 +39,14 @@ def primary(t):
         "activity_log_syncs": t.vol.al_syncs,
         "writes_total": t.vol.writes_total,
     }
+
+
+def primary_info(t):
+    """What a primary says of itself to other nodes (its export "info")."""
+    b = t.body
+    return {"role": b.role, "volume_uuid": b.volume_uuid, "generation": b.generation,
+            "size": b.size, "region_size": b.region_size, "block_size": b.block_size,
+            "promoted": b.promoted.to_json() if b.promoted else None}
 
 
 def stopped(path, body):

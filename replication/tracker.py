@@ -41,14 +41,16 @@ _MISSING = object()
 
 
 class Tracker:
-    def __init__(self, path):
+    def __init__(self, path, lockfile=None):
+        """lockfile: the state directory's lock, taken already (a failover
+        hands over the replica's); else it is taken here."""
         self.sd = StateDir(path)
         self.lock = threading.RLock()
         body = self.sd.read_meta()
         if body.role != "primary":
             raise StateError(f"{self.sd} is a {body.role} state directory; serving a "
                              "secondary's replica is not supported by this version yet")
-        self._lockfile = self.sd.lock()
+        self._lockfile = lockfile or self.sd.lock()
         self.md = Metadata(self.sd.path, body)
         self.nregions, self.nblocks, _ = geometry(body)
         self.size = body.size

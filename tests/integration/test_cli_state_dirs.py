@@ -27,6 +27,7 @@ ARGS = {
     ("snappoint", "convert"): [["a", "--dataless"]],
     ("snappoint", "delete"): [["a"]],
     ("link", "resync"): [["default"], ["default", "--json"]],
+    ("failover",): [[], ["--force", "--json"]],
 }
 KINDS = {"missing": "does not exist", "empty": "is not a prepl state directory",
          "corrupt": "is corrupt", "file": "is not a directory"}

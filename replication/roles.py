@@ -1,0 +1,107 @@
+"""Role changes of a node (ARCHITECTURE §4a): failover.
+
+What it owns: the metadata transition of a secondary into a primary.
+What it promises:
+
+* Failover is one durable record.  In it the replica becomes the volume;
+  the last interval it applied becomes the divergence point, recorded with
+  the old primary's volume UUID (Promotion); a dataless snappoint
+  "failback" closes the open interval at that instant, so every write from
+  then on lands in the intervals after it (the failback map); the
+  generation goes up; an incomplete staging is gone.
+* Before the record nothing has changed: a failure (ENOSPC, EIO, a crash)
+  leaves a secondary that a second `prepl failover` promotes.  After it the
+  node is a primary, whatever happens next (a crash before it serves: its
+  next start serves it as one).
+* Refused (RefusedError, exit 5): a node that is not a secondary, and a
+  replica that never applied an interval (it is no image of anything).
+"""
+import logging
+import os
+import time
+
+from . import faults
+from .chain import create_interval_files, new_interval
+from .errors import RefusedError
+from .maps import KINDS, file_digest
+from .meta import Promotion, Snappoint
+
+log = logging.getLogger(__name__)
+
+FAILBACK = "failback"       # the snappoint that opens the failback map
+
+
+def failover(replica):
+    """Promotes the secondary served by Replica `replica` (its server keeps
+    running; the caller then serves it as a primary).  Returns the new
+    metadata body."""
+    r = replica
+    with r.lock:
+        r.quiesce()
+        old = r.body
+        if old.role != "secondary":
+            raise RefusedError(f"{r.sd} is a {old.role}, not a secondary: nothing to fail "
+                               "over")
+        if old.applied is None or old.bound is None:
+            raise RefusedError(f"the replica of {r.sd} never applied an interval: it is no "
+                               "image of any primary, so it cannot take over (replicate to "
+                               "it first)")
+        new = r.md.draft()
+        now = time.time()
+        closing = new.open_interval
+        closing.closed_by, closing.closed_at = FAILBACK, now
+        # nothing wrote through these maps (a secondary does not track); their
+        # digests make the interval an ordinary closed one
+        closing.digests = {k: file_digest(r.sd.p("maps", closing.maps[k])) for k in KINDS}
+        opened = new_interval(new.next_seq, new.take_file_id())
+        paths = [r.sd.p("maps", f) for f in opened.maps.values()]
+        try:
+            for p in paths:         # left by an attempt whose record was never written
+                if os.path.exists(p):
+                    os.unlink(p)
+            create_interval_files(r.sd, new, opened)
+            new.intervals.append(opened)
+            new.next_seq += 1
+            new.snappoints.append(Snappoint(FAILBACK, closing.seq, now))
+            new.role = "primary"
+            new.generation += 1
+            new.promoted = Promotion(old.bound.primary_uuid, old.applied.target, now,
+                                     new.generation)
+            new.tracked_since_empty = False     # its chain starts here, not at creation
+            new.staging = None
+            new.clean = True                    # the tracker's start records it serving
+            faults.point("secondary.failover.before_record")
+            r.md.commit(new)
+        except BaseException:
+            for p in paths:
+                if os.path.exists(p):
+                    os.unlink(p)
+            raise
+    log.warning("failover: %s is a primary now (generation %d), promoted from a replica of "
+                "%s at interval %d (%s)", r.sd, new.generation, old.bound.primary_uuid,
+                old.applied.target.seq, old.applied.target.name)
+    return new
+
+
+def probe(uri, tls_psk_file=None, timeout=5.0):
+    """What the node at NBD address uri says of itself (its export "info",
+    a JSON object), or (None, why) if it cannot be reached within timeout
+    seconds (nothing answers, or it serves no such export)."""
+    import json
+
+    from . import transport
+    from .agent import PSK_USER
+    from .errors import TransportError
+    try:
+        h = transport.open_nbd(uri, export="info", tls_psk_file=tls_psk_file,
+                               tls_username=PSK_USER if tls_psk_file else None,
+                               connect_timeout=timeout)
+    except TransportError as e:
+        return None, str(e)
+    try:
+        doc = transport.pread(h, h.get_size(), 0, timeout).split(b"\0", 1)[0]
+        return json.loads(doc), None
+    except (TransportError, ValueError) as e:
+        return None, f"its info export could not be read: {e}"
+    finally:
+        transport.close_nbd(h)
