@@ -231,7 +231,7 @@ class Agent:
         runs = self._runs(body, plan, target)
         clock.mark("plan")
         # the commit's connection is opened while the transfer runs
-        commit = _Opening(lambda: self.secondary(f"commit/{target['seq']}"))
+        commit = _Opening(lambda: self.secondary(f"commit/{target.seq}"))
         try:
             digest, stats = self._transfer(primary_uri, body, plan.snap_name, plan.base,
                                            target, runs, plan.full)
