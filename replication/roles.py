@@ -91,7 +91,7 @@ def probe(uri, tls_psk_file=None, timeout=5.0):
 
     from . import transport
     from .agent import PSK_USER
-    from .errors import TransportError
+    from .transport import TransportError
     try:
         h = transport.open_nbd(uri, export="info", tls_psk_file=tls_psk_file,
                                tls_username=PSK_USER if tls_psk_file else None,
