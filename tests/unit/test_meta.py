@@ -155,7 +155,7 @@ def test_records_write_back_what_they_read(tmp_path):
             assert link.pop("resync") is False
         added = {k: got.pop(k) for k in set(got) - set(want)}
         assert got == want, role
-        assert added == {"chain_truncated": False,
+        assert added == {"chain_truncated": False, "promoted": None,
                          **({} if role == "s" else {"bound": None, "applied": None,
                                                     "receipts": [], "staging": None})}
 
