@@ -102,6 +102,7 @@ def test_wrong_geometry_is_refused(tmp_path, make_server):
     assert info["bound"] is None and info["applied"] is None
 
 
+@pytest.mark.slow
 def test_replica_of_another_volume_is_refused(tmp_path, make_server):
     prim, sec = make_pair(tmp_path, make_server)
     agent_once(prim, sec)

@@ -5,12 +5,15 @@ start a cycle by themselves, and `prepl sync` without an agent says so
 import json
 import subprocess
 
+import pytest
+
 from replication.state import StateDir
 from tests.conftest import stop_process, served_pair, ENV, PREPL, REPO, prepl, wait_for
 
 MiB = 1 << 20
 
 
+@pytest.mark.slow
 def test_agent_daemon(tmp_path, make_server):
     prim, sec = served_pair(tmp_path, make_server, "32M")
     r = prepl("sync", prim.state, check=False)

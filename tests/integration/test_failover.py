@@ -86,6 +86,7 @@ def test_refusals_change_nothing(tmp_path, make_server):
     assert sec.connect().is_read_only()
 
 
+@pytest.mark.slow
 def test_peer_still_serving_refuses_unless_forced(tmp_path, make_server):
     prim, sec, image = replicated_pair(tmp_path, make_server)
     peer = f"nbd+unix:///?socket={prim.sock}"
@@ -126,6 +127,7 @@ def test_an_incomplete_staging_is_discarded(tmp_path, make_server):
     assert not os.path.exists(tmp_path / "s" / "staging" / "data.bmap")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("err", ["ENOSPC", "EIO"])
 def test_a_failed_record_leaves_a_secondary(tmp_path, make_server, err):
     prepl("init", tmp_path / "p", "--volume", tmp_path / "p.img", "--size", str(SIZE))
@@ -153,6 +155,7 @@ def test_a_failed_record_leaves_a_secondary(tmp_path, make_server, err):
 
 @pytest.mark.parametrize("point", ["secondary.failover.before_record",
                                    "secondary.failover.recorded"])
+@pytest.mark.slow
 def test_a_crash_in_the_failover(tmp_path, make_server, point):
     """Before the record: a secondary, and failover again works; after it:
     the restarted server serves a primary."""
@@ -175,6 +178,7 @@ def test_a_crash_in_the_failover(tmp_path, make_server, point):
     assert r.returncode == 5 and "is a primary already" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_old_primarys_agent_is_refused_by_the_promoted_node(tmp_path, make_server):
     prim, sec, image = replicated_pair(tmp_path, make_server)
     failover(sec)

@@ -330,6 +330,7 @@ def test_client_dies_with_requests_in_flight(tmp_path, make_server):
     well_behaved(srv)
 
 
+@pytest.mark.slow
 def test_64_clients_at_once(tmp_path, make_server):
     """64 clients connect at once; each writes its own MiB in 64 KiB pieces,
     flushes and reads it back, and half of them also read snapshot
@@ -662,6 +663,7 @@ def test_forged_and_replayed_manifests(tmp_path, make_server):
     well_behaved(prim, sec)
 
 
+@pytest.mark.slow
 def test_stale_copy_of_the_primary_is_refused(tmp_path, make_server):
     """A stale copy of the primary (its state directory and volume as they
     were one cycle ago, same volume UUID, same generation) comes back

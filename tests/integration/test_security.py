@@ -177,6 +177,7 @@ os._exit(0)                 # dies with 32 reads in flight
 """
 
 
+@pytest.mark.slow
 def test_dying_tls_client_cannot_take_the_secondary_down(tmp_path, make_server):
     """A TLS client dying with 32 reads in flight, three times, leaves the
     secondary up and serving.  (In plaintext, stock nbdkit 1.32.5 aborted
@@ -233,6 +234,7 @@ def as_nobody(paths):
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_state_files_are_private(tmp_path, make_server):
     """After a replication cycle, a snappoint and a staging in progress,
     with the primary served in the background: state directories and

@@ -128,6 +128,7 @@ def test_connection_of_an_earlier_staging_is_refused(pair, kind):
     assert replica(sec) == snapshot(prim, "s2")
 
 
+@pytest.mark.slow
 def test_connection_of_a_committed_staging_cannot_change_the_overlay(pair, make_server):
     """While a committed interval is served as an overlay (its merge has
     not ended: here it fails half-way, injected), a write on the

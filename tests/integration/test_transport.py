@@ -373,6 +373,7 @@ def test_sync_exchanges_have_deadlines(nbdkit, tmp_path):
     assert time.monotonic() - t < 1
 
 
+@pytest.mark.slow
 def test_abandoned_handles_free_their_buffers(nbdkit, tmp_path):
     """Handles closed with requests (and their buffers) in flight release
     them: no crash, no growth over 30 rounds."""

@@ -5,6 +5,7 @@ snapshot image and every map equal the independent model (tests/model.py).
 The same engine runs through NBD in tests/integration/test_model_nbd.py."""
 import random
 
+import pytest
 
 from replication import state
 from replication.tracker import Tracker
@@ -109,6 +110,7 @@ def new_tracker(tmp_path, data):
     return t
 
 
+@pytest.mark.slow
 def test_model_in_process(tmp_path):
     cases = 0
     for seed in range(150):
