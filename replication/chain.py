@@ -52,6 +52,14 @@ def create_interval_files(sd, body, interval):
     fsync_dir(sd.p("maps"))
 
 
+def remove_files(paths):
+    """Removes those of paths that exist: files an operation created before
+    its record was written (the record failed, or a crash left them)."""
+    for p in paths:
+        if os.path.exists(p):
+            os.unlink(p)
+
+
 def open_interval_maps(sd, body, interval, writable=True):
     """The IntervalMaps of interval, mapped."""
     return IntervalMaps(*(MapFile(sd.p("maps", interval.maps[k]), nbits(body, k),

@@ -17,11 +17,10 @@ What it promises:
   replica that never applied an interval (it is no image of anything).
 """
 import logging
-import os
 import time
 
 from . import faults
-from .chain import create_interval_files, new_interval
+from .chain import create_interval_files, new_interval, remove_files
 from .errors import RefusedError
 from .maps import KINDS, file_digest
 from .meta import Promotion, Snappoint
@@ -56,9 +55,7 @@ def failover(replica):
         opened = new_interval(new.next_seq, new.take_file_id())
         paths = [r.sd.p("maps", f) for f in opened.maps.values()]
         try:
-            for p in paths:         # left by an attempt whose record was never written
-                if os.path.exists(p):
-                    os.unlink(p)
+            remove_files(paths)     # left by an attempt whose record was never written
             create_interval_files(r.sd, new, opened)
             new.intervals.append(opened)
             new.next_seq += 1
@@ -73,9 +70,7 @@ def failover(replica):
             faults.point("secondary.failover.before_record")
             r.md.commit(new)
         except BaseException:
-            for p in paths:
-                if os.path.exists(p):
-                    os.unlink(p)
+            remove_files(paths)
             raise
     log.warning("failover: %s is a primary now (generation %d), promoted from a replica of "
                 "%s at interval %d (%s)", r.sd, new.generation, old.bound.primary_uuid,

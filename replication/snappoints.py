@@ -24,7 +24,7 @@ import time
 
 from . import faults, status
 from .chain import carry_damage, create_interval_files, merge_into_closed, new_interval, \
-    open_interval_maps
+    open_interval_maps, remove_files
 from .errors import MetadataWriteError, RefusedError
 from .meta import SnapshotRecord, Snappoint
 from .snapshots import MAX_SNAPSHOTS
@@ -81,9 +81,7 @@ class Snappoints:
                     t.vol.unswitch(old_maps.bits(), snap.c if snap else None)
                 if snap is not None:
                     snap.remove(t.vol)
-                for p in created:
-                    if os.path.exists(p):
-                        os.unlink(p)
+                remove_files(created)
                 raise
             t.maps = new_maps
             if snap:
@@ -153,9 +151,7 @@ class Snappoints:
                 new.snappoints.remove(new.snappoint(name))
                 t.md.commit(new)
             except BaseException:
-                for p in created:
-                    if os.path.exists(p):
-                        os.unlink(p)
+                remove_files(created)
                 raise
             t.snaps.free(name, t.vol)
             t.forget_maps(src.seq, dst.seq)
