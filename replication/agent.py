@@ -148,6 +148,24 @@ class _Phases:
         return time.time() - self.t0
 
 
+def parse_replica_info(uri, doc):
+    """The meta.ReplicaInfo in the info export's bytes doc of the node at
+    uri; RefusedError if that node is a primary, or no prepl secondary."""
+    try:
+        doc = json.loads(doc)
+        if isinstance(doc, dict) and doc.get("role") == "primary":
+            promoted = doc.get("promoted") or {}
+            raise RefusedError(
+                f"{uri} is a primary (generation {doc.get('generation')}"
+                + (f", promoted by a failover from volume {promoted.get('from_volume_uuid')}"
+                   if promoted else "") + "), not a secondary: this link cannot replicate "
+                "to it (after a failover the old primary must fail back)")
+        return ReplicaInfo.from_json(doc)
+    except (ValueError, RecordError) as e:
+        raise RefusedError(f"{uri} answers no prepl replica's info ({e}): is it a prepl "
+                           "secondary of a compatible version?") from None
+
+
 class Agent:
     def __init__(self, state, secondary_uri, name="default", primary_uri=None,
                  tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT,
@@ -200,19 +218,7 @@ class Agent:
             raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:
             _close(h)
-        try:
-            doc = json.loads(doc)
-            if isinstance(doc, dict) and doc.get("role") == "primary":
-                promoted = doc.get("promoted") or {}
-                raise RefusedError(
-                    f"{self.secondary_uri} is a primary (generation {doc.get('generation')}"
-                    + (f", promoted by a failover from volume {promoted.get('from_volume_uuid')}"
-                       if promoted else "") + "), not a secondary: this link cannot replicate "
-                    "to it (after a failover the old primary must fail back)")
-            return ReplicaInfo.from_json(doc)
-        except (ValueError, RecordError) as e:
-            raise RefusedError(f"{self.secondary_uri} answers no prepl replica's info ({e}): "
-                               "is it a prepl secondary of a compatible version?") from None
+        return parse_replica_info(self.secondary_uri, doc)
 
     # ---- one cycle (ARCHITECTURE §4) ------------------------------------------
     def cycle(self):
