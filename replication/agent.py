@@ -213,7 +213,7 @@ class Agent:
         """What the secondary says of its replica (a meta.ReplicaInfo)."""
         h = self.secondary("info")
         try:
-            doc = transport.pread(h, h.get_size(), 0, self.peer_timeout).split(b"\0", 1)[0]
+            doc = transport.read_document(h, self.peer_timeout)
         except TransportError as e:
             raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:

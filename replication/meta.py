@@ -347,6 +347,20 @@ class Body(Record):
         """The snappoint named name, or None."""
         return next((sp for sp in self.snappoints if sp.name == name), None)
 
+    def close_interval(self, name, when, digests, snapshot=None):
+        """In a draft: the open interval closed by a new snappoint `name` at
+        time when, with its maps' digests (snapshot: a SnapshotRecord or
+        None); returns the closed interval."""
+        closed = self.open_interval
+        closed.closed_by, closed.closed_at, closed.digests = name, when, digests
+        self.snappoints.append(Snappoint(name, closed.seq, when, snapshot))
+        return closed
+
+    def append_interval(self, opened):
+        """In a draft: opened (numbered next_seq) becomes the open interval."""
+        self.intervals.append(opened)
+        self.next_seq = opened.seq + 1
+
     def take_file_id(self):
         n = self.next_file_id
         self.next_file_id = n + 1

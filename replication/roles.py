@@ -23,7 +23,7 @@ from . import faults
 from .chain import create_interval_files, new_interval, remove_files
 from .errors import RefusedError
 from .maps import KINDS, file_digest
-from .meta import Promotion, Snappoint
+from .meta import Promotion
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,17 @@ def failover(replica):
                                "it first)")
         new = r.md.draft()
         now = time.time()
-        closing = new.open_interval
-        closing.closed_by, closing.closed_at = FAILBACK, now
-        # nothing wrote through these maps (a secondary does not track); their
-        # digests make the interval an ordinary closed one
-        closing.digests = {k: file_digest(r.sd.p("maps", closing.maps[k])) for k in KINDS}
+        # nothing wrote through the open maps (a secondary does not track);
+        # their digests make the interval an ordinary closed one
+        maps = new.open_interval.maps
+        new.close_interval(FAILBACK, now, {k: file_digest(r.sd.p("maps", maps[k]))
+                                           for k in KINDS})
         opened = new_interval(new.next_seq, new.take_file_id())
         paths = [r.sd.p("maps", f) for f in opened.maps.values()]
         try:
             remove_files(paths)     # left by an attempt whose record was never written
             create_interval_files(r.sd, new, opened)
-            new.intervals.append(opened)
-            new.next_seq += 1
-            new.snappoints.append(Snappoint(FAILBACK, closing.seq, now))
+            new.append_interval(opened)
             new.role = "primary"
             new.generation += 1
             new.promoted = Promotion(old.bound.primary_uuid, old.applied.target, now,
@@ -94,7 +92,7 @@ def probe(uri, tls_psk_file=None, timeout=5.0):
     except TransportError as e:
         return None, str(e)
     try:
-        doc = transport.pread(h, h.get_size(), 0, timeout).split(b"\0", 1)[0]
+        doc = transport.read_document(h, timeout)
         return json.loads(doc), None
     except (TransportError, ValueError) as e:
         return None, f"its info export could not be read: {e}"

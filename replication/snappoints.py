@@ -26,7 +26,7 @@ from . import faults, status
 from .chain import carry_damage, create_interval_files, merge_into_closed, new_interval, \
     open_interval_maps, remove_files
 from .errors import MetadataWriteError, RefusedError
-from .meta import SnapshotRecord, Snappoint
+from .meta import SnapshotRecord
 from .snapshots import MAX_SNAPSHOTS
 from .units import check_name
 
@@ -73,8 +73,7 @@ class Snappoints:
                 switched = True
                 faults.point("primary.snappoint.after_switch")
                 closed = self._close_interval(new, name, old_maps, snap)
-                new.intervals.append(iv)
-                new.next_seq = seq + 1
+                new.append_interval(iv)
                 t.md.commit(new)
             except BaseException:
                 if switched:
@@ -97,16 +96,11 @@ class Snappoints:
         and recorded (in new, not yet written) as closed by snappoint name."""
         t = self.t
         now = time.time()
-        closed = new.open_interval
-        closed.closed_by = name
-        closed.closed_at = now
         t.vol.flush()
         old_maps.sync()
         # nothing writes the closed maps any more: their digests are final
-        closed.digests = old_maps.digests()
-        new.snappoints.append(Snappoint(name, closed.seq, now,
-                                        SnapshotRecord(snap.id) if snap else None))
-        return closed
+        return new.close_interval(name, now, old_maps.digests(),
+                                  SnapshotRecord(snap.id) if snap else None)
 
     def convert(self, name):
         t = self.t

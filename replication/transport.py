@@ -358,6 +358,11 @@ def pread(h, count, offset, timeout=DEFAULT_PEER_TIMEOUT):
     return bytes(buf)
 
 
+def read_document(h, timeout=DEFAULT_PEER_TIMEOUT):
+    """The NUL-padded document an export like "info" or commit/N serves."""
+    return pread(h, h.get_size(), 0, timeout).split(b"\0", 1)[0]
+
+
 def pwrite(h, data, offset, timeout=DEFAULT_PEER_TIMEOUT):
     """``h.pwrite`` with a deadline; as pread."""
     buf = bytearray(data)
