@@ -53,6 +53,10 @@ void pr_volume_free(pr_volume *v);
 /* Drains in-flight writes; from then on every write, zero and trim fails
  * with -ESHUTDOWN (the server is stopping and its maps are final). */
 void pr_volume_close(pr_volume *v);
+/* Drains in-flight writes; from then on every write, zero and trim fails
+ * with -err (EROFS: a superseded primary is fenced), or succeeds again
+ * (err 0).  A closed volume stays closed. */
+void pr_volume_refuse_writes(pr_volume *v, int err);
 
 /* Atomically, with respect to in-flight writes (they drain first): install
  * new open maps and, if snap is not NULL, start that snapshot.  All maps

@@ -78,7 +78,7 @@ struct pr_volume {
   uint64_t *al_mem;             /* durable and touched since the switch */
   uint64_t *al_prev;            /* al_mem of the previous interval */
   uint64_t writers, max_writers, al_syncs, writes;  /* atomic counters */
-  int closed;                   /* set under epoch (exclusive) */
+  int refuse;                   /* errno of every write (0: none); set under epoch (exclusive) */
   int fault;                    /* armed fault point (tests), atomic */
   int sync_err;                 /* atomic: errno of a failed fdatasync, sticky */
 };
@@ -217,7 +217,16 @@ void
 pr_volume_close (pr_volume *v)
 {
   pthread_rwlock_wrlock (&v->epoch);
-  v->closed = 1;
+  v->refuse = ESHUTDOWN;
+  pthread_rwlock_unlock (&v->epoch);
+}
+
+void
+pr_volume_refuse_writes (pr_volume *v, int err)
+{
+  pthread_rwlock_wrlock (&v->epoch);
+  if (v->refuse != ESHUTDOWN)
+    v->refuse = err;
   pthread_rwlock_unlock (&v->epoch);
 }
 
@@ -516,7 +525,7 @@ modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
 
   count_in (v);
   pthread_rwlock_rdlock (&v->epoch);
-  err = v->closed ? -ESHUTDOWN : 0;
+  err = -v->refuse;
   if (err)
     goto out;
   err = al_mark (v, off >> v->alshift, (off + len - 1) >> v->alshift);

@@ -26,13 +26,14 @@ start is the exact difference.
 import errno
 import json
 import logging
+import os
 import re
 import threading
 import time
 
 import nbd
 
-from . import control, faults, manifest, pack, transport
+from . import control, faults, manifest, pack, roles, transport
 from .chain import union_runs, verify_interval
 from .errors import PreplError, RefusedError, StateError
 from .meta import Receipt, RecordError, ReplicaInfo
@@ -148,6 +149,10 @@ class _Phases:
         return time.time() - self.t0
 
 
+def _abspath(path):
+    return os.path.abspath(path) if path else None
+
+
 def parse_replica_info(uri, doc):
     """The meta.ReplicaInfo in the info export's bytes doc of the node at
     uri; RefusedError if that node is a primary, or no prepl secondary."""
@@ -210,7 +215,9 @@ class Agent:
             raise
 
     def replica_info(self):
-        """What the secondary says of its replica (a meta.ReplicaInfo)."""
+        """What the secondary says of its replica (a meta.ReplicaInfo).  A
+        node promoted from this primary supersedes it (recorded by the
+        server, replication/roles.py): RefusedError."""
         h = self.secondary("info")
         try:
             doc = transport.read_document(h, self.peer_timeout)
@@ -218,17 +225,37 @@ class Agent:
             raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:
             _close(h)
+        try:
+            peer = roles.primary_info(json.loads(doc))
+        except ValueError:
+            peer = None
+        if peer is not None and roles.promoted_from(self.sd.read_meta(), peer):
+            reply = self.ctl("supersede", info=peer.to_json(), uri=self.secondary_uri,
+                             link=self.name)
+            raise RefusedError(f"{self.secondary_uri} was promoted from this primary by a "
+                               f"failover (generation {peer.generation}): {self.sd} is "
+                               f"superseded and serves \"\" read-only; {reply['remedy']}")
         return parse_replica_info(self.secondary_uri, doc)
+
+    def check_not_superseded(self, body):
+        s = body.superseded
+        if s is not None:
+            raise RefusedError(f"{self.sd} is superseded: its replica {s.by_volume_uuid} at "
+                               f"{s.by_uri} was promoted by a failover (generation "
+                               f"{s.generation}); no link replicates from it until it fails "
+                               f"back (`prepl failback {self.sd} --peer URI`)")
 
     # ---- one cycle (ARCHITECTURE §4) ------------------------------------------
     def cycle(self):
         """Brings the secondary up to a new snappoint; returns the receipt:
         plan what to send, take the snappoint, transfer, commit, advance."""
-        body = self.sd.read_meta()
+        self.check_not_superseded(self.sd.read_meta())
         info = self.replica_info()
+        body = self.sd.read_meta()
         plan = self._plan(body, info)
         self.ctl("link_update", name=self.name,
                  fields={"replica_uuid": info.replica_uuid, "secondary": self.secondary_uri,
+                         "tls_psk": _abspath(self.tls_psk_file),
                          "state": "syncing" if plan.full else "transferring"})
         primary_uri = self.primary_uri()      # asked before the timed part starts
         clock = _Phases()

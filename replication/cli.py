@@ -125,6 +125,13 @@ def cmd_serve(args):
     if args.verbose:
         cmd.append("-v")
     cmd += ["python", PLUGIN, f"state={sd.path}", f"uri={uri}"]
+    if args.force:
+        if body.role == "primary" and body.superseded:
+            print(f"prepl: warning: --force: {sd.path} is superseded (its replica "
+                  f"{body.superseded.by_volume_uuid} was promoted); serving it read-write "
+                  "anyway: writes from now on are a split brain that a failback must resolve "
+                  "with --discard-my-data on one side", file=sys.stderr)
+        cmd.append("force=1")
     # nbdkit embeds the system's Python, which finds its standard library
     # through the first python3 on PATH: keep the system's directories first
     # (nbdkit itself is an absolute path, so this PATH does not choose it)
@@ -355,6 +362,13 @@ def _show_status(args, st):
             print(f"promoted:   {t} by failover from a replica of {p['from_volume_uuid']}; "
                   f"divergence point interval {p['divergence']['seq']} "
                   f"({p['divergence'].get('name')})")
+    sup = st.get("superseded")
+    if sup:
+        t = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sup["promoted_at"]))
+        print(f"SUPERSEDED: its replica {sup['by_volume_uuid']} at {sup['by_uri']} was "
+              f"promoted at {t} (generation {sup['generation']}); export \"\" is "
+              f"{'READ-WRITE (--force)' if st.get('read_only') is False else 'read-only'}; "
+              f"remedy: `prepl failback {st['state_dir']} --peer URI`")
     for sp in st.get("snappoints", []):
         print(f"snappoint {sp['name']}: snapshot {sp['snapshot']}")
     for d in st.get("damaged_intervals") or []:
@@ -526,6 +540,9 @@ def parser():
     s.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N",
                    help="nbdkit worker threads per connection (default: 16 on a primary, "
                         "the number of CPUs, at least 2, on a secondary)")
+    s.add_argument("--force", action="store_true",
+                   help="serve a superseded primary (its replica was promoted) read-write "
+                        "anyway: split brain, to be resolved by a failback")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("keygen", help="write a new TLS pre-shared key file (mode 0600)")

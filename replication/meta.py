@@ -190,6 +190,7 @@ class Link(Record):
     replica_uuid: str | None = None
     secondary: str | None = None      # its address (URI)
     cursor: str | None = None         # the snappoint whose image the replica holds
+    tls_psk: str | None = None        # the key file its agent uses (the serve probe's too)
     last_cycle: dict | None = None    # the agent's account of its last cycle (for status)
     resync: bool = False              # the next cycle sends the whole volume
 
@@ -281,6 +282,55 @@ class Promotion(Record):
 
 
 @dataclass
+class Supersession(Record):
+    """A primary whose replica was promoted (replication/roles.py): what
+    it learned of the node that took over, and when.  Until it fails back
+    (or is served with --force) its export "" refuses writes."""
+    by_volume_uuid: str               # the promoted node's volume (the replica's UUID)
+    by_uri: str | None                # where it was reached
+    generation: int                   # the promoted node's generation
+    promoted_at: float                # its failover, by its clock
+    divergence: IntervalRef           # our last interval it holds
+    learned_at: float                 # by our clock
+    learned_by: str                   # "agent" (a cycle) or "probe" (`prepl serve`)
+    link: str | None = None
+
+
+@dataclass
+class Failback(Record):
+    """A demoted node (replication/roles.py) until the first interval of
+    its new primary is applied: it holds the new primary's image at base
+    plus its own writes after the divergence point, the blocks set in its
+    divergence map, which that interval must overwrite."""
+    base: IntervalRef                 # the new primary's interval "failback" (the failover)
+    map: str                          # file in maps/: a bit per block (the divergence map)
+    digest: str                       # of that file (replication/maps.py file_digest)
+    blocks: int                       # bits set in it
+    at: float
+    report: dict                      # what will be overwritten (roles.divergence_report)
+
+
+@dataclass
+class PrimaryInfo(Record):
+    """What a primary says of itself to other nodes (its export "info"):
+    a failover's --peer check, a superseded primary's agent and probe, a
+    failback."""
+    role: str
+    volume_uuid: str
+    generation: int
+    size: int
+    region_size: int
+    block_size: int
+    promoted: Promotion | None = None
+    superseded: Supersession | None = None
+    written_since_failover: int | None = None     # bytes (a promoted node)
+    last_write: float | None = None   # its write clock (replication/writeclock.py)
+
+    def geometry(self):
+        return (self.size, self.region_size, self.block_size)
+
+
+@dataclass
 class ReplicaInfo(Record):
     """What a secondary says of its replica (its export "info", read by the
     agent before each cycle)."""
@@ -293,6 +343,7 @@ class ReplicaInfo(Record):
     bound: Binding | None = None
     applied: Applied | None = None
     staging: Staging | None = None
+    failback: Failback | None = None
 
     def geometry(self):
         return (self.size, self.region_size, self.block_size)
@@ -326,6 +377,8 @@ class Body(Record):
     receipts: list[Receipt] = field(default_factory=list)
     staging: Staging | None = None
     promoted: Promotion | None = None     # a primary made by failover
+    superseded: Supersession | None = None    # a primary whose replica was promoted
+    failback: Failback | None = None      # a secondary made by failback, until it applies
 
     @property
     def open_interval(self):

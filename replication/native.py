@@ -309,6 +309,13 @@ class Volume:
         """Drains in-flight writes; later writes fail with ESHUTDOWN."""
         lib.pr_volume_close(self._c)
 
+    def refuse_writes(self, err):
+        """Drains in-flight writes; from then on writes fail with OSError
+        err (e.g. errno.EROFS), or succeed again (err 0)."""
+        if not 0 <= err < 4096:
+            raise ValueError(f"not an errno: {err}")
+        lib.pr_volume_refuse_writes(self._c, err)
+
     def merge_open(self, src):
         for s, n in zip(src, (self.nregions, self.nblocks, self.nblocks)):
             _check_map(s, n)

@@ -1,6 +1,6 @@
-"""Role changes of a node (ARCHITECTURE §4a): failover.
+"""Role changes of a node (ARCHITECTURE §4a): failover, supersession.
 
-What it owns: the metadata transition of a secondary into a primary.
+What it owns: the metadata transitions of a node's role.
 What it promises:
 
 * Failover is one durable record.  In it the replica becomes the volume;
@@ -15,6 +15,10 @@ What it promises:
   next start serves it as one).
 * Refused (RefusedError, exit 5): a node that is not a secondary, and a
   replica that never applied an interval (it is no image of anything).
+* A superseded primary knows it: when its agent or `prepl serve`'s probe
+  finds a link's secondary promoted from this volume, one durable record
+  (Supersession) says so, and only then export "" refuses writes (EROFS,
+  new connections read-only) until a failback, or `serve --force`.
 """
 import logging
 import time
@@ -23,11 +27,12 @@ from . import faults
 from .chain import create_interval_files, new_interval, remove_files
 from .errors import RefusedError
 from .maps import KINDS, file_digest
-from .meta import Promotion
+from .meta import PrimaryInfo, Promotion, RecordError, Supersession
 
 log = logging.getLogger(__name__)
 
 FAILBACK = "failback"       # the snappoint that opens the failback map
+PROBE_TIMEOUT = 3.0         # seconds a server's start waits for a link's peer
 
 
 def failover(replica):
@@ -82,6 +87,8 @@ def probe(uri, tls_psk_file=None, timeout=5.0):
     seconds (nothing answers, or it serves no such export)."""
     import json
 
+    import nbd
+
     from . import transport
     from .agent import PSK_USER
     from .transport import TransportError
@@ -89,12 +96,71 @@ def probe(uri, tls_psk_file=None, timeout=5.0):
         h = transport.open_nbd(uri, export="info", tls_psk_file=tls_psk_file,
                                tls_username=PSK_USER if tls_psk_file else None,
                                connect_timeout=timeout)
-    except TransportError as e:
+    except (TransportError, nbd.Error, OSError) as e:
         return None, str(e)
     try:
         doc = transport.read_document(h, timeout)
         return json.loads(doc), None
-    except (TransportError, ValueError) as e:
+    except (TransportError, nbd.Error, ValueError) as e:
         return None, f"its info export could not be read: {e}"
     finally:
         transport.close_nbd(h)
+
+
+def promoted_from(body, info):
+    """Whether info (a PrimaryInfo) is a node promoted by a failover from
+    the volume of body (a Body)."""
+    return (info.role == "primary" and info.promoted is not None
+            and info.promoted.from_volume_uuid == body.volume_uuid)
+
+
+def primary_info(doc):
+    """The PrimaryInfo in an info document (a dict), or None if it is no
+    primary's."""
+    if not isinstance(doc, dict) or doc.get("role") != "primary":
+        return None
+    try:
+        return PrimaryInfo.from_json(doc)
+    except RecordError:
+        return None
+
+
+def supersede(t, info, uri, learned_by, link=None):
+    """Tracker t learned that info (a PrimaryInfo, at uri) was promoted
+    from its volume: recorded durably, then export "" is fenced (unless the
+    server runs with --force).  Returns the Supersession."""
+    with t.lock:
+        t.check_open()
+        b = t.body
+        if not promoted_from(b, info):
+            raise RefusedError(f"{uri} is no node promoted from volume {b.volume_uuid}; "
+                               "nothing was changed")
+        s = b.superseded
+        if s is None or (s.by_volume_uuid, s.generation) != (info.volume_uuid,
+                                                             info.generation):
+            with t.md.change() as new:
+                new.superseded = Supersession(info.volume_uuid, uri, info.generation,
+                                              info.promoted.at, info.promoted.divergence,
+                                              time.time(), learned_by, link)
+            log.error("%s is superseded (learned by %s): %s", t.sd, learned_by,
+                      t.superseded_remedy())
+        if not t.force:
+            t.fence()
+        return t.body.superseded
+
+
+def probe_links(t, timeout=PROBE_TIMEOUT):
+    """Before a primary serves: asks each link's secondary what it is; one
+    promoted from this volume supersedes it.  A peer that does not answer
+    within timeout seconds is skipped (logged): it does not block the start."""
+    for name, link in sorted(t.body.links.items()):
+        if not link.secondary:
+            continue
+        doc, why = probe(link.secondary, link.tls_psk, timeout)
+        if doc is None:
+            log.warning("link %s: could not ask %s what it is (%s); serving anyway", name,
+                        link.secondary, why)
+            continue
+        info = primary_info(doc)
+        if info is not None and promoted_from(t.body, info):
+            supersede(t, info, link.secondary, "probe", name)

@@ -35,15 +35,18 @@ class Server:
         self.replica = None
         self.control = None
         self.uri = None
+        self.force = False
 
     def config(self, key, value):
         if key == "state":
             self.state = value
         elif key == "uri":
             self.uri = value          # where this server listens (for status)
+        elif key == "force" and value in ("0", "1"):
+            self.force = value == "1"     # serve a superseded primary read-write
         else:
-            raise UsageError(f"unknown parameter {key!r}: the prepl plugin takes state=DIR "
-                             "[uri=URI]")
+            raise UsageError(f"unknown parameter {key}={value!r}: the prepl plugin takes "
+                             "state=DIR [uri=URI] [force=0|1]")
 
     def config_complete(self):
         if not self.state:
@@ -52,7 +55,8 @@ class Server:
             if StateDir(self.state).read_meta().role == "secondary":
                 self.replica = Replica(self.state)
             else:
-                self.tracker = Tracker(self.state)
+                self.tracker = Tracker(self.state, force=self.force)
+                roles.probe_links(self.tracker)     # a superseded primary learns it now
         except FileNotFoundError as e:      # a map, snapshot or staging file is gone
             raise StateError(f"{e.filename} is missing: the state directory {self.state} is "
                              "damaged; refusing to serve it")
@@ -77,7 +81,20 @@ class Server:
         self.control.start()
 
     def control_handlers(self):
-        return dict(self.owner.control_handlers(), failover=self.failover)
+        return dict(self.owner.control_handlers(), failover=self.failover,
+                    supersede=self.supersede)
+
+    def supersede(self, req):
+        """The control socket's "supersede": an agent met the node promoted
+        from this primary (replication/roles.py)."""
+        if self.tracker is None:
+            raise RefusedError(f"{self.state} is a secondary: it cannot be superseded")
+        info = roles.primary_info(req.get("info"))
+        if info is None:
+            raise RefusedError("supersede needs the promoted node's info document")
+        s = roles.supersede(self.tracker, info, req.get("uri"), "agent", req.get("link"))
+        return {"superseded": s.to_json(), "read_only": self.tracker.fenced,
+                "remedy": self.tracker.superseded_remedy()}
 
     def failover(self, req):
         """The control socket's "failover": this secondary becomes a primary

@@ -3,7 +3,10 @@ reference), and its maps as runs for tests and debugging.  Computed from
 the tracker on demand; nothing here is stored."""
 import os
 
+from . import writeclock
 from .maps import KINDS
+from .meta import PrimaryInfo
+from .roles import FAILBACK
 
 
 def primary(t):
@@ -21,6 +24,8 @@ def primary(t):
         "al_extent": b.al_extent,
         "tracked_since_empty": b.tracked_since_empty,
         "promoted": b.promoted.to_json() if b.promoted else None,
+        "superseded": b.superseded.to_json() if b.superseded else None,
+        "read_only": t.fenced,
         "pid": os.getpid(),
         "uri": t.uri,
         "recovered": t.recovered,
@@ -42,11 +47,18 @@ def primary(t):
 
 
 def primary_info(t):
-    """What a primary says of itself to other nodes (its export "info")."""
+    """What a primary says of itself to other nodes (its export "info", a
+    meta.PrimaryInfo)."""
     b = t.body
-    return {"role": b.role, "volume_uuid": b.volume_uuid, "generation": b.generation,
-            "size": b.size, "region_size": b.region_size, "block_size": b.block_size,
-            "promoted": b.promoted.to_json() if b.promoted else None}
+    info = PrimaryInfo(b.role, b.volume_uuid, b.generation, b.size, b.region_size,
+                       b.block_size, b.promoted, b.superseded,
+                       last_write=writeclock.read(t.sd))
+    if b.promoted:
+        with t.lock:
+            iv = b.closed_by(FAILBACK)
+            if iv is not None:
+                info.written_since_failover = t.blocks_after(iv.seq) * b.block_size
+    return info.to_json()
 
 
 def stopped(path, body):
@@ -55,6 +67,7 @@ def stopped(path, body):
     return {"running": False, "state_dir": path, "role": body.role, "volume": body.volume,
             "volume_uuid": body.volume_uuid, "size": body.size,
             "generation": body.generation, "clean_stop": body.clean,
+            "superseded": body.superseded.to_json() if body.superseded else None,
             "snappoints": [{"name": sp.name, "created": sp.created,
                             "snapshot": snapshot_state(sp, sp.snapshot is not None)}
                            for sp in body.snappoints]}

@@ -20,6 +20,7 @@ file (replication/meta.py).  What it promises:
 * Memory follows the disk: every change of the metadata is written durably
   before anything in memory or any export shows it (replication/meta.py).
 """
+import errno
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ from .meta import Metadata
 from .snappoints import Snappoints
 from .snapshots import Snapshots
 from .state import StateDir, volume_size
+from .writeclock import WriteClock
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,12 @@ _MISSING = object()
 
 
 class Tracker:
-    def __init__(self, path, lockfile=None):
+    def __init__(self, path, lockfile=None, force=False):
         """lockfile: the state directory's lock, taken already (a failover
-        hands over the replica's); else it is taken here."""
+        hands over the replica's); else it is taken here.  force: serve ""
+        read-write although this primary is superseded (`serve --force`)."""
         self.sd = StateDir(path)
+        self.force = force
         self.lock = threading.RLock()
         body = self.sd.read_meta()
         if body.role != "primary":
@@ -75,12 +79,15 @@ class Tracker:
         for point, code in native.WRITE_PATH_FAULTS.items():
             if faults.armed(point) is not None:
                 self.vol.set_fault(code)
+        if self.fenced:
+            self.vol.refuse_writes(errno.EROFS)
         self.vol.switch(self.maps.bits())
         for name, s in recorded:
             self.snaps.active[name] = s
             self.vol.switch(self.maps.bits(), s.c)
         self.closed_maps = {}     # seq -> IntervalMaps (read-only, opened when first used)
         self.closed = False
+        self.clock = WriteClock(self.sd)    # when a write was last possible (roles.py)
         self.uri = None           # where the server listens (set by the server)
         self.snaps.remove_unknown(self.body)
 
@@ -97,9 +104,38 @@ class Tracker:
         the state as it found it."""
         with self.lock, self.md.change() as body:
             body.clean = False
+        if not self.fenced:
+            self.clock.stamp()
+            self.clock.start()
+        elif self.body.superseded:
+            log.warning("%s is superseded: export \"\" is read-only (%s)", self.sd,
+                        self.superseded_remedy())
+        if self.force and self.body.superseded:
+            log.warning("--force: serving the superseded volume read-write; writes from now "
+                        "on conflict with the promoted node %s (split brain)",
+                        self.body.superseded.by_volume_uuid)
         log.info("serving volume %s (%d bytes, uuid %s) from %s%s", self.body.volume,
                  self.size, self.body.volume_uuid, self.sd,
                  " after recovery from an unclean stop" if self.recovered else "")
+
+    # ---- fencing (replication/roles.py) ------------------------------------
+    @property
+    def fenced(self):
+        """Export "" refuses writes: the replica was promoted (superseded)."""
+        return self.body.superseded is not None and not self.force
+
+    def fence(self):
+        """After the record of supersession: in-flight writes drain, later
+        ones fail with EROFS; the write clock stamps the last of them."""
+        self.vol.refuse_writes(errno.EROFS)
+        self.clock.stop()
+
+    def superseded_remedy(self):
+        s = self.body.superseded
+        return (f"its replica {s.by_volume_uuid} at {s.by_uri or '?'} was promoted by a "
+                f"failover (generation {s.generation}); fail back onto it with `prepl "
+                f"failback {self.sd} --peer URI`, or serve it read-write anyway with `prepl "
+                f"serve --force` (split brain)")
 
     # ---- the chain -----------------------------------------------------------
     def _open_volume(self):
@@ -213,6 +249,7 @@ class Tracker:
                 self.snappoints.record_invalidations()
                 self.closed = True
                 self.vol.close()
+                self.clock.stop()
             # all of it again if a retry follows a failure (the volume's
             # flush error is sticky: a stop after one is never clean)
             self.vol.flush()
