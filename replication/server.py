@@ -45,8 +45,8 @@ class Server:
         elif key == "force" and value in ("0", "1"):
             self.force = value == "1"     # serve a superseded primary read-write
         else:
-            raise UsageError(f"unknown parameter {key}={value!r}: the prepl plugin takes "
-                             "state=DIR [uri=URI] [force=0|1]")
+            raise UsageError(f"unknown parameter {key!r} (={value[:64]!r}): the prepl plugin "
+                             "takes state=DIR [uri=URI] [force=0|1]")
 
     def config_complete(self):
         if not self.state:

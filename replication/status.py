@@ -3,7 +3,6 @@ reference), and its maps as runs for tests and debugging.  Computed from
 the tracker on demand; nothing here is stored."""
 import os
 
-from . import writeclock
 from .maps import KINDS
 from .meta import PrimaryInfo
 from .roles import FAILBACK
@@ -52,7 +51,7 @@ def primary_info(t):
     b = t.body
     info = PrimaryInfo(b.role, b.volume_uuid, b.generation, b.size, b.region_size,
                        b.block_size, b.promoted, b.superseded,
-                       last_write=writeclock.read(t.sd))
+                       last_write=t.clock.written)
     if b.promoted:
         with t.lock:
             iv = b.closed_by(FAILBACK)

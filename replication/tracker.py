@@ -87,7 +87,8 @@ class Tracker:
             self.vol.switch(self.maps.bits(), s.c)
         self.closed_maps = {}     # seq -> IntervalMaps (read-only, opened when first used)
         self.closed = False
-        self.clock = WriteClock(self.sd)    # when a write was last possible (roles.py)
+        # when a write was last accepted (roles.py: failback)
+        self.clock = WriteClock(self.sd, lambda: self.vol.writes_total, not body.clean)
         self.uri = None           # where the server listens (set by the server)
         self.snaps.remove_unknown(self.body)
 
@@ -105,9 +106,9 @@ class Tracker:
         with self.lock, self.md.change() as body:
             body.clean = False
         if not self.fenced:
-            self.clock.stamp()
             self.clock.start()
-        elif self.body.superseded:
+        else:
+            self.clock.settle()
             log.warning("%s is superseded: export \"\" is read-only (%s)", self.sd,
                         self.superseded_remedy())
         if self.force and self.body.superseded:
