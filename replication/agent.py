@@ -33,8 +33,11 @@ import time
 
 import nbd
 
-from . import control, faults, manifest, pack, roles, transport
+import numpy as np
+
+from . import chain, control, faults, manifest, native, pack, roles, transport
 from .chain import union_runs, verify_interval
+from .maps import bytes_digest
 from .errors import PreplError, RefusedError, StateError
 from .meta import Receipt, RecordError, ReplicaInfo
 from .state import StateDir
@@ -126,10 +129,12 @@ class _Opening:
 
 class _Plan:
     """What a cycle sends: from base (the interval the replica holds, None:
-    nothing), in full or as the union of changes, up to snappoint snap_name."""
+    nothing), in full or as the union of changes, up to snappoint snap_name;
+    divergence: a failback's divergence map (bits over blocks), sent too."""
 
-    def __init__(self, base, full, snap_name):
+    def __init__(self, base, full, snap_name, divergence=None):
         self.base, self.full, self.snap_name = base, full, snap_name
+        self.divergence = divergence
 
 
 class _Phases:
@@ -237,10 +242,19 @@ class Agent:
                                f"superseded and serves \"\" read-only; {reply['remedy']}")
         return parse_replica_info(self.secondary_uri, doc)
 
-    def check_not_superseded(self, body):
+    def _reinstate(self, body, info):
+        """A superseded primary whose promoted node failed back onto it
+        (--discard-my-data there) is the primary again: the server records
+        it; else RefusedError."""
         s = body.superseded
-        if s is not None:
-            raise RefusedError(f"{self.sd} is superseded: its replica {s.by_volume_uuid} at "
+        fb = info.failback
+        if info.replica_uuid == s.by_volume_uuid and fb is not None and info.bound \
+                and info.bound.primary_uuid == body.volume_uuid:
+            self.ctl("reinstate", info=info.to_json(), uri=self.secondary_uri)
+            log.warning("link %s: the promoted node %s failed back onto this primary: it "
+                        "accepts writes again", self.name, s.by_volume_uuid)
+            return self.sd.read_meta()
+        raise RefusedError(f"{self.sd} is superseded: its replica {s.by_volume_uuid} at "
                                f"{s.by_uri} was promoted by a failover (generation "
                                f"{s.generation}); no link replicates from it until it fails "
                                f"back (`prepl failback {self.sd} --peer URI`)")
@@ -249,9 +263,10 @@ class Agent:
     def cycle(self):
         """Brings the secondary up to a new snappoint; returns the receipt:
         plan what to send, take the snappoint, transfer, commit, advance."""
-        self.check_not_superseded(self.sd.read_meta())
         info = self.replica_info()
         body = self.sd.read_meta()
+        if body.superseded is not None:
+            body = self._reinstate(body, info)
         plan = self._plan(body, info)
         self.ctl("link_update", name=self.name,
                  fields={"replica_uuid": info.replica_uuid, "secondary": self.secondary_uri,
@@ -267,7 +282,7 @@ class Agent:
         commit = _Opening(lambda: self.secondary(f"commit/{target.seq}"))
         try:
             digest, stats = self._transfer(primary_uri, body, plan.snap_name, plan.base,
-                                           target, runs, plan.full)
+                                           target, runs, plan.full or plan.divergence is not None)
             clock.mark("transfer")
             clock.phases["transfer_copy"] = round(stats["seconds"], 4)
             receipt = self._commit(manifest.build(body, info.replica_uuid, plan.base, target,
@@ -299,13 +314,34 @@ class Agent:
                                f"full resync is needed: `prepl link resync {self.sd} "
                                f"{self.name}`")
         full = resync or (base is None and not self._can_skip_initial_sync(body, info))
+        divergence = None if full or info.failback is None else self._divergence(body, info)
         if resync:
             log.warning("link %s: replicating the whole volume (resync requested)", self.name)
         elif not full:      # before a snappoint is taken for a cycle that cannot work
             for iv in body.closed_intervals:
                 if base is None or iv.seq > base.seq:
                     verify_interval(self.sd, iv)
-        return _Plan(base, full, f"{self.name}.{body.next_seq}")
+        return _Plan(base, full, f"{self.name}.{body.next_seq}", divergence)
+
+    def _divergence(self, body, info):
+        """A failback's divergence map, read from the secondary's export
+        "divergence" and checked against the digest its info gives."""
+        fb = info.failback
+        nbytes = native.words_for(chain.geometry(body)[1]) * 8
+        h = self.secondary("divergence")
+        try:
+            raw = transport.pread(h, nbytes, 0, self.peer_timeout)
+        finally:
+            _close(h)
+        bits = np.frombuffer(raw, dtype=np.uint64).copy()
+        if bytes_digest(raw) != fb.digest or native.bm_count(bits, len(bits) * 64) != fb.blocks:
+            raise RefusedError(f"the divergence map read from {self.secondary_uri} does not "
+                               "match the digest its info gives; the failback cannot be "
+                               "trusted")
+        log.warning("link %s: failback: sending the changes since interval %d and %d blocks "
+                    "the secondary wrote after the divergence point", self.name,
+                    info.applied.target.seq, fb.blocks)
+        return bits
 
     def _snappoint(self, plan):
         """Step 1: the snappoint closes the interval (the server makes it
@@ -319,7 +355,8 @@ class Agent:
         sync is one data run over the whole volume)."""
         if plan.full:
             return [(0, body.size, False)]
-        return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq)
+        return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq,
+                          plan.divergence)
 
     def _advance(self, plan, digest, receipt, clock):
         """Step 4, only after the receipt: the link's cursor moves; LINK.N
@@ -334,7 +371,9 @@ class Agent:
                            "phases": clock.phases}})
         mine = re.compile(rf"{re.escape(self.name)}\.[0-9]+")   # not link "NAME.x"'s
         stale = [sp["name"] for sp in self.ctl("snappoint_list")
-                 if mine.fullmatch(sp["name"]) and sp["name"] != plan.snap_name]
+                 if mine.fullmatch(sp["name"]) and sp["name"] != plan.snap_name
+                 # a failback's start, once the failback applied
+                 or (plan.divergence is not None and sp["name"] == roles.FAILBACK)]
         for name in stale:
             try:
                 self.ctl("snappoint_delete", name=name)
@@ -368,18 +407,18 @@ class Agent:
         return body.tracked_since_empty and info.tracked_since_empty \
             and not body.chain_truncated
 
-    def _transfer(self, primary_uri, body, snap_name, base, target, runs, full):
+    def _transfer(self, primary_uri, body, snap_name, base, target, runs, by_extents):
         """Streams the runs with the AIO engine (replication/transport.py),
-        hashing each data piece as its read completes: an initial sync from
-        snap/NAME into stage/..., a cycle packed (replication/pack.py) from
-        pack/NAME/BASE/FP into batch/..."""
+        hashing each data piece as its read completes: an initial sync or a
+        failback from snap/NAME into stage/..., a cycle packed
+        (replication/pack.py) from pack/NAME/BASE/FP into batch/..."""
         d = manifest.Digest()
         for off, n, z in runs:
             if z:
                 d.add(off, n, True)
         base_key = manifest.base_key(base)
         stage = f"{body.volume_uuid}/{base_key}/{target.seq}"
-        if full:
+        if by_extents:
             src_export, dst_export, plan = f"snap/{snap_name}", f"stage/{stage}", None
         else:
             plan = pack.batches(runs, batch_bytes=min(pack.BATCH_BYTES, self.max_in_flight))

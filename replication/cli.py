@@ -501,6 +501,40 @@ def cmd_failover(args):
     return EXIT_OK
 
 
+def cmd_failback(args):
+    from . import roles
+    sd = state.StateDir(args.state)
+    sd.read_meta()
+    doc, why = roles.probe(args.peer, args.tls_psk)
+    if doc is None:
+        raise PreplError(f"the node to fail back onto, at {args.peer}, does not answer ({why}); "
+                         "it must be running (and --tls-psk given if it requires TLS); "
+                         "nothing was changed")
+    res = _request(args, "failback", timeout=args.timeout, info=doc, uri=args.peer,
+                   peer_uuid=doc.get("volume_uuid"), discard_my_data=args.discard_my_data)
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
+    when = (lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "?")
+    print(f"{sd.path} is the secondary of volume {doc.get('volume_uuid')} at {args.peer} now"
+          + (" (already)" if res.get("again") else "") + "; export \"\" is read-only.")
+    if res["blocks"]:
+        what = (f"{fmt_size(res['bytes'])} of this node's own writes after the divergence "
+                f"point (intervals {', '.join(map(str, res['intervals'])) or 'none'}, "
+                f"{when(res['first'])} .. {when(res['last_write'])} by its clock"
+                + (f", with {res['activity_log_extents']} activity-log extents of an unclean "
+                   "stop" if res["activity_log_extents"] else "") + ")")
+        if res["whole_volume"]:
+            what = f"the whole volume ({res['whole_volume']})"
+        print(f"to be overwritten by the new primary's image: {what}")
+    else:
+        print("this node wrote nothing after the divergence point: nothing of its own is lost")
+    print(f"next: on the new primary, `prepl agent STATE --secondary URI-OF-THIS-SERVER` "
+          f"(this server listens at {res.get('uri')}); its first cycle sends the changes since "
+          "the failover and these blocks")
+    return EXIT_OK
+
+
 # ---- parser ---------------------------------------------------------------
 
 def parser():
@@ -612,6 +646,27 @@ def parser():
                    help="seconds to wait for the server (a merge in progress ends first)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_failover)
+
+    s = sub.add_parser("failback", help="make this primary the secondary of the node it "
+                       "diverged from (its server running)",
+                       description="Easy failback: the old primary (or, with "
+                       "--discard-my-data, the promoted node) becomes the secondary of the "
+                       "node at --peer. Its own writes after the divergence point are reported "
+                       "and will be overwritten by the peer's next cycle, which sends only "
+                       "them and the peer's changes since the failover. Refused (exit 5) if "
+                       "the peer was not promoted from this volume (nor this node from it), "
+                       "and in a split brain (both sides wrote after the failover) unless "
+                       "--discard-my-data names this node the loser.")
+    s.add_argument("state")
+    s.add_argument("--peer", required=True, metavar="URI",
+                   help="the node to follow (the new primary): its NBD address")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK file for a --peer served with TLS")
+    s.add_argument("--discard-my-data", action="store_true",
+                   help="split brain: this node's writes after the divergence point are the "
+                        "ones to lose")
+    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_failback)
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")

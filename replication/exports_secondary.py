@@ -10,6 +10,9 @@
                applied interval
   batch/PRIMARY_UUID/BASE/TARGET
                the same staging, written in batches (replication/pack.py)
+  divergence   read-only, while a failback is pending: its divergence map,
+               a bit per block (little-endian uint64 words), the blocks
+               the new primary's first interval must overwrite
   commit/TARGET
                write a manifest (JSON) at offset 0, then flush: the replica
                verifies and applies it; reading returns the receipt (also
@@ -55,6 +58,11 @@ def open_export(r, name, readonly):
         return ReplicaHandle(r)
     if name == "info":
         return DocHandle(json.dumps(r.info(), sort_keys=True).encode())
+    if name == "divergence":
+        doc = r.divergence_map()
+        if doc is None:
+            raise OSError(errno.ENOENT, "no failback is pending: no divergence map")
+        return DocHandle(doc)
     if parts[0] in ("stage", "batch") and len(parts) == 4 and not readonly:
         try:
             check_stage_export(*parts[1:])

@@ -57,7 +57,7 @@ class MapFile:
         self._mm.flush()
 
     def digest(self):
-        return DIGEST_PREFIX + xxhash.xxh3_128(self._mm).hexdigest()
+        return bytes_digest(self._mm)
 
     def count(self):
         return native.bm_count(self.bits, self.nbits)
@@ -97,6 +97,11 @@ def create_copy(src, path):
 
 
 DIGEST_PREFIX = "xxh3-128:"
+
+
+def bytes_digest(data):
+    """The digest of a map's bytes (what a map file's digest is of)."""
+    return DIGEST_PREFIX + xxhash.xxh3_128(data).hexdigest()
 
 
 def file_digest(path, legacy=False):

@@ -323,6 +323,7 @@ class PrimaryInfo(Record):
     block_size: int
     promoted: Promotion | None = None
     superseded: Supersession | None = None
+    failback_base: IntervalRef | None = None      # its interval "failback" (a promoted node)
     written_since_failover: int | None = None     # bytes (a promoted node)
     last_write: float | None = None   # its write clock (replication/writeclock.py)
 

@@ -1,4 +1,5 @@
-"""Role changes of a node (ARCHITECTURE §4a): failover, supersession.
+"""Role changes of a node (ARCHITECTURE §4a): failover, supersession,
+failback.
 
 What it owns: the metadata transitions of a node's role.
 What it promises:
@@ -19,20 +20,45 @@ What it promises:
   finds a link's secondary promoted from this volume, one durable record
   (Supersession) says so, and only then export "" refuses writes (EROFS,
   new connections read-only) until a failback, or `serve --force`.
+* Failback turns a primary into the secondary of the node it diverged
+  from (the old primary under the node promoted from it; or, with
+  --discard-my-data, the promoted node under the old primary).  Its writes
+  after the divergence point become the divergence map (a bit per block:
+  every interval after that point, the open one, activity-log extents
+  marked by a recovery), written and made durable before the one record
+  that demotes it.  That record binds the replica to the peer and makes
+  the peer's interval at the divergence its applied base, with the map
+  pending (Failback): the peer's first cycle must overwrite every block in
+  it, and the replica stays its own old image until that cycle applies.
+* Split brain (both sides wrote after the failover): failback refuses
+  unless --discard-my-data names this node the loser.  The old primary's
+  writes after the divergence point are its own to lose if none can have
+  been made after the failover: its write clock (replication/
+  writeclock.py) says no write was accepted after WRITTEN, and the
+  promoted node recorded the failover at F; WRITTEN + CLOCK_MARGIN <= F
+  proves it (the margin covers the two clocks' skew and a stalled stamp).
+  Otherwise, and always on the promoted node (its writes after the
+  failover are after it by definition), writes after the divergence point
+  need the flag.  Nothing is discarded without a report of it.
 """
 import logging
 import time
 
-from . import faults
-from .chain import create_interval_files, new_interval, remove_files
-from .errors import RefusedError
-from .maps import KINDS, file_digest
-from .meta import PrimaryInfo, Promotion, RecordError, Supersession
+import numpy as np
+
+from . import faults, native
+from .chain import create_interval_files, geometry, new_interval, remove_files, \
+    verify_interval
+from .errors import DamagedMapError, RefusedError
+from .maps import KINDS, MapFile, file_digest
+from .meta import (Applied, Binding, Failback, PrimaryInfo, Promotion, RecordError,
+                   Supersession)
 
 log = logging.getLogger(__name__)
 
 FAILBACK = "failback"       # the snappoint that opens the failback map
 PROBE_TIMEOUT = 3.0         # seconds a server's start waits for a link's peer
+CLOCK_MARGIN = 2.0          # seconds two nodes' clocks may differ (and a stamp stall)
 
 
 def failover(replica):
@@ -46,6 +72,11 @@ def failover(replica):
         if old.role != "secondary":
             raise RefusedError(f"{r.sd} is a {old.role}, not a secondary: nothing to fail "
                                "over")
+        if old.failback is not None:
+            raise RefusedError(f"{r.sd} is failing back onto {old.bound.primary_uuid}: its "
+                               "replica holds its own writes until the first interval "
+                               "applies, no image of any primary; let the new primary's "
+                               "agent finish the failback first")
         if old.applied is None or old.bound is None:
             raise RefusedError(f"the replica of {r.sd} never applied an interval: it is no "
                                "image of any primary, so it cannot take over (replicate to "
@@ -149,6 +180,27 @@ def supersede(t, info, uri, learned_by, link=None):
         return t.body.superseded
 
 
+def reinstate(t, info, uri):
+    """Tracker t was superseded by the node whose replica info (a
+    ReplicaInfo, at uri) says it failed back onto this volume (the promoted
+    node took --discard-my-data): recorded, then writes are accepted again."""
+    with t.lock:
+        t.check_open()
+        s = t.body.superseded
+        if s is None:
+            return None
+        if not (info.replica_uuid == s.by_volume_uuid and info.failback is not None
+                and info.bound and info.bound.primary_uuid == t.body.volume_uuid):
+            raise RefusedError(f"{uri} is not the node that superseded {t.sd} failing back "
+                               "onto it; nothing was changed")
+        with t.md.change() as new:
+            new.superseded = None
+        if not t.force:
+            t.unfence()
+    log.warning("%s is the primary again: %s failed back onto it", t.sd, s.by_volume_uuid)
+    return s
+
+
 def probe_links(t, timeout=PROBE_TIMEOUT):
     """Before a primary serves: asks each link's secondary what it is; one
     promoted from this volume supersedes it.  A peer that does not answer
@@ -164,3 +216,163 @@ def probe_links(t, timeout=PROBE_TIMEOUT):
         info = primary_info(doc)
         if info is not None and promoted_from(t.body, info):
             supersede(t, info, link.secondary, "probe", name)
+
+
+# ---- failback ----------------------------------------------------------------
+
+def _sides(body, peer):
+    """(my divergence point, the peer's base, am I the promoted node) for
+    this node's body and the peer's PrimaryInfo; RefusedError if the two
+    did not diverge from each other."""
+    if promoted_from(body, peer):
+        if peer.failback_base is None:
+            raise RefusedError(f"the promoted node {peer.volume_uuid} no longer holds its "
+                               f"{FAILBACK!r} snappoint (the start of its changes since the "
+                               "failover); nothing was changed")
+        return peer.promoted.divergence, peer.failback_base, False
+    p = body.promoted
+    if p is not None and p.from_volume_uuid == peer.volume_uuid:
+        iv = body.closed_by(FAILBACK)
+        if peer.role != "primary":
+            raise RefusedError(f"the old primary {peer.volume_uuid} is a {peer.role} now: "
+                               "nothing to fail back onto; nothing was changed")
+        return (iv.ref() if iv else None), p.divergence, True
+    if peer.role != "primary":
+        raise RefusedError(f"the peer is a {peer.role}, not the primary to fail back onto; "
+                           "nothing was changed")
+    raise RefusedError(f"the peer {peer.volume_uuid} was never promoted from this volume "
+                       f"{body.volume_uuid}, nor this node from it: no failback between them "
+                       "(wrong --peer?); nothing was changed")
+
+
+def divergence_bits(t, point):
+    """The block bits this tracker wrote after interval point (an
+    IntervalRef of its chain): every interval after it, the open one too;
+    (bits, None) -- or every block, with why, if point is not in the chain
+    or a map after it is damaged."""
+    b = t.body
+    nblocks = geometry(b)[1]
+    bits = np.zeros(native.words_for(nblocks), np.uint64)
+    start = next((iv for iv in b.intervals if point is not None and iv.ref() == point), None)
+    why = None if start else "the divergence point is not in this node's chain"
+    for iv in b.intervals if start else ():
+        if iv.seq <= start.seq:
+            continue
+        try:
+            if iv.closed:
+                verify_interval(t.sd, iv)
+        except DamagedMapError as e:
+            why = f"interval {iv.seq}'s maps are damaged ({e})"
+            break
+        bits |= t.interval_maps(iv).bmap.bits
+    if why:
+        native.bm_set(bits, nblocks, 0, nblocks)
+    return bits, why
+
+
+def failback(t, peer, uri, discard=False):
+    """Tracker t's node becomes the secondary of peer (a PrimaryInfo at
+    uri); returns (the new body, the report).  Writes are fenced first (the
+    divergence map is then final); a refusal unfences them."""
+    with t.lock:
+        t.check_open()
+        b = t.body
+        if peer.geometry() != b.geometry():
+            raise RefusedError(f"the peer's volume has geometry {peer.geometry()}, this one "
+                               f"{b.geometry()}: no failback between them; nothing was changed")
+        mine, base, promoted = _sides(b, peer)
+        t.fence()
+        try:
+            bits, whole = divergence_bits(t, mine)
+            report = divergence_report(t, bits, whole, mine, peer, promoted)
+            if report["split_brain"] and not discard:
+                raise RefusedError(split_brain_message(t, report, uri))
+            body = _demote(t, peer, base, bits, report)
+        except BaseException:
+            if not t.fenced:
+                t.unfence()
+            raise
+    log.warning("failback: %s is the secondary of %s at %s now; %d bytes of its own writes "
+                "after the divergence point will be overwritten by the first cycle", t.sd,
+                peer.volume_uuid, uri, report["bytes"])
+    return body, report
+
+
+def divergence_report(t, bits, whole, mine, peer, promoted):
+    """What a failback overwrites and whether it is a split brain."""
+    b = t.body
+    nblocks = geometry(b)[1]
+    blocks = native.bm_count(bits, nblocks)
+    after = [iv for iv in b.intervals if mine is not None and iv.seq > mine.seq]
+    written = t.clock.written
+    failover_at = peer.promoted.at if not promoted else b.promoted.at
+    mine_after = blocks > 0 and (promoted or written + CLOCK_MARGIN > failover_at)
+    return {
+        "bytes": min(blocks * b.block_size, b.size), "blocks": blocks,
+        "whole_volume": whole,
+        "divergence": mine.to_json() if mine else None,
+        "intervals": [iv.seq for iv in after],
+        "first": mine.time if mine else None, "last_write": written or None,
+        "activity_log_extents": (t.recovered or {}).get("al_extents", 0),
+        "failover_at": failover_at,
+        "peer_bytes": peer.written_since_failover,
+        "peer_last_write": peer.last_write,
+        "this_node_promoted": promoted,
+        "split_brain": bool(mine_after),
+        "clock_margin": CLOCK_MARGIN,
+    }
+
+
+def _when(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "?"
+
+
+def split_brain_message(t, r, uri):
+    mine = (f"this node ({t.sd}) wrote {r['bytes']} bytes after the divergence point "
+            f"(from {_when(r['first'])} to {_when(r['last_write'])} by its clock)")
+    peer = (f"the peer at {uri} wrote {r['peer_bytes'] or 0} bytes since the failover "
+            f"(from {_when(r['failover_at'])} to {_when(r['peer_last_write'])} by its clock)")
+    why = ("it is the promoted node: its writes since the failover are the peer's to lose "
+           "or its own" if r["this_node_promoted"] else
+           f"some of them may have been made after the failover at {_when(r['failover_at'])} "
+           f"(within {CLOCK_MARGIN:g} s of clock margin, or later)")
+    return (f"split brain: {mine}, and {why}; {peer}. Failing back would discard this node's "
+            f"writes. If they are the ones to lose, run `prepl failback {t.sd} --peer {uri} "
+            "--discard-my-data`; to keep them, run the failback with --discard-my-data on the "
+            "peer instead. Nothing was changed")
+
+
+def _demote(t, peer, base, bits, report):
+    """The divergence map written and durable, then one record: this node
+    is the peer's secondary with a pending failback.  The old chain's files
+    go after the record (a crash in between leaves files nobody names)."""
+    b = t.body
+    new = t.md.draft()
+    fid = new.take_file_id()
+    name = f"divergence-{fid}.map"
+    opened = new_interval(0, new.take_file_id())
+    created = [t.sd.p("maps", name)] + [t.sd.p("maps", f) for f in opened.maps.values()]
+    try:
+        remove_files(created)       # left by an attempt whose record was never written
+        m = MapFile(created[0], geometry(b)[1], create=True)
+        m.bits[:] = bits
+        m.sync()
+        create_interval_files(t.sd, new, opened)
+        now = time.time()
+        new.role = "secondary"
+        new.generation = max(b.generation, peer.generation)
+        new.intervals, new.snappoints, new.links = [opened], [], {}
+        new.next_seq = 1
+        new.bound = Binding(peer.volume_uuid, now, *b.geometry())
+        new.applied = Applied(base, None, now)
+        new.failback = Failback(base, name, m.digest(), report["blocks"], now, report)
+        new.receipts, new.staging = [], None
+        new.promoted = new.superseded = None
+        new.tracked_since_empty, new.chain_truncated = False, False
+        new.clean = True
+        faults.point("primary.failback.before_record")
+        t.md.commit(new)
+    except BaseException:
+        remove_files(created)
+        raise
+    return new

@@ -33,6 +33,11 @@ image at the snappoint of the last applied interval.
   drops the overlay; the next staging waits for it.  A crash before the
   merge ends is recovered at the next start by redoing the merge from the
   durable, complete staging before anything is served.
+* Failback (replication/roles.py).  A replica made by a failback holds
+  its own writes after the divergence point on top of the new primary's
+  image at the base interval: the divergence map (export "divergence")
+  names their blocks, and the first interval's commit is refused unless
+  its staged blocks cover every one of them; its record clears the map.
 * Hashing.  Each staged write is hashed as it arrives (XXH3-128, see
   replication/manifest.py); when the staged writes are exactly the manifest's pieces the commit
   needs no re-read, otherwise (a restart, other request boundaries) the
@@ -47,6 +52,7 @@ import numpy as np
 
 from . import faults, manifest, native
 from .errors import RefusedError, StateError
+from .maps import MapFile, digest_matches
 from .meta import Applied, Binding, Metadata, Receipt, ReplicaInfo, Staging
 from .staging import StagingArea
 from .workers import RWLock, background_priority, pread_full
@@ -59,12 +65,14 @@ KEEP_RECEIPTS = 16
 
 
 class Replica:
-    def __init__(self, path):
+    def __init__(self, path, lockfile=None):
+        """lockfile: the state directory's lock, taken already (a failback
+        hands over the tracker's); else it is taken here."""
         self.sd = StateDir(path)
         body = self.sd.read_meta()
         if body.role != "secondary":
             raise StateError(f"{self.sd} is a {body.role} state directory, not a secondary")
-        self._lockfile = self.sd.lock()
+        self._lockfile = lockfile or self.sd.lock()
         self.md = Metadata(self.sd.path, body)
         self.size = body.size
         self.block = body.block_size
@@ -81,6 +89,7 @@ class Replica:
         self.merge_error = None
         self.staging = StagingArea(self.sd, self.size, self.block, self.fd)
         self.uri = None
+        self.remove_unnamed_files()
         st = body.staging
         if st and st.complete:
             log.warning("redoing the apply of interval %s from its durable staging", st.target)
@@ -104,7 +113,37 @@ class Replica:
         """The replica as the agent reads it (export "info"; status)."""
         b = self.body
         return ReplicaInfo("secondary", b.volume_uuid, b.size, b.region_size, b.block_size,
-                           b.tracked_since_empty, b.bound, b.applied, b.staging).to_json()
+                           b.tracked_since_empty, b.bound, b.applied, b.staging,
+                           b.failback).to_json()
+
+    def divergence_map(self):
+        """The bytes of a pending failback's divergence map (export
+        "divergence"), checked against its digest; None if none is pending."""
+        fb = self.body.failback
+        if fb is None:
+            return None
+        path = self.sd.p("maps", fb.map)
+        if not digest_matches(fb.digest, path):
+            raise StateError(f"the divergence map {path} does not match its digest: the "
+                             "writes this node must give up are unknown; the state "
+                             "directory is damaged")
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _check_failback_covered(self, stage):
+        """A pending failback's first interval must overwrite every block
+        of the divergence map (staged data or zeroes)."""
+        fb = self.body.failback
+        if fb is None:
+            return
+        m = MapFile(self.sd.p("maps", fb.map), self.nblocks, writable=False)
+        missing = native.bm_count(m.bits & ~(stage.data.bits | stage.zero.bits), self.nblocks)
+        if missing:
+            raise RefusedError(f"this interval leaves {missing} blocks of this node's own "
+                               "writes after the divergence point (its failback's "
+                               "divergence map) as they are: it would be a mix of two "
+                               "volumes; the agent must send the union with the divergence "
+                               "map (export \"divergence\")")
 
     def check_stage_name(self, primary_uuid, base, target):
         """Refuses (RefusedError) a staging export this replica will never
@@ -200,6 +239,7 @@ class Replica:
                 raise RefusedError("nothing is staged for this interval; stage it first")
             d = self.staging.digest()
             manifest.check_staged(m, d)
+            self._check_failback_covered(self.staging.current)
             # the staged data durable, then one metadata write records it
             # complete and applied (the switch); the merge comes after
             t1 = time.monotonic()
@@ -236,6 +276,7 @@ class Replica:
                               st.manifest_digest, st.bytes, st.zero_bytes, time.time())
             new.receipts = ([receipt] + new.receipts)[:KEEP_RECEIPTS]
         new.applied = Applied(m.target, m.base, receipt.applied_at)
+        new.failback = None       # its map's file goes with the merge's cleanup
         return receipt
 
     def _serve_overlay(self, st):
@@ -276,6 +317,7 @@ class Replica:
             new.staging = None
         faults.point("secondary.merge.recorded")
         self.staging.discard()
+        self.remove_unnamed_files()
         log.info("merged interval %s into the replica in %.3f s", st.target,
                  time.monotonic() - t0)
 
@@ -287,6 +329,18 @@ class Replica:
             log.error("merging interval %s into the replica failed: %s (the overlay keeps "
                       "serving it; retried before the next staging)", st.target, e)
             self.merge_error = e
+
+    def remove_unnamed_files(self):
+        """Files in maps/ and snaps/ that the metadata does not name: a
+        failback's old chain, an applied failback's divergence map."""
+        b = self.body
+        named = {f for iv in b.intervals for f in iv.maps.values()}
+        if b.failback:
+            named.add(b.failback.map)
+        for d in ("maps", "snaps"):
+            for name in os.listdir(self.sd.p(d)):
+                if name not in named:
+                    os.unlink(self.sd.p(d, name))
 
     def _finish_merge(self):
         """Waits for the merge thread; retries a failed merge (raises if it

@@ -21,6 +21,7 @@ from . import exports_primary, exports_secondary, faults, roles
 from .control import ControlServer
 from .errors import (EXIT_STATE, PreplError, RefusedError, StateError,  # noqa: F401 (plugin.py: PreplError)
                      UsageError)
+from .meta import RecordError, ReplicaInfo
 from .secondary import Replica
 from .state import StateDir
 from .tracker import Tracker
@@ -82,7 +83,49 @@ class Server:
 
     def control_handlers(self):
         return dict(self.owner.control_handlers(), failover=self.failover,
-                    supersede=self.supersede)
+                    supersede=self.supersede, failback=self.failback,
+                    reinstate=self.reinstate)
+
+    def reinstate(self, req):
+        """The control socket's "reinstate": the node that superseded this
+        primary failed back onto it (replication/roles.py)."""
+        if self.tracker is None:
+            raise RefusedError(f"{self.state} is a secondary: nothing to reinstate")
+        try:
+            info = ReplicaInfo.from_json(req.get("info"))
+        except RecordError as e:
+            raise RefusedError(f"reinstate needs the peer's replica info ({e})") from None
+        s = roles.reinstate(self.tracker, info, req.get("uri"))
+        return {"reinstated": s is not None, "read_only": self.tracker.fenced}
+
+    def failback(self, req):
+        """The control socket's "failback": this primary becomes the
+        secondary of the peer whose info the request carries
+        (replication/roles.py) and is served as one from now on."""
+        if self.tracker is None:
+            fb = self.replica.body.failback
+            if fb is not None and req.get("peer_uuid") == self.replica.body.bound.primary_uuid:
+                return dict(fb.report, role="secondary", uri=self.uri, again=True)
+            raise RefusedError(f"{self.state} is a secondary already; failback turns a "
+                               "primary into the secondary of the node it diverged from")
+        peer = roles.primary_info(req.get("info"))
+        if peer is None:
+            raise RefusedError("the peer is no prepl primary (failback needs the node to "
+                               "follow serving as a primary); nothing was changed")
+        t = self.tracker
+        _, report = roles.failback(t, peer, req.get("uri"),
+                                                 bool(req.get("discard_my_data")))
+        try:
+            r = Replica(self.state, lockfile=t.retire())
+            r.uri = self.uri
+            r.md.fail_stop = _fail_stop
+            r.start()
+        except BaseException as e:      # the record says secondary: a restart serves it
+            _fail_stop(f"the failback is recorded but the secondary could not start: {e!r}")
+        self.replica, self.tracker = r, None
+        self.control.serve(r, self.control_handlers())
+        r.remove_unnamed_files()        # the old chain's maps and snapshots go now
+        return dict(report, role="secondary", uri=self.uri, again=False)
 
     def supersede(self, req):
         """The control socket's "supersede": an agent met the node promoted

@@ -56,6 +56,7 @@ def primary_info(t):
         with t.lock:
             iv = b.closed_by(FAILBACK)
             if iv is not None:
+                info.failback_base = iv.ref()
                 info.written_since_failover = t.blocks_after(iv.seq) * b.block_size
     return info.to_json()
 

@@ -131,6 +131,23 @@ class Tracker:
         self.vol.refuse_writes(errno.EROFS)
         self.clock.stop()
 
+    def unfence(self):
+        """Writes are accepted again (a failback that was refused), with a
+        new write clock."""
+        self.clock = WriteClock(self.sd, lambda: self.vol.writes_total, False)
+        self.vol.refuse_writes(0)
+        self.clock.start()
+
+    def retire(self):
+        """After a failback's record: this tracker serves nothing any more
+        (writes fail; connections opened before still read the volume)."""
+        with self.lock:
+            self.closed = True
+            self.vol.close()
+            self.clock.stop()
+            f, self._lockfile = self._lockfile, None
+            return f
+
     def superseded_remedy(self):
         s = self.body.superseded
         return (f"its replica {s.by_volume_uuid} at {s.by_uri or '?'} was promoted by a "

@@ -184,5 +184,6 @@ def test_the_old_primarys_agent_is_refused_by_the_promoted_node(tmp_path, make_s
     failover(sec)
     r = prepl("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once",
               "--timeout", "20", check=False)
-    assert r.returncode == 5 and "is a primary (generation 2, promoted by a failover" in r.stderr
+    assert r.returncode == 5 and "was promoted from this primary by a failover (generation 2)" \
+        in r.stderr
     assert sec.connect().pread(SIZE, 0) == image         # nothing reached it

@@ -33,13 +33,13 @@ NBDKIT_ABORT = "raw_send_socket: Assertion `sock >= 0' failed."
 
 def tree(root):
     """{path: sha256} of every file and directory under root, except logs,
-    sockets and lock files (they change by design)."""
+    sockets, lock files and the write clock (they change by design)."""
     out = {}
     for d, dirs, files in os.walk(root):
         for n in dirs:
             out[os.path.relpath(os.path.join(d, n), root) + "/"] = "dir"
         for n in files:
-            if n.endswith((".log", ".sock", "lock")):
+            if n.endswith((".log", ".sock", "lock")) or n == "written":
                 continue
             p = os.path.join(d, n)
             with open(p, "rb") as f:

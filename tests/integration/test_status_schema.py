@@ -12,17 +12,20 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "snappoints": list, "links": dict, "writers_in_c": int,
            "max_concurrent_writers_in_c": int, "activity_log_syncs": int,
            "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
-           "unrecorded_invalidations": list, "promoted": type(None)}
+           "unrecorded_invalidations": list, "promoted": type(None),
+           "superseded": type(None), "read_only": bool}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
-        "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool}
+        "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
+        "tls_psk": type(None)}
 SNAPPOINT = {"name": str, "interval": int, "created": float, "snapshot": str,
              "invalidated": type(None), "export": str, "changed_regions": int,
              "changed_blocks": int, "copied_blocks": int}
 SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "size": int,
              "region_size": int, "block_size": int, "bound": dict, "applied": dict,
              "staging": type(None), "state_dir": str, "volume": str, "volume_uuid": str,
-             "generation": int, "pid": int, "uri": str, "tracked_since_empty": bool}
+             "generation": int, "pid": int, "uri": str, "tracked_since_empty": bool,
+             "failback": type(None)}
 
 
 def check(doc, schema):

@@ -53,7 +53,7 @@ def test_a_change_is_durable_then_visible(md, tmp_path):
     assert meta.read(str(tmp_path)) == m.body
     assert raw(tmp_path)["links"] == {"x": {"replica_uuid": None, "secondary": None,
                                             "cursor": "a", "last_cycle": None,
-                                            "resync": False}}
+                                            "resync": False, "tls_psk": None}}
     assert not os.path.exists(tmp_path / "meta.json.tmp")
 
 
@@ -152,10 +152,11 @@ def test_records_write_back_what_they_read(tmp_path):
         for iv in got["intervals"]:                # fields added since, with defaults
             assert iv.pop("damaged") is None
         for link in got["links"].values():
-            assert link.pop("resync") is False
+            assert link.pop("resync") is False and link.pop("tls_psk") is None
         added = {k: got.pop(k) for k in set(got) - set(want)}
         assert got == want, role
-        assert added == {"chain_truncated": False, "promoted": None,
+        assert added == {"chain_truncated": False, "promoted": None, "superseded": None,
+                         "failback": None,
                          **({} if role == "s" else {"bound": None, "applied": None,
                                                     "receipts": [], "staging": None})}
 
