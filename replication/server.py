@@ -113,8 +113,8 @@ class Server:
             raise RefusedError("the peer is no prepl primary (failback needs the node to "
                                "follow serving as a primary); nothing was changed")
         t = self.tracker
-        _, report = roles.failback(t, peer, req.get("uri"),
-                                                 bool(req.get("discard_my_data")))
+        _, report = roles.failback(t, peer, req.get("uri"), bool(req.get("discard_my_data")))
+        faults.point("primary.failback.recorded")
         try:
             r = Replica(self.state, lockfile=t.retire())
             r.uri = self.uri

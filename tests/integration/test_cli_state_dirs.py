@@ -16,7 +16,7 @@ EXEMPT = {("init",), ("keygen",)}
 # what each subcommand needs besides its state directory (several variants)
 ARGS = {
     ("serve",): [["--unix", "{tmp}/x.sock"], ["--unix", "{tmp}/x.sock", "--background"],
-                 ["--port", "10999"]],
+                 ["--port", "10999"], ["--unix", "{tmp}/x.sock", "--force"]],
     ("stop",): [[]],
     ("agent",): [["--secondary", "nbd+unix:///?socket={tmp}/s.sock", "--once", "--timeout", "5"],
                  ["--secondary", "nbd+unix:///?socket={tmp}/s.sock", "--interval", "1"]],
@@ -28,6 +28,9 @@ ARGS = {
     ("snappoint", "delete"): [["a"]],
     ("link", "resync"): [["default"], ["default", "--json"]],
     ("failover",): [[], ["--force", "--json"]],
+    ("failback",): [["--peer", "nbd+unix:///?socket={tmp}/s.sock"],
+                    ["--peer", "nbd+unix:///?socket={tmp}/s.sock", "--discard-my-data",
+                     "--json"]],
 }
 KINDS = {"missing": "does not exist", "empty": "is not a prepl state directory",
          "corrupt": "is corrupt", "file": "is not a directory"}
