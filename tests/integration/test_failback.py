@@ -93,6 +93,7 @@ def test_failback_sends_exactly_the_union(tmp_path, make_server):
     assert r.returncode == 5 and "secondary already" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_crashed_old_primary_fails_back_without_the_flag(tmp_path, make_server):
     a, b, image = replicated_pair(tmp_path, make_server)
     write_random(a, 5, seed=21)
@@ -109,6 +110,7 @@ def test_a_crashed_old_primary_fails_back_without_the_flag(tmp_path, make_server
     assert a.connect().pread(SIZE, 0) == b.connect().pread(SIZE, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loser", ["old", "promoted"])
 def test_split_brain_is_refused_both_ways_until_a_loser_is_named(tmp_path, make_server,
                                                                  loser):
