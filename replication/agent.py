@@ -242,6 +242,15 @@ class Agent:
                                f"superseded and serves \"\" read-only; {reply['remedy']}")
         return parse_replica_info(self.secondary_uri, doc)
 
+    def check_primary(self, body):
+        """A node that a failback or migration made a secondary replicates
+        nothing: its agent stops (exit 5)."""
+        if body.role != "primary":
+            raise RefusedError(f"{self.sd} is a {body.role} now (a failback or migration "
+                               f"made it the replica of {body.bound.primary_uuid if body.bound else '?'}"
+                               "): this agent stops; run the agent on the new primary, "
+                               "pointed at this node")
+
     def _reinstate(self, body, info):
         """A superseded primary whose promoted node failed back onto it
         (--discard-my-data there) is the primary again: the server records
@@ -263,6 +272,7 @@ class Agent:
     def cycle(self):
         """Brings the secondary up to a new snappoint; returns the receipt:
         plan what to send, take the snappoint, transfer, commit, advance."""
+        self.check_primary(self.sd.read_meta())
         info = self.replica_info()
         body = self.sd.read_meta()
         if body.superseded is not None:
@@ -273,6 +283,10 @@ class Agent:
                          "tls_psk": _abspath(self.tls_psk_file),
                          "state": "syncing" if plan.full else "transferring"})
         primary_uri = self.primary_uri()      # asked before the timed part starts
+        if plan.divergence is not None:       # sent as changes of this cycle's interval
+            starts, lengths = native.bm_runs(plan.divergence, chain.geometry(body)[1])
+            self.ctl("mark_changed", runs=[[s, n] for s, n in zip(starts.tolist(),
+                                                                  lengths.tolist())])
         clock = _Phases()
         body, target = self._snappoint(plan)
         clock.mark("snappoint")
@@ -282,7 +296,7 @@ class Agent:
         commit = _Opening(lambda: self.secondary(f"commit/{target.seq}"))
         try:
             digest, stats = self._transfer(primary_uri, body, plan.snap_name, plan.base,
-                                           target, runs, plan.full or plan.divergence is not None)
+                                           target, runs, plan.full)
             clock.mark("transfer")
             clock.phases["transfer_copy"] = round(stats["seconds"], 4)
             receipt = self._commit(manifest.build(body, info.replica_uuid, plan.base, target,
@@ -355,8 +369,7 @@ class Agent:
         sync is one data run over the whole volume)."""
         if plan.full:
             return [(0, body.size, False)]
-        return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq,
-                          plan.divergence)
+        return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq)
 
     def _advance(self, plan, digest, receipt, clock):
         """Step 4, only after the receipt: the link's cursor moves; LINK.N
@@ -407,18 +420,18 @@ class Agent:
         return body.tracked_since_empty and info.tracked_since_empty \
             and not body.chain_truncated
 
-    def _transfer(self, primary_uri, body, snap_name, base, target, runs, by_extents):
+    def _transfer(self, primary_uri, body, snap_name, base, target, runs, full):
         """Streams the runs with the AIO engine (replication/transport.py),
-        hashing each data piece as its read completes: an initial sync or a
-        failback from snap/NAME into stage/..., a cycle packed
-        (replication/pack.py) from pack/NAME/BASE/FP into batch/..."""
+        hashing each data piece as its read completes: an initial sync from
+        snap/NAME into stage/..., a cycle packed (replication/pack.py) from
+        pack/NAME/BASE/FP into batch/..."""
         d = manifest.Digest()
         for off, n, z in runs:
             if z:
                 d.add(off, n, True)
         base_key = manifest.base_key(base)
         stage = f"{body.volume_uuid}/{base_key}/{target.seq}"
-        if by_extents:
+        if full:
             src_export, dst_export, plan = f"snap/{snap_name}", f"stage/{stage}", None
         else:
             plan = pack.batches(runs, batch_bytes=min(pack.BATCH_BYTES, self.max_in_flight))

@@ -207,13 +207,9 @@ def interval_union(sd, body, after_seq, upto_seq):
     return bmap & ~zmap, zmap
 
 
-def union_runs(sd, body, after_seq, upto_seq, extra=None):
+def union_runs(sd, body, after_seq, upto_seq):
     """The run list (manifest.runs) of interval_union(...): what a transfer
     of the intervals (after_seq, upto_seq] sends, as the agent, the pack
-    export and the tests all see it.  extra: more blocks to send as data
-    (a failback's divergence map, bits over blocks), unless the union
-    zeroed them."""
+    export and the tests all see it."""
     data, zero = interval_union(sd, body, after_seq, upto_seq)
-    if extra is not None:
-        data |= extra & ~zero
     return manifest.runs(data, zero, geometry(body)[1], body.block_size, body.size)

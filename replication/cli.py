@@ -535,6 +535,62 @@ def cmd_failback(args):
     return EXIT_OK
 
 
+def cmd_migrate(args):
+    from . import roles
+    from .agent import Agent
+    sd = state.StateDir(args.state)
+    body = sd.read_meta()
+    doc, why = roles.probe(args.peer, args.tls_psk)
+    if doc is None:
+        raise PreplError(f"the peer at {args.peer} does not answer ({why}); a migration needs "
+                         "it running; nothing was changed")
+    peer = roles.primary_info(doc)
+    final = None          # the final cycle's receipt (none when finishing an earlier run)
+    if peer is None or not roles.promoted_from(body, peer):
+        if body.role != "primary":
+            raise RefusedError(f"{sd.path} is a {body.role}: migrate runs on the primary")
+        if doc.get("role") != "secondary" or (doc.get("bound") or {}).get(
+                "primary_uuid") != body.volume_uuid:
+            raise RefusedError(f"{args.peer} is no secondary of this volume "
+                               f"({body.volume_uuid}) holding an interval of it: nothing to "
+                               "migrate to (replicate to it first); nothing was changed")
+        link = next((n for n, ln in body.links.items()
+                     if ln.replica_uuid == doc.get("replica_uuid")), args.name)
+        st = _request(args, "status")
+        if (st.get("links", {}).get(link) or {}).get("agent_running"):
+            raise RefusedError(f"the agent of link {link!r} runs: stop it first (its unit or "
+                               "process); the migration makes its final cycle itself")
+        _request(args, "fence", wait_quiet=args.wait_quiet, timeout=args.wait_quiet + 60)
+        try:
+            receipt = Agent(sd.path, args.peer, name=link, tls_psk_file=args.tls_psk).cycle()
+            reply = roles.promote(args.peer, args.tls_psk, body.volume_uuid, receipt.target)
+        except BaseException:
+            try:
+                _request(args, "unfence")
+            except PreplError as e:
+                print(f"prepl: warning: could not accept writes again ({e}); restart the "
+                      "server", file=sys.stderr)
+            raise
+        if not args.json:
+            print(f"final interval {receipt.target.seq} ({receipt.target.name}) applied; "
+                  f"{args.peer} is a primary now (generation {reply['generation']})")
+        final = receipt.to_json()
+        doc, why = roles.probe(args.peer, args.tls_psk)
+        if doc is None:
+            raise PreplError(f"the promoted peer at {args.peer} does not answer ({why}); run "
+                             "`prepl migrate` again to finish")
+    res = _request(args, "failback", info=doc, uri=args.peer, peer_uuid=doc.get("volume_uuid"),
+                   migrate=True)
+    if args.json:
+        _print_json(dict(res, promoted=doc, final=final))
+    else:
+        print(f"{sd.path} is the secondary of {doc.get('volume_uuid')} at {args.peer} now"
+              + (" (already)" if res.get("again") else "") + ": both volumes hold the same "
+              "image; next, on the new primary: `prepl agent STATE --secondary "
+              f"{res.get('uri')}`")
+    return EXIT_OK
+
+
 # ---- parser ---------------------------------------------------------------
 
 def parser():
@@ -667,6 +723,27 @@ def parser():
     s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_failback)
+
+    s = sub.add_parser("migrate", help="planned role swap: make the secondary at --peer the "
+                       "primary and this primary its secondary, nothing lost",
+                       description="Planned migration (the application stopped): waits for a "
+                       "moment with no write in flight, makes export \"\" refuse writes, "
+                       "runs a final cycle, promotes the peer (through its export "
+                       "\"promote\") and makes this node its secondary with the final interval "
+                       "as the common point: both volumes identical, no resync. Refused (exit "
+                       "5) if writes keep coming for --wait-quiet seconds, if the peer is no "
+                       "secondary of this volume, or while the link's agent runs. Running it "
+                       "again finishes an interrupted one.")
+    s.add_argument("state")
+    s.add_argument("--peer", required=True, metavar="URI", help="the secondary to promote")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK file for a --peer served with TLS")
+    s.add_argument("--name", type=_name, default="default",
+                   help="the link to the peer, if none is recorded yet (default: default)")
+    s.add_argument("--wait-quiet", type=float, default=10, metavar="SECONDS",
+                   help="wait this long for a moment with no write in flight (default 10)")
+    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")

@@ -7,8 +7,14 @@ zero, trim, flush, extents).  The exports themselves live in
 replication/exports_primary.py and replication/exports_secondary.py.
 """
 import errno
+import json
+import logging
 import re
 import uuid
+
+from .errors import PreplError
+
+log = logging.getLogger(__name__)
 
 SEQ = re.compile(r"0|[1-9][0-9]{0,17}")    # an interval number: ASCII decimal, canonical
 
@@ -52,4 +58,42 @@ class DocHandle(Handle):
 
     def pread(self, buf, offset):
         data = self.doc[offset:offset + len(buf)]
+        buf[:] = data + bytes(len(buf) - len(data))
+
+
+class RequestHandle(Handle):
+    """An export that takes a request: write a JSON document at offset 0,
+    then flush; the flush acts on it (answer(text) -> a reply dict, a
+    PreplError becoming {"ok": false, "error": ...}); reads return the
+    reply, or default() before any."""
+    writable = True
+    size = 1 << 20
+
+    def __init__(self):
+        self.buf = bytearray(self.size)
+        self.result = None
+
+    def answer(self, text):
+        raise NotImplementedError
+
+    def default(self):
+        return {"ok": False, "error": "no request was made on this connection"}
+
+    def pwrite(self, buf, offset, flags=0):
+        self.buf[offset:offset + len(buf)] = buf
+
+    def flush(self):
+        text = bytes(self.buf).split(b"\0", 1)[0]
+        if not text:
+            return
+        try:
+            self.result = dict(self.answer(text), ok=True)
+        except PreplError as e:
+            log.error("%s refused: %s", type(self).__name__, e)
+            self.result = {"ok": False, "error": str(e)}
+        self.buf[:] = bytes(len(self.buf))
+
+    def pread(self, buf, offset):
+        doc = json.dumps(self.result or self.default(), sort_keys=True).encode()
+        data = doc[offset:offset + len(buf)]
         buf[:] = data + bytes(len(buf) - len(data))

@@ -45,7 +45,7 @@ def list_exports(t):
 def open_export(t, name, readonly):
     """The handle of export name of tracker t (OSError ENOENT/EINVAL)."""
     if name == "":
-        return VolumeHandle(t, readonly or t.fenced)
+        return VolumeHandle(t, readonly or t.writes_refused)
     if name == "info":
         return DocHandle(json.dumps(status.primary_info(t), sort_keys=True).encode())
     if name.startswith(SNAP_PREFIX):

@@ -25,7 +25,7 @@ import logging
 
 from . import manifest, pack
 from .errors import PreplError
-from .exports import DocHandle, Handle, is_uuid, parse_seq
+from .exports import DocHandle, Handle, RequestHandle, is_uuid, parse_seq
 from .secondary import COMMIT_EXPORT_SIZE
 
 log = logging.getLogger(__name__)
@@ -155,39 +155,20 @@ class BatchHandle(StageHandle):
     zero = trim = Handle.refuse_write
 
 
-class CommitHandle(Handle):
+class CommitHandle(RequestHandle):
     """Write a manifest at offset 0 and flush: the commit happens in the
     flush; reads return the receipt (or why there is none)."""
-    writable = True
+    size = COMMIT_EXPORT_SIZE
 
     def __init__(self, replica, target):
+        super().__init__()
         self.r = replica
         self.target = target
-        self.size = COMMIT_EXPORT_SIZE
-        self.buf = bytearray(COMMIT_EXPORT_SIZE)
-        self.result = None
 
-    def pwrite(self, buf, offset, flags=0):
-        self.buf[offset:offset + len(buf)] = buf
+    def answer(self, text):
+        return {"receipt": self.r.commit(manifest.parse(text, self.target)).to_json()}
 
-    def flush(self):
-        text = bytes(self.buf).split(b"\0", 1)[0]
-        if not text:
-            return
-        try:
-            m = manifest.parse(text, self.target)
-            self.result = {"ok": True, "receipt": self.r.commit(m).to_json()}
-        except PreplError as e:
-            log.error("commit of interval %s refused: %s", self.target, e)
-            self.result = {"ok": False, "error": str(e)}
-        self.buf[:] = bytes(len(self.buf))
-
-    def pread(self, buf, offset):
-        res = self.result
-        if res is None:
-            receipt = self.r.receipt_for(self.target)
-            res = {"ok": True, "receipt": receipt.to_json()} if receipt else \
-                {"ok": False, "error": f"interval {self.target} is not applied"}
-        doc = json.dumps(res, sort_keys=True).encode()
-        data = doc[offset:offset + len(buf)]
-        buf[:] = data + bytes(len(buf) - len(data))
+    def default(self):
+        receipt = self.r.receipt_for(self.target)
+        return {"ok": True, "receipt": receipt.to_json()} if receipt else \
+            {"ok": False, "error": f"interval {self.target} is not applied"}

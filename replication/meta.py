@@ -279,6 +279,7 @@ class Promotion(Record):
     divergence: IntervalRef
     at: float
     generation: int                   # the generation the failover began
+    planned: bool = False             # by `prepl migrate`: nothing diverged
 
 
 @dataclass

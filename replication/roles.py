@@ -58,17 +58,32 @@ log = logging.getLogger(__name__)
 
 FAILBACK = "failback"       # the snappoint that opens the failback map
 PROBE_TIMEOUT = 3.0         # seconds a server's start waits for a link's peer
+QUIET = 0.1                 # seconds without a write that a migration waits for
 CLOCK_MARGIN = 2.0          # seconds two nodes' clocks may differ (and a stamp stall)
 
 
-def failover(replica):
+def failover(replica, planned=None):
     """Promotes the secondary served by Replica `replica` (its server keeps
-    running; the caller then serves it as a primary).  Returns the new
-    metadata body."""
+    running; the caller then serves it as a primary).  planned: (primary
+    volume UUID, IntervalRef) of a migration, which the replica's binding
+    and last applied interval must be.  Returns the new metadata body and
+    the seconds it waited for a merge (None: none was running)."""
     r = replica
     with r.lock:
-        r.quiesce()
+        t0 = time.monotonic()
+        waited = time.monotonic() - t0 if r.quiesce() else None
+        if waited is not None:
+            log.info("failover: waited %.3f s for the merge of the last applied interval",
+                     waited)
         old = r.body
+        if planned is not None and old.role == "secondary" and (
+                old.bound is None or old.applied is None
+                or (old.bound.primary_uuid, old.applied.target) != planned):
+            raise RefusedError(f"a migration from {planned[0]} at interval {planned[1].seq} "
+                               f"asks to promote {r.sd}, but its replica holds "
+                               f"{old.applied.target.seq if old.applied else 'nothing'} of "
+                               f"{old.bound.primary_uuid if old.bound else 'no primary'}; "
+                               "nothing was changed")
         if old.role != "secondary":
             raise RefusedError(f"{r.sd} is a {old.role}, not a secondary: nothing to fail "
                                "over")
@@ -97,7 +112,7 @@ def failover(replica):
             new.role = "primary"
             new.generation += 1
             new.promoted = Promotion(old.bound.primary_uuid, old.applied.target, now,
-                                     new.generation)
+                                     new.generation, planned=planned is not None)
             new.tracked_since_empty = False     # its chain starts here, not at creation
             new.staging = None
             new.clean = True                    # the tracker's start records it serving
@@ -109,7 +124,30 @@ def failover(replica):
     log.warning("failover: %s is a primary now (generation %d), promoted from a replica of "
                 "%s at interval %d (%s)", r.sd, new.generation, old.bound.primary_uuid,
                 old.applied.target.seq, old.applied.target.name)
-    return new
+    return new, waited
+
+
+def promote(uri, tls_psk_file, primary_uuid, target, timeout=60.0):
+    """A migration's last step on the peer: its export "promote" is asked
+    to promote it, if it holds interval target (an IntervalRef) of volume
+    primary_uuid; returns the reply (RefusedError if refused)."""
+    import json
+
+    from . import transport
+    from .agent import PSK_USER
+    h = transport.open_nbd(uri, export="promote", tls_psk_file=tls_psk_file,
+                           tls_username=PSK_USER if tls_psk_file else None,
+                           connect_timeout=timeout)
+    try:
+        req = {"primary_uuid": primary_uuid, "target": target.to_json()}
+        transport.pwrite(h, json.dumps(req, sort_keys=True).encode(), 0, timeout)
+        transport.flush(h, timeout)
+        reply = json.loads(transport.pread(h, 65536, 0, timeout).split(b"\0", 1)[0])
+    finally:
+        transport.close_nbd(h)
+    if not reply.get("ok"):
+        raise RefusedError(f"{uri} refused to be promoted: {reply.get('error')}")
+    return reply
 
 
 def probe(uri, tls_psk_file=None, timeout=5.0):
@@ -201,6 +239,30 @@ def reinstate(t, info, uri):
     return s
 
 
+def fence_when_quiet(t, wait_quiet):
+    """A migration's fence: waits up to wait_quiet seconds for a moment with
+    no write in flight (the count of writes unchanged over QUIET seconds),
+    then export "" refuses writes (in memory: a restart serves it again).
+    Returns the count of writes; RefusedError if writes keep coming."""
+    deadline = time.monotonic() + wait_quiet
+    while True:
+        with t.lock:
+            t.check_open()
+            if t.body.superseded is not None:
+                raise RefusedError(f"{t.sd} is superseded: it cannot migrate")
+            n = t.vol.writes_total
+            if t.vol.writers == 0:
+                time.sleep(QUIET)
+                if t.vol.writes_total == n and t.vol.writers == 0:
+                    t.fence()
+                    return t.vol.writes_total
+        if time.monotonic() > deadline:
+            raise RefusedError(f"writes kept coming to {t.sd} for {wait_quiet:g} s: stop the "
+                               "applications (or unmount the filesystem) first, or give a "
+                               "longer --wait-quiet; nothing was changed")
+        time.sleep(QUIET)
+
+
 def probe_links(t, timeout=PROBE_TIMEOUT):
     """Before a primary serves: asks each link's secondary what it is; one
     promoted from this volume supersedes it.  A peer that does not answer
@@ -270,7 +332,7 @@ def divergence_bits(t, point):
     return bits, why
 
 
-def failback(t, peer, uri, discard=False):
+def failback(t, peer, uri, discard=False, migrating=False):
     """Tracker t's node becomes the secondary of peer (a PrimaryInfo at
     uri); returns (the new body, the report).  Writes are fenced first (the
     divergence map is then final); a refusal unfences them."""
@@ -285,6 +347,10 @@ def failback(t, peer, uri, discard=False):
         try:
             bits, whole = divergence_bits(t, mine)
             report = divergence_report(t, bits, whole, mine, peer, promoted)
+            if migrating and report["blocks"]:
+                raise RefusedError(f"a migration left {report['blocks']} blocks written after "
+                                   "its final interval (writes were not fenced?): fail back "
+                                   "instead; nothing was changed")
             if report["split_brain"] and not discard:
                 raise RefusedError(split_brain_message(t, report, uri))
             body = _demote(t, peer, base, bits, report)
@@ -365,7 +431,8 @@ def _demote(t, peer, base, bits, report):
         new.next_seq = 1
         new.bound = Binding(peer.volume_uuid, now, *b.geometry())
         new.applied = Applied(base, None, now)
-        new.failback = Failback(base, name, m.digest(), report["blocks"], now, report)
+        new.failback = Failback(base, name, m.digest(), report["blocks"], now, report) \
+            if report["blocks"] else None     # nothing diverged (a migration)
         new.receipts, new.staging = [], None
         new.promoted = new.superseded = None
         new.tracked_since_empty, new.chain_truncated = False, False

@@ -357,9 +357,11 @@ class Replica:
     def quiesce(self):
         """Before a role change (the caller holds self.lock): the last merge
         is done and an incomplete staging is discarded (the change's record
-        forgets it)."""
+        forgets it).  Returns whether a merge was still running."""
+        running = self.merger is not None and self.merger.is_alive()
         self._finish_merge()
         self.staging.discard()
+        return running
 
     def hand_over_lock(self):
         """The state directory's lock, for what serves it next (failover)."""

@@ -14,6 +14,7 @@ primary's exports (connections opened before keep reading the volume).
 If the Tracker cannot start after the record, the server stops (its next
 start serves the primary).
 """
+import json
 import logging
 import os
 
@@ -21,7 +22,8 @@ from . import exports_primary, exports_secondary, faults, roles
 from .control import ControlServer
 from .errors import (EXIT_STATE, PreplError, RefusedError, StateError,  # noqa: F401 (plugin.py: PreplError)
                      UsageError)
-from .meta import RecordError, ReplicaInfo
+from .exports import RequestHandle
+from .meta import IntervalRef, RecordError, ReplicaInfo
 from .secondary import Replica
 from .state import StateDir
 from .tracker import Tracker
@@ -84,7 +86,7 @@ class Server:
     def control_handlers(self):
         return dict(self.owner.control_handlers(), failover=self.failover,
                     supersede=self.supersede, failback=self.failback,
-                    reinstate=self.reinstate)
+                    reinstate=self.reinstate, fence=self.fence, unfence=self.unfence)
 
     def reinstate(self, req):
         """The control socket's "reinstate": the node that superseded this
@@ -103,17 +105,21 @@ class Server:
         secondary of the peer whose info the request carries
         (replication/roles.py) and is served as one from now on."""
         if self.tracker is None:
-            fb = self.replica.body.failback
-            if fb is not None and req.get("peer_uuid") == self.replica.body.bound.primary_uuid:
-                return dict(fb.report, role="secondary", uri=self.uri, again=True)
-            raise RefusedError(f"{self.state} is a secondary already; failback turns a "
-                               "primary into the secondary of the node it diverged from")
+            b = self.replica.body
+            if b.bound is not None and req.get("peer_uuid") == b.bound.primary_uuid:
+                report = b.failback.report if b.failback else {"blocks": 0, "bytes": 0}
+                return dict(report, role="secondary", uri=self.uri, again=True)
+            raise RefusedError(f"{self.state} is a secondary already (of "
+                               f"{b.bound.primary_uuid if b.bound else 'no primary yet'}); "
+                               "failback turns a primary into the secondary of the node it "
+                               "diverged from")
         peer = roles.primary_info(req.get("info"))
         if peer is None:
             raise RefusedError("the peer is no prepl primary (failback needs the node to "
                                "follow serving as a primary); nothing was changed")
         t = self.tracker
-        _, report = roles.failback(t, peer, req.get("uri"), bool(req.get("discard_my_data")))
+        _, report = roles.failback(t, peer, req.get("uri"), bool(req.get("discard_my_data")),
+                                   migrating=bool(req.get("migrate")))
         faults.point("primary.failback.recorded")
         try:
             r = Replica(self.state, lockfile=t.retire())
@@ -142,13 +148,29 @@ class Server:
     def failover(self, req):
         """The control socket's "failover": this secondary becomes a primary
         (replication/roles.py) and is served as one from now on."""
+        return self._promote()
+
+    def promote(self, req):
+        """Export "promote" (a migration's primary asks): as failover, if
+        the replica holds exactly the interval the request names of the
+        primary it names; asking again once promoted answers the same."""
+        try:
+            planned = (req["primary_uuid"], IntervalRef.from_json(req["target"]))
+        except (KeyError, TypeError, RecordError) as e:
+            raise RefusedError(f"malformed promote request ({e})") from None
+        p = self.tracker.body.promoted if self.tracker else None
+        if p is not None and (p.from_volume_uuid, p.divergence) == planned:
+            return self._promoted(self.tracker.body)
+        return self._promote(planned)
+
+    def _promote(self, planned=None):
         if self.replica is None:
             raise RefusedError(f"{self.state} is a primary already"
                                + (f" (promoted by a failover at generation "
                                   f"{self.tracker.body.promoted.generation})"
                                   if self.tracker.body.promoted else "")
                                + "; failover turns a secondary into a primary")
-        body = roles.failover(self.replica)
+        body, waited = roles.failover(self.replica, planned)
         faults.point("secondary.failover.recorded")
         old = self.replica
         try:
@@ -162,10 +184,33 @@ class Server:
         self.tracker = t
         self.replica = None
         self.control.serve(t, self.control_handlers())
+        return dict(self._promoted(body), merge_waited_seconds=waited)
+
+    def _promoted(self, body):
         p = body.promoted
         return {"role": "primary", "generation": body.generation,
                 "promoted_from": p.from_volume_uuid, "divergence": p.divergence.to_json(),
                 "failback_snappoint": roles.FAILBACK, "uri": self.uri}
+
+    def fence(self, req):
+        """The control socket's "fence" (a migration): once no write is in
+        flight (waiting up to wait_quiet seconds), export "" refuses writes
+        until "unfence" or a restart; nothing is recorded."""
+        t = self._primary("fence")
+        return {"fenced": True, "writes_total": roles.fence_when_quiet(
+            t, float(req.get("wait_quiet", 10)))}
+
+    def unfence(self, req):
+        t = self._primary("unfence")
+        with t.lock:
+            if not t.fenced:
+                t.unfence()
+        return {"fenced": t.fenced}
+
+    def _primary(self, op):
+        if self.tracker is None:
+            raise RefusedError(f"{self.state} is a secondary: {op} is for a primary")
+        return self.tracker
 
     def cleanup(self):
         if self.control:
@@ -179,9 +224,30 @@ class Server:
         return exports_primary.list_exports(self.tracker)
 
     def open(self, name, readonly):
+        if self.replica and name == "promote" and not readonly:
+            return PromoteHandle(self)
         if self.replica:
             return exports_secondary.open_export(self.replica, name, readonly)
         return exports_primary.open_export(self.tracker, name, readonly)
+
+
+class PromoteHandle(RequestHandle):
+    """Export "promote" of a secondary (not listed): a migration's primary
+    writes {"primary_uuid", "target"} and flushes; the reply says what the
+    node is now (Server.promote)."""
+
+    def __init__(self, server):
+        super().__init__()
+        self.server = server
+
+    def answer(self, text):
+        try:
+            req = json.loads(text)
+        except ValueError as e:
+            raise RefusedError(f"malformed promote request ({e})") from None
+        if not isinstance(req, dict):
+            raise RefusedError("malformed promote request (not a JSON object)")
+        return self.server.promote(req)
 
 
 def _fail_stop(err):

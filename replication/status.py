@@ -24,7 +24,7 @@ def primary(t):
         "tracked_since_empty": b.tracked_since_empty,
         "promoted": b.promoted.to_json() if b.promoted else None,
         "superseded": b.superseded.to_json() if b.superseded else None,
-        "read_only": t.fenced,
+        "read_only": t.writes_refused,
         "pid": os.getpid(),
         "uri": t.uri,
         "recovered": t.recovered,

@@ -25,11 +25,13 @@ import logging
 import os
 import threading
 
+import numpy as np
+
 from . import faults, native, status
 from .actlog import AL_HEADER, ActivityLog
 from .chain import check_closed_files, damaged_intervals, geometry, open_interval_maps, \
     upgrade_digests
-from .errors import NotFoundError, StateError
+from .errors import NotFoundError, RefusedError, StateError
 from .links import Links
 from .meta import Metadata
 from .snappoints import Snappoints
@@ -79,6 +81,7 @@ class Tracker:
         for point, code in native.WRITE_PATH_FAULTS.items():
             if faults.armed(point) is not None:
                 self.vol.set_fault(code)
+        self._fence = self.fenced
         if self.fenced:
             self.vol.refuse_writes(errno.EROFS)
         self.vol.switch(self.maps.bits())
@@ -125,10 +128,17 @@ class Tracker:
         """Export "" refuses writes: the replica was promoted (superseded)."""
         return self.body.superseded is not None and not self.force
 
+    @property
+    def writes_refused(self):
+        """Export "" refuses writes now: fenced, or by a migration's fence."""
+        return self.fenced or self._fence
+
     def fence(self):
-        """After the record of supersession: in-flight writes drain, later
-        ones fail with EROFS; the write clock stamps the last of them."""
+        """After the record of supersession (or for a migration, with no
+        record): in-flight writes drain, later ones fail with EROFS; the
+        write clock stamps the last of them."""
         self.vol.refuse_writes(errno.EROFS)
+        self._fence = True
         self.clock.stop()
 
     def unfence(self):
@@ -136,6 +146,7 @@ class Tracker:
         new write clock."""
         self.clock = WriteClock(self.sd, lambda: self.vol.writes_total, False)
         self.vol.refuse_writes(0)
+        self._fence = False
         self.clock.start()
 
     def retire(self):
@@ -187,6 +198,29 @@ class Tracker:
         for seq in seqs:
             self.closed_maps.pop(seq, None)
 
+    def mark_changed(self, runs):
+        """Blocks [[first, count], ...] counted as written in the open
+        interval (a failback's divergence map: its cycle then sends them as
+        any change, packed).  More bits only ever send more."""
+        nb, per = self.nblocks, self.body.region_size // self.body.block_size
+        b = np.zeros(native.words_for(nb), np.uint64)
+        c = np.zeros(native.words_for(self.nregions), np.uint64)
+        total = 0
+        for run in runs if isinstance(runs, list) else [None]:
+            if not (isinstance(run, list) and len(run) == 2
+                    and all(type(x) is int for x in run)
+                    and 0 <= run[0] and 0 < run[1] <= nb - run[0]):
+                raise RefusedError(f"mark_changed takes runs [first block, count] within "
+                                   f"the volume's {nb} blocks, not {str(run)[:80]}")
+            native.bm_set(b, nb, run[0], run[1])
+            native.bm_set(c, self.nregions, run[0] // per,
+                          (run[0] + run[1] - 1) // per - run[0] // per + 1)
+            total += run[1]
+        with self.lock:
+            self.check_open()
+            self.vol.merge_open((c, b, np.zeros_like(b)))
+        return {"blocks": total}
+
     def blocks_after(self, seq):
         """Blocks written in the intervals after interval seq."""
         return sum(self.interval_maps(iv).bmap.count()
@@ -228,6 +262,7 @@ class Tracker:
             "snappoint_convert": lambda r: self.snappoints.convert(r.get("name")),
             "snappoint_delete": lambda r: self.snappoints.delete(r.get("name")),
             "maps": lambda r: self.dump_maps(),
+            "mark_changed": lambda r: self.mark_changed(r.get("runs")),
             "link_update": lambda r: self._locked(self.links.update, r.get("name"),
                                                   r.get("fields") or {}),
             "link_resync": lambda r: self._locked(self.links.resync, r.get("name")),
