@@ -35,7 +35,8 @@ import nbd
 
 import numpy as np
 
-from . import chain, control, faults, manifest, native, pack, roles, transport
+from . import chain, control, faults, manifest, native, pack, peers, roles, transport
+from .peers import PSK_USER
 from .chain import union_runs, verify_interval
 from .maps import bytes_digest
 from .errors import PreplError, RefusedError, StateError
@@ -45,7 +46,6 @@ from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSo
                         NbdTarget, TransportError, copy_extents, copy_requests, open_nbd)
 
 log = logging.getLogger(__name__)
-PSK_USER = "prepl"     # the username `prepl keygen` writes
 
 
 def _close(h):
@@ -231,10 +231,10 @@ class Agent:
         finally:
             _close(h)
         try:
-            peer = roles.primary_info(json.loads(doc))
+            peer = peers.primary_info(json.loads(doc))
         except ValueError:
             peer = None
-        if peer is not None and roles.promoted_from(self.sd.read_meta(), peer):
+        if peer is not None and peers.promoted_from(self.sd.read_meta(), peer):
             reply = self.ctl("supersede", info=peer.to_json(), uri=self.secondary_uri,
                              link=self.name)
             raise RefusedError(f"{self.secondary_uri} was promoted from this primary by a "

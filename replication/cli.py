@@ -14,6 +14,7 @@ import sys
 import time
 
 from . import control, nbdkit_bin, state, status
+from .peers import PSK_USER
 from .meta import Receipt
 from .errors import (EXIT_OK, NotRunningError, PreplError, RefusedError, StateError,
                      UsageError, InUseError)
@@ -213,9 +214,6 @@ def _spawn_detached(argv, logfd, keep_fd, reparent_timeout=30):
             os._exit(127)
     finally:
         os._exit(code)
-
-
-PSK_USER = "prepl"
 
 
 def cmd_keygen(args):
@@ -464,11 +462,11 @@ def cmd_sync(args):
 # ---- roles ---------------------------------------------------------------------
 
 def cmd_failover(args):
-    from . import roles
+    from . import peers
     sd = state.StateDir(args.state)
     body = sd.read_meta()
     if args.peer:
-        info, why = roles.probe(args.peer, args.tls_psk)
+        info, why = peers.probe(args.peer, args.tls_psk)
         old = body.bound.primary_uuid if body.bound else None
         if info is None:
             print(f"prepl: warning: the old primary at {args.peer} does not answer ({why}); "
@@ -502,10 +500,10 @@ def cmd_failover(args):
 
 
 def cmd_failback(args):
-    from . import roles
+    from . import peers
     sd = state.StateDir(args.state)
     sd.read_meta()
-    doc, why = roles.probe(args.peer, args.tls_psk)
+    doc, why = peers.probe(args.peer, args.tls_psk)
     if doc is None:
         raise PreplError(f"the node to fail back onto, at {args.peer}, does not answer ({why}); "
                          "it must be running (and --tls-psk given if it requires TLS); "
@@ -536,51 +534,16 @@ def cmd_failback(args):
 
 
 def cmd_migrate(args):
-    from . import roles
-    from .agent import Agent
+    from . import migrate
     sd = state.StateDir(args.state)
-    body = sd.read_meta()
-    doc, why = roles.probe(args.peer, args.tls_psk)
-    if doc is None:
-        raise PreplError(f"the peer at {args.peer} does not answer ({why}); a migration needs "
-                         "it running; nothing was changed")
-    peer = roles.primary_info(doc)
-    final = None          # the final cycle's receipt (none when finishing an earlier run)
-    if peer is None or not roles.promoted_from(body, peer):
-        if body.role != "primary":
-            raise RefusedError(f"{sd.path} is a {body.role}: migrate runs on the primary")
-        if doc.get("role") != "secondary" or (doc.get("bound") or {}).get(
-                "primary_uuid") != body.volume_uuid:
-            raise RefusedError(f"{args.peer} is no secondary of this volume "
-                               f"({body.volume_uuid}) holding an interval of it: nothing to "
-                               "migrate to (replicate to it first); nothing was changed")
-        link = next((n for n, ln in body.links.items()
-                     if ln.replica_uuid == doc.get("replica_uuid")), args.name)
-        st = _request(args, "status")
-        if (st.get("links", {}).get(link) or {}).get("agent_running"):
-            raise RefusedError(f"the agent of link {link!r} runs: stop it first (its unit or "
-                               "process); the migration makes its final cycle itself")
-        _request(args, "fence", wait_quiet=args.wait_quiet, timeout=args.wait_quiet + 60)
-        try:
-            receipt = Agent(sd.path, args.peer, name=link, tls_psk_file=args.tls_psk).cycle()
-            reply = roles.promote(args.peer, args.tls_psk, body.volume_uuid, receipt.target)
-        except BaseException:
-            try:
-                _request(args, "unfence")
-            except PreplError as e:
-                print(f"prepl: warning: could not accept writes again ({e}); restart the "
-                      "server", file=sys.stderr)
-            raise
+    sd.read_meta()
+
+    def said(receipt, reply):
         if not args.json:
             print(f"final interval {receipt.target.seq} ({receipt.target.name}) applied; "
                   f"{args.peer} is a primary now (generation {reply['generation']})")
-        final = receipt.to_json()
-        doc, why = roles.probe(args.peer, args.tls_psk)
-        if doc is None:
-            raise PreplError(f"the promoted peer at {args.peer} does not answer ({why}); run "
-                             "`prepl migrate` again to finish")
-    res = _request(args, "failback", info=doc, uri=args.peer, peer_uuid=doc.get("volume_uuid"),
-                   migrate=True)
+    res, doc, final = migrate.migrate(sd, args.peer, args.tls_psk, args.name, args.wait_quiet,
+                                      lambda op, **kw: _request(args, op, **kw), said)
     if args.json:
         _print_json(dict(res, promoted=doc, final=final))
     else:

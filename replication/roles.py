@@ -31,35 +31,26 @@ What it promises:
   pending (Failback): the peer's first cycle must overwrite every block in
   it, and the replica stays its own old image until that cycle applies.
 * Split brain (both sides wrote after the failover): failback refuses
-  unless --discard-my-data names this node the loser.  The old primary's
-  writes after the divergence point are its own to lose if none can have
-  been made after the failover: its write clock (replication/
-  writeclock.py) says no write was accepted after WRITTEN, and the
-  promoted node recorded the failover at F; WRITTEN + CLOCK_MARGIN <= F
-  proves it (the margin covers the two clocks' skew and a stalled stamp).
-  Otherwise, and always on the promoted node (its writes after the
-  failover are after it by definition), writes after the divergence point
-  need the flag.  Nothing is discarded without a report of it.
+  unless --discard-my-data names this node the loser (the rule is in
+  replication/divergence.py).
+* A migration's fence: export "" refuses writes, in memory only, once no
+  write is in flight.
+What it asks of the other node is in replication/peers.py.
 """
 import logging
 import time
 
-import numpy as np
-
-from . import faults, native
-from .chain import create_interval_files, geometry, new_interval, remove_files, \
-    verify_interval
-from .errors import DamagedMapError, RefusedError
+from . import divergence, faults, peers
+from .chain import create_interval_files, geometry, new_interval, remove_files
+from .errors import RefusedError
 from .maps import KINDS, MapFile, file_digest
-from .meta import (Applied, Binding, Failback, PrimaryInfo, Promotion, RecordError,
-                   Supersession)
+from .meta import Applied, Binding, Failback, Promotion, Supersession
 
 log = logging.getLogger(__name__)
 
 FAILBACK = "failback"       # the snappoint that opens the failback map
 PROBE_TIMEOUT = 3.0         # seconds a server's start waits for a link's peer
 QUIET = 0.1                 # seconds without a write that a migration waits for
-CLOCK_MARGIN = 2.0          # seconds two nodes' clocks may differ (and a stamp stall)
 
 
 def failover(replica, planned=None):
@@ -127,73 +118,6 @@ def failover(replica, planned=None):
     return new, waited
 
 
-def promote(uri, tls_psk_file, primary_uuid, target, timeout=60.0):
-    """A migration's last step on the peer: its export "promote" is asked
-    to promote it, if it holds interval target (an IntervalRef) of volume
-    primary_uuid; returns the reply (RefusedError if refused)."""
-    import json
-
-    from . import transport
-    from .agent import PSK_USER
-    h = transport.open_nbd(uri, export="promote", tls_psk_file=tls_psk_file,
-                           tls_username=PSK_USER if tls_psk_file else None,
-                           connect_timeout=timeout)
-    try:
-        req = {"primary_uuid": primary_uuid, "target": target.to_json()}
-        transport.pwrite(h, json.dumps(req, sort_keys=True).encode(), 0, timeout)
-        transport.flush(h, timeout)
-        reply = json.loads(transport.pread(h, 65536, 0, timeout).split(b"\0", 1)[0])
-    finally:
-        transport.close_nbd(h)
-    if not reply.get("ok"):
-        raise RefusedError(f"{uri} refused to be promoted: {reply.get('error')}")
-    return reply
-
-
-def probe(uri, tls_psk_file=None, timeout=5.0):
-    """What the node at NBD address uri says of itself (its export "info",
-    a JSON object), or (None, why) if it cannot be reached within timeout
-    seconds (nothing answers, or it serves no such export)."""
-    import json
-
-    import nbd
-
-    from . import transport
-    from .agent import PSK_USER
-    from .transport import TransportError
-    try:
-        h = transport.open_nbd(uri, export="info", tls_psk_file=tls_psk_file,
-                               tls_username=PSK_USER if tls_psk_file else None,
-                               connect_timeout=timeout)
-    except (TransportError, nbd.Error, OSError) as e:
-        return None, str(e)
-    try:
-        doc = transport.read_document(h, timeout)
-        return json.loads(doc), None
-    except (TransportError, nbd.Error, ValueError) as e:
-        return None, f"its info export could not be read: {e}"
-    finally:
-        transport.close_nbd(h)
-
-
-def promoted_from(body, info):
-    """Whether info (a PrimaryInfo) is a node promoted by a failover from
-    the volume of body (a Body)."""
-    return (info.role == "primary" and info.promoted is not None
-            and info.promoted.from_volume_uuid == body.volume_uuid)
-
-
-def primary_info(doc):
-    """The PrimaryInfo in an info document (a dict), or None if it is no
-    primary's."""
-    if not isinstance(doc, dict) or doc.get("role") != "primary":
-        return None
-    try:
-        return PrimaryInfo.from_json(doc)
-    except RecordError:
-        return None
-
-
 def supersede(t, info, uri, learned_by, link=None):
     """Tracker t learned that info (a PrimaryInfo, at uri) was promoted
     from its volume: recorded durably, then export "" is fenced (unless the
@@ -201,7 +125,7 @@ def supersede(t, info, uri, learned_by, link=None):
     with t.lock:
         t.check_open()
         b = t.body
-        if not promoted_from(b, info):
+        if not peers.promoted_from(b, info):
             raise RefusedError(f"{uri} is no node promoted from volume {b.volume_uuid}; "
                                "nothing was changed")
         s = b.superseded
@@ -270,13 +194,13 @@ def probe_links(t, timeout=PROBE_TIMEOUT):
     for name, link in sorted(t.body.links.items()):
         if not link.secondary:
             continue
-        doc, why = probe(link.secondary, link.tls_psk, timeout)
+        doc, why = peers.probe(link.secondary, link.tls_psk, timeout)
         if doc is None:
             log.warning("link %s: could not ask %s what it is (%s); serving anyway", name,
                         link.secondary, why)
             continue
-        info = primary_info(doc)
-        if info is not None and promoted_from(t.body, info):
+        info = peers.primary_info(doc)
+        if info is not None and peers.promoted_from(t.body, info):
             supersede(t, info, link.secondary, "probe", name)
 
 
@@ -286,7 +210,7 @@ def _sides(body, peer):
     """(my divergence point, the peer's base, am I the promoted node) for
     this node's body and the peer's PrimaryInfo; RefusedError if the two
     did not diverge from each other."""
-    if promoted_from(body, peer):
+    if peers.promoted_from(body, peer):
         if peer.failback_base is None:
             raise RefusedError(f"the promoted node {peer.volume_uuid} no longer holds its "
                                f"{FAILBACK!r} snappoint (the start of its changes since the "
@@ -307,31 +231,6 @@ def _sides(body, peer):
                        "(wrong --peer?); nothing was changed")
 
 
-def divergence_bits(t, point):
-    """The block bits this tracker wrote after interval point (an
-    IntervalRef of its chain): every interval after it, the open one too;
-    (bits, None) -- or every block, with why, if point is not in the chain
-    or a map after it is damaged."""
-    b = t.body
-    nblocks = geometry(b)[1]
-    bits = np.zeros(native.words_for(nblocks), np.uint64)
-    start = next((iv for iv in b.intervals if point is not None and iv.ref() == point), None)
-    why = None if start else "the divergence point is not in this node's chain"
-    for iv in b.intervals if start else ():
-        if iv.seq <= start.seq:
-            continue
-        try:
-            if iv.closed:
-                verify_interval(t.sd, iv)
-        except DamagedMapError as e:
-            why = f"interval {iv.seq}'s maps are damaged ({e})"
-            break
-        bits |= t.interval_maps(iv).bmap.bits
-    if why:
-        native.bm_set(bits, nblocks, 0, nblocks)
-    return bits, why
-
-
 def failback(t, peer, uri, discard=False, migrating=False):
     """Tracker t's node becomes the secondary of peer (a PrimaryInfo at
     uri); returns (the new body, the report).  Writes are fenced first (the
@@ -345,14 +244,14 @@ def failback(t, peer, uri, discard=False, migrating=False):
         mine, base, promoted = _sides(b, peer)
         t.fence()
         try:
-            bits, whole = divergence_bits(t, mine)
-            report = divergence_report(t, bits, whole, mine, peer, promoted)
+            bits, whole = divergence.written_after(t, mine)
+            report = divergence.report(t, bits, whole, mine, peer, promoted)
             if migrating and report["blocks"]:
                 raise RefusedError(f"a migration left {report['blocks']} blocks written after "
                                    "its final interval (writes were not fenced?): fail back "
                                    "instead; nothing was changed")
             if report["split_brain"] and not discard:
-                raise RefusedError(split_brain_message(t, report, uri))
+                raise RefusedError(divergence.split_brain_message(t, report, uri))
             body = _demote(t, peer, base, bits, report)
         except BaseException:
             if not t.fenced:
@@ -362,50 +261,6 @@ def failback(t, peer, uri, discard=False, migrating=False):
                 "after the divergence point will be overwritten by the first cycle", t.sd,
                 peer.volume_uuid, uri, report["bytes"])
     return body, report
-
-
-def divergence_report(t, bits, whole, mine, peer, promoted):
-    """What a failback overwrites and whether it is a split brain."""
-    b = t.body
-    nblocks = geometry(b)[1]
-    blocks = native.bm_count(bits, nblocks)
-    after = [iv for iv in b.intervals if mine is not None and iv.seq > mine.seq]
-    written = t.clock.written
-    failover_at = peer.promoted.at if not promoted else b.promoted.at
-    mine_after = blocks > 0 and (promoted or written + CLOCK_MARGIN > failover_at)
-    return {
-        "bytes": min(blocks * b.block_size, b.size), "blocks": blocks,
-        "whole_volume": whole,
-        "divergence": mine.to_json() if mine else None,
-        "intervals": [iv.seq for iv in after],
-        "first": mine.time if mine else None, "last_write": written or None,
-        "activity_log_extents": (t.recovered or {}).get("al_extents", 0),
-        "failover_at": failover_at,
-        "peer_bytes": peer.written_since_failover,
-        "peer_last_write": peer.last_write,
-        "this_node_promoted": promoted,
-        "split_brain": bool(mine_after),
-        "clock_margin": CLOCK_MARGIN,
-    }
-
-
-def _when(ts):
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "?"
-
-
-def split_brain_message(t, r, uri):
-    mine = (f"this node ({t.sd}) wrote {r['bytes']} bytes after the divergence point "
-            f"(from {_when(r['first'])} to {_when(r['last_write'])} by its clock)")
-    peer = (f"the peer at {uri} wrote {r['peer_bytes'] or 0} bytes since the failover "
-            f"(from {_when(r['failover_at'])} to {_when(r['peer_last_write'])} by its clock)")
-    why = ("it is the promoted node: its writes since the failover are the peer's to lose "
-           "or its own" if r["this_node_promoted"] else
-           f"some of them may have been made after the failover at {_when(r['failover_at'])} "
-           f"(within {CLOCK_MARGIN:g} s of clock margin, or later)")
-    return (f"split brain: {mine}, and {why}; {peer}. Failing back would discard this node's "
-            f"writes. If they are the ones to lose, run `prepl failback {t.sd} --peer {uri} "
-            "--discard-my-data`; to keep them, run the failback with --discard-my-data on the "
-            "peer instead. Nothing was changed")
 
 
 def _demote(t, peer, base, bits, report):

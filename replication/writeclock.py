@@ -16,7 +16,7 @@ What it promises, while the volume accepts writes:
   fence) looks once more after the writes have drained; a start after an
   unclean stop first raises it to the crashed run's lease + PERIOD.
 
-So WRITTEN + the time a stalled stamp takes (roles.CLOCK_MARGIN covers it,
+So WRITTEN + the time a stalled stamp takes (divergence.CLOCK_MARGIN covers it,
 with the two clocks' skew) bounds every write this node ever accepted.  A
 file that cannot be read is no evidence: written() is None and the caller
 assumes the worst (a write at any time).

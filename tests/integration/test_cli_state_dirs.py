@@ -31,6 +31,8 @@ ARGS = {
     ("failback",): [["--peer", "nbd+unix:///?socket={tmp}/s.sock"],
                     ["--peer", "nbd+unix:///?socket={tmp}/s.sock", "--discard-my-data",
                      "--json"]],
+    ("migrate",): [["--peer", "nbd+unix:///?socket={tmp}/s.sock"],
+                   ["--peer", "nbd+unix:///?socket={tmp}/s.sock", "--wait-quiet", "1", "--json"]],
 }
 KINDS = {"missing": "does not exist", "empty": "is not a prepl state directory",
          "corrupt": "is corrupt", "file": "is not a directory"}

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from replication import roles, writeclock
+from replication import divergence, writeclock
 from tests.conftest import meta_json, prepl
 from tests.integration.test_failover import SIZE, failover, replicated_pair
 
@@ -44,7 +44,7 @@ def failback(srv, peer, *args, check=True):
 
 def wait_out_the_clock_margin():
     """Until the old primary's last write is provably before a failover."""
-    time.sleep(writeclock.PERIOD + roles.CLOCK_MARGIN + 0.5)
+    time.sleep(writeclock.PERIOD + divergence.CLOCK_MARGIN + 0.5)
 
 
 def last_cycle_bytes(srv):

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from replication import roles, writeclock
+from replication import divergence, writeclock
 from tests.conftest import ENV, PREPL, REPO, meta_json, prepl, served_pair, stop_process, \
     wait_for
 from tests.harness.powerdisk import NbdMount
@@ -123,7 +123,7 @@ def test_primary_dies_failover_failback_ext4(tmp_path, make_server):
         fs.kill()
     al = activity_log_blocks(a.state)           # before any restart: the crash's log
     a_after = blocks_after(a.state, last["seq"]) | al
-    time.sleep(writeclock.PERIOD + roles.CLOCK_MARGIN + 0.5)
+    time.sleep(writeclock.PERIOD + divergence.CLOCK_MARGIN + 0.5)
     assert meta_json(b.state)["applied"]["target"] == last      # the held cycle never applied
     r = prepl("failover", b.state, "--peer", uri(a.sock))
     assert "does not answer" in r.stderr

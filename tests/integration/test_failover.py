@@ -56,7 +56,8 @@ def test_failover_serves_the_replica_read_write_and_tracked(tmp_path, make_serve
     st = sec.ctl("status")
     assert (st["role"], st["generation"]) == ("primary", before["generation"] + 1)
     assert {k: type(v) for k, v in st["promoted"].items()} == \
-        {"from_volume_uuid": str, "divergence": dict, "at": float, "generation": int}
+        {"from_volume_uuid": str, "divergence": dict, "at": float, "generation": int,
+         "planned": bool}
     assert st["promoted"]["from_volume_uuid"] == meta_json(prim.state)["volume_uuid"]
     assert st["promoted"]["divergence"] == before["applied"]["target"]
     assert [sp["name"] for sp in st["snappoints"]] == ["failback"]

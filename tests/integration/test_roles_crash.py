@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from replication import roles, writeclock
+from replication import divergence, writeclock
 from tests.conftest import meta_json, prepl, wait_for
 from tests.harness.powerdisk import PowerLossDisk
 from tests.integration.test_crash_sweep import SIZE, cycle, digest, restart, scribble
@@ -80,7 +80,7 @@ def test_role_change_crash(tmp_path, make_server, point, disk_node):
         scribble(a, rnd)
         p1 = digest(a)
         a.stop()
-        time.sleep(writeclock.PERIOD + roles.CLOCK_MARGIN + 0.5)
+        time.sleep(writeclock.PERIOD + divergence.CLOCK_MARGIN + 0.5)
 
         def failover(check=True):
             return prepl("failover", b.state, check=check)
