@@ -195,6 +195,14 @@ class Agent:
     def ctl(self, op, **kw):
         return control.request(self.sd.control_socket, op, **kw)
 
+    def _primary_tls(self, uri):
+        """A primary served with TLS (a node that may become the target of
+        the other's agent listens on TCP with the pair's key) is read with
+        the link's key, unless its URI names one."""
+        if self.tls_psk_file and uri.startswith("nbds") and "tls-psk-file=" not in uri:
+            return {"tls_psk_file": self.tls_psk_file, "tls_username": PSK_USER}
+        return {}
+
     def primary_uri(self):
         if self._primary_uri:
             return self._primary_uri
@@ -481,7 +489,8 @@ class Agent:
         """(source, target) handles, the two handshakes at once."""
         dst = _Opening(lambda: self.secondary(dst_export))
         try:
-            src_h = open_nbd(primary_uri, export=src_export, connect_timeout=self.peer_timeout)
+            src_h = open_nbd(primary_uri, export=src_export, connect_timeout=self.peer_timeout,
+                             **self._primary_tls(primary_uri))
         except BaseException:
             dst.discard()
             raise
