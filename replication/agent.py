@@ -254,10 +254,10 @@ class Agent:
         """A node that a failback or migration made a secondary replicates
         nothing: its agent stops (exit 5)."""
         if body.role != "primary":
+            of = body.bound.primary_uuid if body.bound else "?"
             raise RefusedError(f"{self.sd} is a {body.role} now (a failback or migration "
-                               f"made it the replica of {body.bound.primary_uuid if body.bound else '?'}"
-                               "): this agent stops; run the agent on the new primary, "
-                               "pointed at this node")
+                               f"made it the replica of {of}): this agent stops; run the "
+                               "agent on the new primary, pointed at this node")
 
     def _reinstate(self, body, info):
         """A superseded primary whose promoted node failed back onto it

@@ -348,6 +348,11 @@ def _show_status(args, st):
         if st["staging"]:
             print(f"staging:    {st['staging']['base']} -> {st['staging']['target']} "
                   f"({st['staging']['state']})")
+        fb = st.get("failback")
+        if fb:
+            print(f"failback:   pending: the first interval from {bound['primary_uuid']} "
+                  f"overwrites {fmt_size(fb['report']['bytes'])} of this node's own writes "
+                  "after the divergence point; until then export \"\" is its own old image")
         return
     else:
         oi = st["open_interval"]

@@ -9,14 +9,16 @@ The sequence, each step done by the node that owns it:
      it holds exactly that final interval of this volume);
   4. the primary's server demotes this node into the peer's secondary with
      the final interval as the common point and nothing pending.
-A failure before 3 unfences (nothing changed).  After 3 the peer is the
-primary: running the command again finds it promoted from this volume and
-does step 4 only (a crash of this node in between leaves it superseded,
-which the same step resolves).
+A failure before 3, or a refusal of 3, unfences (nothing changed).  A
+request 3 whose answer was lost leaves this node fenced unless the peer
+then says it is not promoted.  After 3 the peer is the primary: running
+the command again finds it promoted from this volume and does step 4 only
+(a crash of this node in between leaves it superseded, which the same step
+resolves).
 """
 import logging
 
-from . import peers
+from . import faults, peers
 from .agent import Agent
 from .errors import PreplError, RefusedError
 
@@ -39,16 +41,23 @@ def migrate(sd, peer_uri, tls_psk, name, wait_quiet, request, said=lambda r, p: 
     if peer is None or not peers.promoted_from(body, peer):
         link = _check(sd, body, doc, peer_uri, name, request)
         request("fence", wait_quiet=wait_quiet, timeout=wait_quiet + 60)
+        asked = False
         try:
             receipt = Agent(sd.path, peer_uri, name=link, tls_psk_file=tls_psk).cycle()
+            faults.point("migrate.before_promote")
+            asked = True
             reply = peers.promote(peer_uri, tls_psk, body.volume_uuid, receipt.target)
-        except BaseException:
-            try:
-                request("unfence")
-            except PreplError as e:
-                log.error("could not accept writes again (%s); restart the server", e)
+        except BaseException as e:
+            if asked and not isinstance(e, RefusedError) and \
+                    _promoted_maybe(body, peer_uri, tls_psk):
+                raise PreplError(f"{e}\nwhether {peer_uri} promoted itself is unknown: this "
+                                 "node keeps refusing writes; run `prepl migrate` again to "
+                                 "finish (or restart its server if the peer is not "
+                                 "promoted)") from None
+            _unfence(request)
             raise
         said(receipt, reply)
+        faults.point("migrate.promoted")
         final = receipt.to_json()
         doc, why = peers.probe(peer_uri, tls_psk)
         if doc is None:
@@ -57,6 +66,23 @@ def migrate(sd, peer_uri, tls_psk, name, wait_quiet, request, said=lambda r, p: 
     res = request("failback", info=doc, uri=peer_uri, peer_uuid=doc.get("volume_uuid"),
                   migrate=True)
     return res, doc, final
+
+
+def _unfence(request):
+    try:
+        request("unfence")
+    except PreplError as e:
+        log.error("could not accept writes again (%s); restart the server", e)
+
+
+def _promoted_maybe(body, peer_uri, tls_psk):
+    """After a promote request failed without an answer: True unless the
+    peer now says it is not promoted from this volume."""
+    doc, _ = peers.probe(peer_uri, tls_psk)
+    if doc is None:
+        return True
+    info = peers.primary_info(doc)
+    return info is not None and peers.promoted_from(body, info)
 
 
 def _check(sd, body, doc, peer_uri, name, request):

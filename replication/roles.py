@@ -246,10 +246,14 @@ def failback(t, peer, uri, discard=False, migrating=False):
         try:
             bits, whole = divergence.written_after(t, mine)
             report = divergence.report(t, bits, whole, mine, peer, promoted)
-            if migrating and report["blocks"]:
-                raise RefusedError(f"a migration left {report['blocks']} blocks written after "
-                                   "its final interval (writes were not fenced?): fail back "
-                                   "instead; nothing was changed")
+            if migrating:
+                # writes were fenced before the final interval closed: what
+                # follows it is at most what a recovery counted as changed
+                # after a crash of this node, resent by the first cycle
+                if promoted or not peer.promoted.planned:
+                    raise RefusedError(f"{uri} was not promoted by a migration from this node "
+                                       "(fail back instead); nothing was changed")
+                report["split_brain"] = False
             if report["split_brain"] and not discard:
                 raise RefusedError(divergence.split_brain_message(t, report, uri))
             body = _demote(t, peer, base, bits, report)

@@ -35,7 +35,6 @@ class RoleChanges:
                 "failback": self.failback, "reinstate": self.reinstate,
                 "fence": self.fence, "unfence": self.unfence}
 
-
     def reinstate(self, req):
         """The control socket's "reinstate": the node that superseded this
         primary failed back onto it (replication/roles.py)."""
@@ -72,10 +71,10 @@ class RoleChanges:
         try:
             r = Replica(s.state, lockfile=t.retire())
             r.uri = s.uri
-            r.md.fail_stop = self.server.fail_stop
+            r.md.fail_stop = s.fail_stop
             r.start()
         except BaseException as e:      # the record says secondary: a restart serves it
-            self.server.fail_stop(f"the failback is recorded but the secondary could not start: {e!r}")
+            s.fail_stop(f"the failback is recorded but the secondary could not start: {e!r}")
         s.serve(r)
         r.remove_unnamed_files()        # the old chain's maps and snapshots go now
         return dict(report, role="secondary", uri=s.uri, again=False)
@@ -124,11 +123,11 @@ class RoleChanges:
         try:
             old.close()
             t = Tracker(s.state, lockfile=old.hand_over_lock())
-            t.md.fail_stop = self.server.fail_stop
+            t.md.fail_stop = s.fail_stop
             t.uri = s.uri
             t.start()
         except BaseException as e:      # the record says primary: a restart serves it
-            self.server.fail_stop(f"the failover is recorded but the primary could not start: {e!r}")
+            s.fail_stop(f"the failover is recorded but the primary could not start: {e!r}")
         s.serve(t)
         return dict(self._promoted(body), merge_waited_seconds=waited)
 
@@ -144,8 +143,10 @@ class RoleChanges:
         flight (waiting up to wait_quiet seconds), export "" refuses writes
         until "unfence" or a restart; nothing is recorded."""
         t = self._primary("fence")
-        return {"fenced": True, "writes_total": roles.fence_when_quiet(
-            t, float(req.get("wait_quiet", 10)))}
+        wait = req.get("wait_quiet", 10)
+        if type(wait) not in (int, float) or not 0 <= wait <= 86400:
+            raise RefusedError(f"wait_quiet must be seconds (0..86400), not {wait!r}")
+        return {"fenced": True, "writes_total": roles.fence_when_quiet(t, wait)}
 
     def unfence(self, req):
         t = self._primary("unfence")
@@ -159,7 +160,6 @@ class RoleChanges:
         if s.tracker is None:
             raise RefusedError(f"{s.state} is a secondary: {op} is for a primary")
         return s.tracker
-
 
 
 class PromoteHandle(RequestHandle):

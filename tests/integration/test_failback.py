@@ -74,6 +74,7 @@ def test_failback_sends_exactly_the_union(tmp_path, make_server):
     assert m["role"] == "secondary" and m["failback"]["blocks"] == len(late)
     assert m["bound"]["primary_uuid"] == meta_json(b.state)["volume_uuid"]
     assert m["links"] == {} and m["snappoints"] == [] and m["superseded"] is None
+    assert "failback:   pending" in prepl("status", a.state).stdout
     # the new primary's ordinary agent makes the failback cycle
     agent(b, a)
     want = b.connect().pread(SIZE, 0)

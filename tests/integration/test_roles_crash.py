@@ -18,12 +18,13 @@ restart, judged by full-image digests read over NBD:
 """
 import os
 import random
+import subprocess
 import time
 
 import pytest
 
 from replication import divergence, writeclock
-from tests.conftest import meta_json, prepl, wait_for
+from tests.conftest import ENV, PREPL, REPO, meta_json, prepl, wait_for
 from tests.harness.powerdisk import PowerLossDisk
 from tests.integration.test_crash_sweep import SIZE, cycle, digest, restart, scribble
 
@@ -119,6 +120,77 @@ def test_role_change_crash(tmp_path, make_server, point, disk_node):
         cycle(b, a)
         assert digest(a) == digest(b) == q
         assert meta_json(a.state)["failback"] is None
+        a.stop()
+        b.stop()
+    finally:
+        disk.stop()
+
+
+# fault point -> (the process it crashes, the node it runs on)
+MIGRATE_POINTS = {
+    "migrate.before_promote": ("cli", "old-primary"),
+    "secondary.failover.before_record": ("server", "promoted"),
+    "secondary.failover.recorded": ("server", "promoted"),
+    "migrate.promoted": ("cli", "old-primary"),
+    "primary.failback.before_record": ("server", "old-primary"),
+    "primary.failback.recorded": ("server", "old-primary"),
+}
+
+
+@pytest.mark.parametrize("disk_node", ["old-primary", "promoted"])
+@pytest.mark.parametrize("point", list(MIGRATE_POINTS))
+def test_migrate_crash(tmp_path, make_server, point, disk_node):
+    """A migration A -> B crashed at each of its points: afterwards each
+    node is in its old role or its new one with the image P (nothing lost,
+    no write accepted meanwhile), and running `prepl migrate` again
+    finishes it: B primary, A its secondary, both P."""
+    rnd = random.Random(f"{point}/{disk_node}")
+    what, where_ = MIGRATE_POINTS[point]
+    disk = PowerLossDisk(tmp_path / "disk", 96 << 20)
+    disk.start()
+    try:
+        where = {"old-primary": tmp_path, "promoted": tmp_path}
+        where[disk_node] = disk.mountpoint
+        pa, pb = os.path.join(where["old-primary"], "a"), os.path.join(where["promoted"], "b")
+        prepl("init", pa, "--volume", pa + ".img", "--size", str(SIZE))
+        prepl("init", pb, "--volume", pb + ".img", "--size", str(SIZE), "--role", "secondary")
+        os.sync()
+        a = make_server(pa, tmp_path / "a.sock").start()
+        b = make_server(pb, tmp_path / "b.sock").start()
+        scribble(a, rnd)
+        cycle(a, b)
+        p0 = digest(b)
+        scribble(a, rnd)
+        p = digest(a)
+
+        def migrate(env=None, check=True):
+            if env is None:
+                return prepl("migrate", a.state, "--peer", uri(b), check=check)
+            return subprocess.run(PREPL + ["migrate", a.state, "--peer", uri(b)],
+                                  env=dict(ENV, **env), cwd=REPO, capture_output=True,
+                                  text=True, timeout=120)
+        srv = a if where_ == "old-primary" else b
+        if what == "cli":
+            r = migrate({"PREPL_FAULT": point}, check=False)
+            assert r.returncode == 99, r.stderr
+            if disk_node == "old-primary":
+                disk.crash("random", rnd.randrange(1 << 30))
+                a.kill()
+                disk.start()
+                restart(a)
+        else:
+            crash_at(srv, point, lambda: migrate(check=False), disk, disk_node == where_)
+        roles_now = (meta_json(a.state)["role"], meta_json(b.state)["role"])
+        assert roles_now in (("primary", "secondary"), ("primary", "primary"),
+                             ("secondary", "primary")), roles_now
+        assert digest(a) == p and digest(b) in (p0, p)
+        migrate()                                  # finishes the job
+        assert (meta_json(a.state)["role"], meta_json(b.state)["role"]) == \
+            ("secondary", "primary")
+        assert digest(a) == digest(b) == p
+        scribble(b, rnd, n=5)
+        cycle(b, a)
+        assert digest(a) == digest(b)
         a.stop()
         b.stop()
     finally:
