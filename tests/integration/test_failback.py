@@ -75,6 +75,8 @@ def test_failback_sends_exactly_the_union(tmp_path, make_server):
     assert m["bound"]["primary_uuid"] == meta_json(b.state)["volume_uuid"]
     assert m["links"] == {} and m["snappoints"] == [] and m["superseded"] is None
     assert "failback:   pending" in prepl("status", a.state).stdout
+    r = agent(a, b, check=False)                   # its own agent stops: it is a secondary
+    assert r.returncode == 5 and "is a secondary now" in r.stderr
     # the new primary's ordinary agent makes the failback cycle
     agent(b, a)
     want = b.connect().pread(SIZE, 0)

@@ -105,6 +105,7 @@ def test_serve_probes_the_links_and_force_overrides(tmp_path, make_server):
     assert "split brain" in (tmp_path / "server0.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_silent_peer_does_not_block_the_start(tmp_path, make_server):
     prim, sec, image = replicated_pair(tmp_path, make_server)
     prim.stop()
