@@ -559,6 +559,31 @@ def cmd_migrate(args):
     return EXIT_OK
 
 
+def cmd_check(args):
+    """A Nagios-style check: one line, exit 0/1/2/3 (replication/health.py)."""
+    from . import health
+    sd = state.StateDir(args.state)
+    if not 0 <= args.warn_rpo <= args.crit_rpo:
+        print(health.line(health.UNKNOWN, f"--warn-rpo {args.warn_rpo:g} must be at least 0 "
+                          f"and at most --crit-rpo {args.crit_rpo:g}", []))
+        return health.UNKNOWN
+    try:
+        body = sd.read_meta()
+        st = control.request(sd.control_socket, "status", timeout=args.timeout)
+        code, text, perf = health.evaluate(st, args.warn_rpo, args.crit_rpo)
+    except NotRunningError:
+        code, text, perf = health.CRITICAL, (
+            f"{body.role} {sd.path}: its server is not running (last stop "
+            f"{'clean' if body.clean else 'UNCLEAN'})"), []
+    except StateError as e:
+        code = health.CRITICAL if "corrupt" in str(e) else health.UNKNOWN
+        text, perf = str(e), []
+    except PreplError as e:       # no answer in time, a refused request
+        code, text, perf = health.CRITICAL, f"{sd.path}: its server does not answer ({e})", []
+    print(health.line(code, text, perf))
+    return code
+
+
 # ---- parser ---------------------------------------------------------------
 
 def parser():
@@ -713,6 +738,23 @@ def parser():
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_migrate)
 
+    s = sub.add_parser("check", help="health check for monitoring (Nagios-style exit codes)",
+                       description="Prints one line, PREPL OK|WARNING|CRITICAL|UNKNOWN - what "
+                       "| perfdata, and exits 0 (OK: every link's RPO under --warn-rpo), 1 "
+                       "(WARNING), 2 (CRITICAL: RPO past --crit-rpo, the server down, corrupt "
+                       "metadata, a damaged map or invalid snapshot a link needs, a failed "
+                       "volume flush, a superseded primary) or 3 (UNKNOWN: it cannot tell, "
+                       "including usage errors). On a secondary the RPO is the age of the "
+                       "interval its replica holds.")
+    s.add_argument("state")
+    s.add_argument("--warn-rpo", type=float, default=300, metavar="SECONDS",
+                   help="WARNING from this RPO on (default 300)")
+    s.add_argument("--crit-rpo", type=float, default=900, metavar="SECONDS",
+                   help="CRITICAL from this RPO on (default 900)")
+    s.add_argument("--timeout", type=float, default=10, metavar="SECONDS",
+                   help="CRITICAL if the server does not answer within this (default 10)")
+    s.set_defaults(func=cmd_check)
+
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")
     s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/2)")
@@ -754,7 +796,13 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:       # `check` is read by monitoring: usage errors are UNKNOWN
+        if e.code == 2 and next((a for a in argv if not a.startswith("-")), None) == "check":
+            raise SystemExit(3)
+        raise
     logging.basicConfig(level=logging.DEBUG if args.verbose else
                         logging.INFO if args.cmd == "agent" else logging.WARNING,
                         format="prepl: %(message)s")

@@ -2,7 +2,8 @@
 that is missing, empty, corrupt or not a directory at all: each exits 4
 with a message that names the directory and what is wrong -- never a
 traceback -- and creates nothing.  (`init` and `keygen` create things and
-are exempt.)  A subcommand added to the CLI without an entry here fails
+are exempt, and so is `check`, which answers monitoring in its own
+exit codes.)  A subcommand added to the CLI without an entry here fails
 the test: give it one."""
 import argparse
 import os
@@ -12,7 +13,8 @@ import pytest
 from replication import cli
 from tests.conftest import prepl
 
-EXEMPT = {("init",), ("keygen",)}
+EXEMPT = {("init",), ("keygen",),
+          ("check",)}      # Nagios exit codes: tests/integration/test_check.py
 # what each subcommand needs besides its state directory (several variants)
 ARGS = {
     ("serve",): [["--unix", "{tmp}/x.sock"], ["--unix", "{tmp}/x.sock", "--background"],
