@@ -37,6 +37,7 @@ import numpy as np
 
 from . import chain, control, faults, manifest, native, pack, peers, roles, transport
 from .peers import PSK_USER
+from .bwlimit import TokenBucket
 from .chain import union_runs, verify_interval
 from .maps import bytes_digest
 from .errors import PreplError, RefusedError, StateError
@@ -179,7 +180,7 @@ def parse_replica_info(uri, doc):
 class Agent:
     def __init__(self, state, secondary_uri, name="default", primary_uri=None,
                  tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT,
-                 peer_timeout=DEFAULT_PEER_TIMEOUT):
+                 peer_timeout=DEFAULT_PEER_TIMEOUT, bwlimit=0):
         self.sd = StateDir(state)
         self.name = name
         self.secondary_uri = secondary_uri
@@ -189,6 +190,8 @@ class Agent:
         # every connect and NBD exchange of a cycle, with either server, fails
         # once nothing has progressed for this long (ARCHITECTURE §6a)
         self.peer_timeout = peer_timeout
+        # bytes per second to the secondary (0: unlimited), changed by `prepl link set`
+        self.limiter = TokenBucket(bwlimit)
         self.n = 0
 
     # ---- the two servers ------------------------------------------------
@@ -462,7 +465,8 @@ class Agent:
                 pass
         # no flush: the commit makes the staging durable before it applies
         opts = {"progress": progress, "progress_interval": 2.0, "flush": False,
-                "max_bytes_in_flight": self.max_in_flight, "stall_timeout": self.peer_timeout}
+                "max_bytes_in_flight": self.max_in_flight, "stall_timeout": self.peer_timeout,
+                "limiter": self.limiter}
         try:
             if plan is None:
                 stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,

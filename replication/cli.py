@@ -30,6 +30,11 @@ def _size(what):
     return lambda text: _wrap(parse_size, text, what)
 
 
+def _rate(text):
+    """A bandwidth (bytes per second, K/M/G suffixes as powers of 1024); 0: unlimited."""
+    return 0 if text.strip() == "0" else _wrap(parse_size, text, "rate")
+
+
 def _pow2(what, lo, hi):
     return lambda text: _wrap(parse_pow2, text, what, lo, hi)
 
@@ -432,6 +437,15 @@ def cmd_snap_delete(args):
 
 # ---- links -------------------------------------------------------------------
 
+def cmd_link_set(args):
+    from . import daemon
+    state.StateDir(args.state).read_meta()
+    daemon.request_set(args.state, args.name, bwlimit=args.bwlimit)
+    print(f"link {args.name}: bandwidth limit " + (f"{fmt_size(args.bwlimit)}/s" if
+                                                  args.bwlimit else "none (unlimited)"))
+    return EXIT_OK
+
+
 def cmd_link_resync(args):
     info = _request(args, "link_resync", name=args.name)
     if args.json:
@@ -666,6 +680,10 @@ def parser():
     s.add_argument("--max-in-flight", type=_size("size"), default=16 << 20, metavar="SIZE",
                    help="data the transfer keeps in flight (its buffer memory; default 16M, "
                         "enough for 1 Gbit/s at 100 ms round trip); at least 4K")
+    s.add_argument("--bwlimit", type=_rate, default=0, metavar="RATE",
+                   help="at most RATE bytes per second to the secondary (K/M/G suffixes as "
+                        "powers of 1024: 20M is 20 MiB/s; 0, the default: unlimited); "
+                        "changed while it runs by `prepl link set STATE NAME --bwlimit RATE`")
     s.add_argument("--nice", type=int, default=10, choices=range(0, 20), metavar="N",
                    help="run at CPU niceness N (0-19, default 10), so that on a busy CPU the "
                         "volume's clients are served before the transfer; 0: normal priority")
@@ -792,6 +810,13 @@ def parser():
     c.add_argument("name", type=_name, help="the link's name (agent --name, default 'default')")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_link_resync)
+    c = lsub.add_parser("set", help="change a setting of the link's running agent")
+    c.add_argument("state")
+    c.add_argument("name", type=_name, help="the link's name (agent --name, default 'default')")
+    c.add_argument("--bwlimit", type=_rate, required=True, metavar="RATE",
+                   help="bytes per second to the secondary (K/M/G: powers of 1024; 0: "
+                        "unlimited), from the next request on")
+    c.set_defaults(func=cmd_link_set)
     return p
 
 

@@ -46,10 +46,13 @@ def lock_link(sd, name):
 
 class SyncServer:
     """STATE/agent.NAME.sock (0600): `prepl sync` asks for a cycle and, unless
-    --no-wait, gets the receipt of the first cycle that started after it."""
+    --no-wait, gets the receipt of the first cycle that started after it;
+    `prepl link set` changes a setting of the running agent (op "set",
+    answered by on_set(request) -> reply)."""
 
-    def __init__(self, path):
+    def __init__(self, path, on_set=None):
         self.path = path
+        self.on_set = on_set
         self.cond = threading.Condition()
         self.requested = threading.Event()
         self.started = 0          # cycles started
@@ -68,6 +71,10 @@ class SyncServer:
     def _serve(self, conn):
         with conn, conn.makefile("rwb") as f:
             req = json.loads(f.readline() or b"{}")
+            if req.get("op") == "set":
+                f.write(json.dumps(self.on_set(req)).encode() + b"\n")
+                f.flush()
+                return
             with self.cond:
                 want = self.started + 1
                 self.requested.set()
@@ -101,10 +108,11 @@ def run(args):
     if not args.peer_timeout > 0:
         raise UsageError(f"--peer-timeout {args.peer_timeout} must be more than 0 seconds")
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk,
-                  args.max_in_flight, args.peer_timeout)
+                  args.max_in_flight, args.peer_timeout, args.bwlimit)
     agent.link_lock = lock_link(agent.sd, args.name)    # held while we run
     _renice(args.nice)
-    sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"))
+    sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"),
+                                             lambda req: _set(agent, req))
     deadline = time.monotonic() + args.timeout
     delay = 0.5
     next_due = time.monotonic()
@@ -161,6 +169,30 @@ def _renice(n):
     if n > cur:
         os.setpriority(os.PRIO_PROCESS, 0, n)
         log.info("running at niceness %d", n)
+
+
+def _set(agent, req):
+    """`prepl link set` on the running agent: {"bwlimit": bytes per second}."""
+    rate = req.get("bwlimit")
+    try:
+        agent.limiter.set_rate(rate)
+    except ValueError as e:
+        return {"ok": False, "error": str(e), "code": "refused"}
+    log.warning("link %s: bandwidth limit %s", agent.name,
+                f"{rate} bytes/s" if rate else "none (unlimited)")
+    return {"ok": True, "bwlimit": rate}
+
+
+def request_set(state, name, **settings):
+    """`prepl link set`: changes settings of the running agent of link name."""
+    sd = StateDir(state)
+    reply = control.exchange(
+        sd.p(f"agent.{name}.sock"), {"op": "set", **settings}, 10,
+        f"no agent is running for link {name!r} of {sd}: give the setting to the agent when "
+        "it starts (`prepl agent ... --bwlimit RATE`)") or {}
+    if not reply.get("ok"):
+        raise RefusedError(f"the agent refused: {reply.get('error')}")
+    return reply
 
 
 def _load(agent):

@@ -648,7 +648,7 @@ class _Poller:
 def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
                  max_request=DEFAULT_MAX_REQUEST, progress=None,
                  progress_interval=0.5, flush=True, stall_timeout=None,
-                 max_bytes_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT):
+                 max_bytes_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT, limiter=None):
     """Copies ``extents`` (``(offset, length, zero)``, sorted, not
     overlapping) from ``src`` to ``dst`` at the same offsets; zero extents
     are zeroed on ``dst`` without reading ``src``.
@@ -662,7 +662,8 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
     ``flush``: flush the target at the end.  ``stall_timeout`` (seconds,
     None: wait forever): fail if nothing progresses for that long -- no
     request completes and no byte moves on any connection (the wait for
-    the final flush included).
+    the final flush included).  ``limiter`` (a bwlimit.TokenBucket):
+    each request's bytes to the target wait for its leave.
 
     Returns ``{"bytes_read", "bytes_written", "bytes_zeroed", "requests",
     "seconds"}``: bytes read from the source, payload bytes written to the
@@ -677,12 +678,13 @@ def copy_extents(src, dst, extents, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
     return copy_requests(src, dst, [(o, n, z, o, b"") for o, n, z in reqs],
                          max_in_flight=max_in_flight, progress=progress,
                          progress_interval=progress_interval, flush=flush,
-                         stall_timeout=stall_timeout, max_bytes_in_flight=max_bytes_in_flight)
+                         stall_timeout=stall_timeout, max_bytes_in_flight=max_bytes_in_flight,
+                         limiter=limiter)
 
 
 def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=None,
                   progress_interval=0.5, flush=True, stall_timeout=None,
-                  max_bytes_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT):
+                  max_bytes_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT, limiter=None):
     """The engine under copy_extents, for requests that need not land where
     they were read: each of ``reqs`` is ``(src_offset, length, zero,
     dst_offset, header)``.  A data request reads ``length`` bytes at
@@ -690,6 +692,7 @@ def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=
     ``dst_offset``; a zero request zeroes ``length`` bytes at ``dst_offset``
     (header empty).  Requests must not overlap on the target.  Options,
     result and errors as copy_extents; ``bytes_written`` includes headers."""
+    throttled = 0.0          # when the limiter lets the next request go
     if max_in_flight < 1 or max_bytes_in_flight < 1:
         raise ValueError("max_in_flight and max_bytes_in_flight must be >= 1")
     t0 = time.monotonic()
@@ -811,6 +814,11 @@ def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=
             payload = 0 if zero and can_zero else len(reqs[i][4]) + length
             if in_flight and bytes_in_flight + payload > max_bytes_in_flight:
                 break
+            if limiter is not None and payload:
+                wait = limiter.delay(payload)
+                if wait > 0:
+                    throttled = time.monotonic() + wait
+                    break
             next_req += 1
             in_flight += 1
             bytes_in_flight += payload
@@ -828,9 +836,20 @@ def copy_requests(src, dst, reqs, max_in_flight=DEFAULT_MAX_IN_FLIGHT, progress=
         if progress and time.monotonic() - last_progress >= progress_interval:
             last_progress = time.monotonic()
             progress(done_bytes, total)
+        cap = None
+        if throttled:
+            # the limit holds the next request back (by our choice: not a stall)
+            wait, throttled = throttled - time.monotonic(), 0.0
+            if in_flight == 0:
+                time.sleep(max(0.0, wait))
+                last_event = time.monotonic()
+                continue
+            cap = max(1, int(wait * 1000))     # ask the limiter again then
         # 3. wait for the servers
         timeout = 1000 if stall_timeout is None else \
             max(1, min(1000, int((last_event + stall_timeout - time.monotonic()) * 1000)))
+        if cap is not None:
+            timeout = min(timeout, cap)
         try:
             r = poller.wait(timeout)
             if r > 0:

@@ -29,6 +29,7 @@ ARGS = {
     ("snappoint", "convert"): [["a", "--dataless"]],
     ("snappoint", "delete"): [["a"]],
     ("link", "resync"): [["default"], ["default", "--json"]],
+    ("link", "set"): [["default", "--bwlimit", "20M"]],
     ("failover",): [[], ["--force", "--json"]],
     ("failback",): [["--peer", "nbd+unix:///?socket={tmp}/s.sock"],
                     ["--peer", "nbd+unix:///?socket={tmp}/s.sock", "--discard-my-data",
