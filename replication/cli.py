@@ -598,6 +598,18 @@ def cmd_check(args):
     return code
 
 
+def cmd_exporter(args):
+    from . import exporter
+    for st in args.state:
+        state.StateDir(st).read_meta()     # a missing or damaged one: exit 4 before serving
+    addr, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--listen {args.listen!r}: give ADDR:PORT, e.g. 127.0.0.1:9942 or "
+                         "[::1]:9942")
+    exporter.serve([os.path.abspath(s) for s in args.state], args.listen)
+    return EXIT_OK
+
+
 # ---- parser ---------------------------------------------------------------
 
 def parser():
@@ -772,6 +784,19 @@ def parser():
     s.add_argument("--timeout", type=float, default=10, metavar="SECONDS",
                    help="CRITICAL if the server does not answer within this (default 10)")
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("exporter", help="serve Prometheus metrics of state directories",
+                       description="Serves /metrics (Prometheus text format) on --listen "
+                       "until killed: per state directory prepl_up (0 when its server does not "
+                       "answer within 2 s), the node's role and generation, a primary's "
+                       "writes, snapshots, copy-on-write bytes and per link RPO, bytes "
+                       "pending, cycles applied and failed, bytes sent, sync progress; a "
+                       "secondary's applied interval and its age. Run it as its own process "
+                       "(unit), like node_exporter.")
+    s.add_argument("state", nargs="+", help="state directories (primaries or secondaries)")
+    s.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                   help="where to serve /metrics, e.g. 127.0.0.1:9942")
+    s.set_defaults(func=cmd_exporter)
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")

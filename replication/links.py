@@ -31,7 +31,18 @@ class Moment:
 
 
 TRANSIENT = tuple(f.name for f in dataclasses.fields(Moment))
+FAILED = ("disconnected", "failing")     # what the agent's daemon reports of a failed cycle
 FIELDS = tuple(f.name for f in dataclasses.fields(Link)) + TRANSIENT
+
+
+@dataclasses.dataclass
+class Counters:
+    """What a link's agents reported since this server started, in memory
+    only (metrics: counters that restart with the server)."""
+    cycles_applied: int = 0
+    cycles_failed: int = 0
+    bytes_sent: int = 0           # data bytes of applied cycles
+    zero_bytes_sent: int = 0
 
 
 class Links:
@@ -39,6 +50,7 @@ class Links:
         """chain: the Tracker, for snappoints (find, seq) and map counts."""
         self.sd, self.md, self.chain = sd, md, chain
         self.transient = {}       # link -> Moment (never written)
+        self.counters = {}        # link -> Counters (never written)
 
     def update(self, name, fields):
         """The agent of link `name` records what it did (only the server
@@ -65,7 +77,17 @@ class Links:
         for k in TRANSIENT:
             if k in fields:
                 setattr(now, k, fields[k])
+        self._count(name, fields)
         return self.view(name)
+
+    def _count(self, name, fields):
+        c = self.counters.setdefault(name, Counters())
+        if fields.get("last_cycle"):          # the agent records an applied cycle
+            c.cycles_applied += 1
+            c.bytes_sent += int(fields["last_cycle"].get("bytes") or 0)
+            c.zero_bytes_sent += int(fields["last_cycle"].get("zero_bytes") or 0)
+        elif fields.get("state") in FAILED:
+            c.cycles_failed += 1
 
     def resync(self, name):
         """The operator's remedy for a link whose changes cannot be trusted
@@ -114,5 +136,6 @@ class Links:
             state="disconnected" if not running and state not in (None, "idle") else state,
             last_applied={"snappoint": cursor, "time": sp.created} if sp else None,
             rpo_seconds=round(time.time() - sp.created, 3) if sp else None,
+            counters=dataclasses.asdict(self.counters.get(name, Counters())),
             bytes_pending=self.chain.blocks_after(sp.seq if sp else -1)
             * self.md.body.block_size)

@@ -30,6 +30,7 @@ ARGS = {
     ("snappoint", "delete"): [["a"]],
     ("link", "resync"): [["default"], ["default", "--json"]],
     ("link", "set"): [["default", "--bwlimit", "20M"]],
+    ("exporter",): [["--listen", "127.0.0.1:0"]],
     ("failover",): [[], ["--force", "--json"]],
     ("failback",): [["--peer", "nbd+unix:///?socket={tmp}/s.sock"],
                     ["--peer", "nbd+unix:///?socket={tmp}/s.sock", "--discard-my-data",
