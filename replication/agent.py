@@ -40,7 +40,7 @@ from .peers import PSK_USER
 from .bwlimit import TokenBucket
 from .chain import union_runs, verify_interval
 from .maps import bytes_digest
-from .errors import PreplError, RefusedError, StateError
+from .errors import LinkPausedError, PreplError, RefusedError, StateError
 from .meta import Receipt, RecordError, ReplicaInfo
 from .state import StateDir
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSource,
@@ -253,6 +253,12 @@ class Agent:
                                f"superseded and serves \"\" read-only; {reply['remedy']}")
         return parse_replica_info(self.secondary_uri, doc)
 
+    def check_not_paused(self, body):
+        link = body.links.get(self.name)
+        if link is not None and link.paused:
+            raise LinkPausedError(f"link {self.name!r} is paused: no cycle until `prepl link "
+                                  f"resume {self.sd} {self.name}`")
+
     def check_primary(self, body):
         """A node that a failback or migration made a secondary replicates
         nothing: its agent stops (exit 5)."""
@@ -284,6 +290,7 @@ class Agent:
         """Brings the secondary up to a new snappoint; returns the receipt:
         plan what to send, take the snappoint, transfer, commit, advance."""
         self.check_primary(self.sd.read_meta())
+        self.check_not_paused(self.sd.read_meta())
         info = self.replica_info()
         body = self.sd.read_meta()
         if body.superseded is not None:

@@ -446,6 +446,44 @@ def cmd_link_set(args):
     return EXIT_OK
 
 
+def cmd_link_list(args):
+    st = _request(args, "status")
+    links = st.get("links") or {}
+    if args.json:
+        _print_json(links)
+        return EXIT_OK
+    if not links:
+        print("no links")
+    for name, ln in sorted(links.items()):
+        rpo = ln.get("rpo_seconds")
+        print(f"{name}: {'PAUSED, ' if ln.get('paused') else ''}{ln.get('state') or 'idle'}, "
+              f"agent {'running' if ln['agent_running'] else 'not running'}, replica "
+              f"{ln.get('replica_uuid')} at {ln.get('secondary')}, RPO "
+              f"{'-' if rpo is None else f'{rpo:.1f} s'}, pending "
+              f"{fmt_size(ln['bytes_pending'])}")
+    return EXIT_OK
+
+
+def cmd_link_pause(args):
+    _request(args, "link_pause", name=args.name)
+    print(f"link {args.name}: paused (changes are tracked; its agent makes no cycle until "
+          f"`prepl link resume {args.state} {args.name}`)")
+    return EXIT_OK
+
+
+def cmd_link_resume(args):
+    _request(args, "link_resume", name=args.name)
+    print(f"link {args.name}: resumed")
+    return EXIT_OK
+
+
+def cmd_link_remove(args):
+    res = _request(args, "link_remove", name=args.name)
+    print(f"link {args.name}: removed; snappoints freed: "
+          f"{', '.join(res['snappoints_freed']) or 'none'}")
+    return EXIT_OK
+
+
 def cmd_link_resync(args):
     info = _request(args, "link_resync", name=args.name)
     if args.json:
@@ -835,6 +873,19 @@ def parser():
     c.add_argument("name", type=_name, help="the link's name (agent --name, default 'default')")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_link_resync)
+    c = lsub.add_parser("list", help="the links of a primary, with their state and RPO")
+    c.add_argument("state")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_link_list)
+    for verb, f, text in (("pause", cmd_link_pause, "stop the link's cycles (changes are "
+                           "still tracked; the RPO grows) until resume"),
+                          ("resume", cmd_link_resume, "let a paused link's agent cycle again"),
+                          ("remove", cmd_link_remove, "forget the link and free the "
+                           "snappoints only it needed (refused while its agent runs)")):
+        c = lsub.add_parser(verb, help=text)
+        c.add_argument("state")
+        c.add_argument("name", type=_name, help="the link's name")
+        c.set_defaults(func=f)
     c = lsub.add_parser("set", help="change a setting of the link's running agent")
     c.add_argument("state")
     c.add_argument("name", type=_name, help="the link's name (agent --name, default 'default')")

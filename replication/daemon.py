@@ -18,8 +18,8 @@ import time
 
 from . import control
 from .agent import Agent
-from .errors import (DamagedMapError, InUseError, PreplError, RefusedError, TimedOutError,
-                     UsageError)
+from .errors import (DamagedMapError, InUseError, LinkPausedError, PreplError, RefusedError,
+                     TimedOutError, UsageError)
 from .state import StateDir, lock_exclusive
 from .transport import TransportError
 
@@ -135,6 +135,13 @@ def run(args):
                 print(applied_message(receipt))
                 return 0
             next_due = time.monotonic() + args.interval
+        except LinkPausedError as e:
+            if sync:
+                sync.end(n, {"ok": False, "error": str(e), "code": e.code})
+            if args.once:
+                raise
+            _wait_resumed(agent, e)
+            next_due = time.monotonic()
         except (RefusedError, DamagedMapError) as e:
             if sync:
                 sync.end(n, {"ok": False, "error": str(e), "code": e.code})
@@ -169,6 +176,17 @@ def _renice(n):
     if n > cur:
         os.setpriority(os.PRIO_PROCESS, 0, n)
         log.info("running at niceness %d", n)
+
+
+def _wait_resumed(agent, why, poll=1.0):
+    """A paused link: the daemon stays up and waits for `prepl link resume`."""
+    log.warning("%s; waiting", why)
+    while True:
+        link = agent.sd.read_meta().links.get(agent.name)
+        if link is None or not link.paused:
+            log.warning("link %s resumed", agent.name)
+            return
+        time.sleep(poll)
 
 
 def _set(agent, req):

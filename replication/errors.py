@@ -42,6 +42,11 @@ class RefusedError(PreplError):
     code = "refused"
 
 
+class LinkPausedError(RefusedError):
+    """The link is paused (`prepl link pause`): its agent makes no cycle;
+    a daemon waits for `prepl link resume`, --once exits 5."""
+
+
 class TimedOutError(PreplError):
     exit_code = EXIT_TIMEOUT
     code = "timeout"

@@ -54,8 +54,12 @@ def _primary(st, warn, crit):
                             f"({sp.get('invalidated')})")
             code = CRITICAL
     worst = None
+    paused = []
     for name, ln in sorted(links.items()):
         rpo = ln.get("rpo_seconds")
+        if ln.get("paused"):          # reported, never raises the level
+            paused.append(f"link {name} paused" + (f" (RPO {rpo:.1f} s)" if rpo else ""))
+            continue
         if rpo is None:
             problems.append(f"link {name}: no image replicated yet")
             code = max(code, WARNING)
@@ -69,13 +73,14 @@ def _primary(st, warn, crit):
             code = max(code, level)
         if worst is None or rpo > worst[1]:
             worst = (name, rpo)
+    problems += paused
     if problems:
         text = "; ".join(problems)
     elif not links:
         text = "primary with no replication link"
     else:
-        text = (f"{len(links)} link{'s' if len(links) > 1 else ''}, worst RPO "
-                f"{worst[1]:.1f} s ({worst[0]})")
+        text = (f"{len(links)} link{'s' if len(links) > 1 else ''}"
+                + (f", worst RPO {worst[1]:.1f} s ({worst[0]})" if worst else ""))
     return code, f"primary {st.get('state_dir')}: {text}", perf
 
 

@@ -12,6 +12,7 @@ chain, never stored.
 """
 import dataclasses
 import logging
+import re
 import time
 
 from .errors import NotFoundError, RefusedError
@@ -93,13 +94,47 @@ class Links:
         """The operator's remedy for a link whose changes cannot be trusted
         (a damaged closed map, a replica that is no image of this chain):
         its next cycle sends the whole volume (like DRBD's invalidate)."""
-        if name not in self.md.body.links:
-            raise NotFoundError(f"no link named {name!r} in {self.sd} (links: "
-                                f"{', '.join(sorted(self.md.body.links)) or 'none'})")
+        self._known(name)
         with self.md.change() as new:
             new.links[name].resync = True
         log.warning("link %s: the next cycle replicates the whole volume", name)
         return {"link": name, "resync": True}
+
+    def _known(self, name):
+        if name not in self.md.body.links:
+            raise NotFoundError(f"no link named {name!r} in {self.sd} (links: "
+                                f"{', '.join(sorted(self.md.body.links)) or 'none'})")
+
+    def set_paused(self, name, paused):
+        """`prepl link pause/resume`: tracking goes on either way; a paused
+        link's agent makes no cycle (its RPO grows) until it is resumed."""
+        self._known(name)
+        if self.md.body.links[name].paused != paused:
+            with self.md.change() as new:
+                new.links[name].paused = paused
+        log.warning("link %s %s", name, "paused" if paused else "resumed")
+        return {"link": name, "paused": paused}
+
+    def remove(self, name):
+        """`prepl link remove`: the link is forgotten (durably), then every
+        snappoint of its own (NAME.N) that no other link needs is deleted,
+        its interval merged forward and its snapshot freed.  Refused while
+        its agent runs."""
+        self._known(name)
+        if flocked(self.sd.p(f"agent.{name}.lock")):
+            raise RefusedError(f"the agent of link {name!r} runs: stop it first")
+        with self.md.change() as new:
+            del new.links[name]
+        self.transient.pop(name, None)
+        self.counters.pop(name, None)
+        mine = re.compile(rf"{re.escape(name)}\.[0-9]+")
+        freed = []
+        for sp in list(self.md.body.snappoints):
+            if mine.fullmatch(sp.name) and not self.is_base(sp.name):
+                self.chain.snappoints.delete(sp.name)
+                freed.append(sp.name)
+        log.warning("link %s removed; snappoints freed: %s", name, ", ".join(freed) or "none")
+        return {"link": name, "removed": True, "snappoints_freed": freed}
 
     def view(self, name):
         """The recorded fields of a link with its state of the moment (the

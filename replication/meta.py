@@ -193,6 +193,7 @@ class Link(Record):
     tls_psk: str | None = None        # the key file its agent uses (the serve probe's too)
     last_cycle: dict | None = None    # the agent's account of its last cycle (for status)
     resync: bool = False              # the next cycle sends the whole volume
+    paused: bool = False              # tracked, but no cycles (`prepl link pause`)
 
 
 @dataclass

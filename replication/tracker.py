@@ -266,6 +266,9 @@ class Tracker:
             "link_update": lambda r: self._locked(self.links.update, r.get("name"),
                                                   r.get("fields") or {}),
             "link_resync": lambda r: self._locked(self.links.resync, r.get("name")),
+            "link_pause": lambda r: self._locked(self.links.set_paused, r.get("name"), True),
+            "link_resume": lambda r: self._locked(self.links.set_paused, r.get("name"), False),
+            "link_remove": lambda r: self._locked(self.links.remove, r.get("name")),
             "shutdown": lambda r: self.close(),
         }
 

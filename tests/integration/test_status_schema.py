@@ -17,7 +17,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
-        "counters": dict,
+        "counters": dict, "paused": bool,
         "tls_psk": type(None)}
 SNAPPOINT = {"name": str, "interval": int, "created": float, "snapshot": str,
              "invalidated": type(None), "export": str, "changed_regions": int,

@@ -45,7 +45,8 @@ def test_durable_fields_written_transient_ones_not(links):
                             "progress": {"percent": 5}})
     assert view["state"] == "syncing" and view["progress"] == {"percent": 5}
     assert file_links(path) == {"dr": {"replica_uuid": "r1", "secondary": None, "cursor": "a",
-                                       "last_cycle": None, "resync": False, "tls_psk": None}}
+                                       "last_cycle": None, "resync": False, "tls_psk": None,
+                                       "paused": False}}
     assert md.body.links["dr"] == meta.Link(replica_uuid="r1", cursor="a")
 
 

@@ -53,7 +53,8 @@ def test_a_change_is_durable_then_visible(md, tmp_path):
     assert meta.read(str(tmp_path)) == m.body
     assert raw(tmp_path)["links"] == {"x": {"replica_uuid": None, "secondary": None,
                                             "cursor": "a", "last_cycle": None,
-                                            "resync": False, "tls_psk": None}}
+                                            "resync": False, "tls_psk": None,
+                                            "paused": False}}
     assert not os.path.exists(tmp_path / "meta.json.tmp")
 
 
@@ -153,6 +154,7 @@ def test_records_write_back_what_they_read(tmp_path):
             assert iv.pop("damaged") is None
         for link in got["links"].values():
             assert link.pop("resync") is False and link.pop("tls_psk") is None
+            assert link.pop("paused") is False
         added = {k: got.pop(k) for k in set(got) - set(want)}
         assert got == want, role
         assert added == {"chain_truncated": False, "promoted": None, "superseded": None,
