@@ -294,7 +294,7 @@ class Supersession(Record):
     promoted_at: float                # its failover, by its clock
     divergence: IntervalRef           # our last interval it holds
     learned_at: float                 # by our clock
-    learned_by: str                   # "agent" (a cycle) or "probe" (`prepl serve`)
+    learned_by: str                   # "agent" (a cycle), "probe" (`prepl serve`), "failback"
     link: str | None = None
 
 

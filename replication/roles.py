@@ -242,6 +242,10 @@ def failback(t, peer, uri, discard=False, migrating=False):
             raise RefusedError(f"the peer's volume has geometry {peer.geometry()}, this one "
                                f"{b.geometry()}: no failback between them; nothing was changed")
         mine, base, promoted = _sides(b, peer)
+        if not promoted:
+            # the peer took over from this volume: that is recorded first,
+            # so that no failure below lets this node accept writes again
+            supersede(t, peer, uri, "failback")
         t.fence()
         try:
             bits, whole = divergence.written_after(t, mine)
