@@ -33,15 +33,12 @@ import time
 
 import nbd
 
-import numpy as np
-
-from . import chain, control, faults, manifest, native, pack, peers, roles, transport
-from .peers import PSK_USER
+from . import control, faults, linkroles, manifest, native, pack, roles, transport
 from .bwlimit import TokenBucket
 from .chain import union_runs, verify_interval
-from .maps import bytes_digest
-from .errors import LinkPausedError, PreplError, RefusedError, StateError
+from .errors import PreplError, RefusedError, StateError
 from .meta import Receipt, RecordError, ReplicaInfo
+from .peers import PSK_USER
 from .state import StateDir
 from .transport import (DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_PEER_TIMEOUT, NbdSource,
                         NbdTarget, TransportError, copy_extents, copy_requests, open_nbd)
@@ -232,8 +229,8 @@ class Agent:
 
     def replica_info(self):
         """What the secondary says of its replica (a meta.ReplicaInfo).  A
-        node promoted from this primary supersedes it (recorded by the
-        server, replication/roles.py): RefusedError."""
+        node promoted from this primary supersedes it (replication/
+        linkroles.py): RefusedError."""
         h = self.secondary("info")
         try:
             doc = transport.read_document(h, self.peer_timeout)
@@ -241,60 +238,18 @@ class Agent:
             raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:
             _close(h)
-        try:
-            peer = peers.primary_info(json.loads(doc))
-        except ValueError:
-            peer = None
-        if peer is not None and peers.promoted_from(self.sd.read_meta(), peer):
-            reply = self.ctl("supersede", info=peer.to_json(), uri=self.secondary_uri,
-                             link=self.name)
-            raise RefusedError(f"{self.secondary_uri} was promoted from this primary by a "
-                               f"failover (generation {peer.generation}): {self.sd} is "
-                               f"superseded and serves \"\" read-only; {reply['remedy']}")
+        linkroles.check_peer_promoted(self, doc)
         return parse_replica_info(self.secondary_uri, doc)
-
-    def check_not_paused(self, body):
-        link = body.links.get(self.name)
-        if link is not None and link.paused:
-            raise LinkPausedError(f"link {self.name!r} is paused: no cycle until `prepl link "
-                                  f"resume {self.sd} {self.name}`")
-
-    def check_primary(self, body):
-        """A node that a failback or migration made a secondary replicates
-        nothing: its agent stops (exit 5)."""
-        if body.role != "primary":
-            of = body.bound.primary_uuid if body.bound else "?"
-            raise RefusedError(f"{self.sd} is a {body.role} now (a failback or migration "
-                               f"made it the replica of {of}): this agent stops; run the "
-                               "agent on the new primary, pointed at this node")
-
-    def _reinstate(self, body, info):
-        """A superseded primary whose promoted node failed back onto it
-        (--discard-my-data there) is the primary again: the server records
-        it; else RefusedError."""
-        s = body.superseded
-        fb = info.failback
-        if info.replica_uuid == s.by_volume_uuid and fb is not None and info.bound \
-                and info.bound.primary_uuid == body.volume_uuid:
-            self.ctl("reinstate", info=info.to_json(), uri=self.secondary_uri)
-            log.warning("link %s: the promoted node %s failed back onto this primary: it "
-                        "accepts writes again", self.name, s.by_volume_uuid)
-            return self.sd.read_meta()
-        raise RefusedError(f"{self.sd} is superseded: its replica {s.by_volume_uuid} at "
-                               f"{s.by_uri} was promoted by a failover (generation "
-                               f"{s.generation}); no link replicates from it until it fails "
-                               f"back (`prepl failback {self.sd} --peer URI`)")
 
     # ---- one cycle (ARCHITECTURE §4) ------------------------------------------
     def cycle(self):
         """Brings the secondary up to a new snappoint; returns the receipt:
         plan what to send, take the snappoint, transfer, commit, advance."""
-        self.check_primary(self.sd.read_meta())
-        self.check_not_paused(self.sd.read_meta())
+        linkroles.before_cycle(self, self.sd.read_meta())
         info = self.replica_info()
         body = self.sd.read_meta()
         if body.superseded is not None:
-            body = self._reinstate(body, info)
+            body = linkroles.reinstate(self, body, info)
         plan = self._plan(body, info)
         self.ctl("link_update", name=self.name,
                  fields={"replica_uuid": info.replica_uuid, "secondary": self.secondary_uri,
@@ -302,7 +257,7 @@ class Agent:
                          "state": "syncing" if plan.full else "transferring"})
         primary_uri = self.primary_uri()      # asked before the timed part starts
         if plan.divergence is not None:       # sent as changes of this cycle's interval
-            starts, lengths = native.bm_runs(plan.divergence, chain.geometry(body)[1])
+            starts, lengths = native.bm_runs(plan.divergence, linkroles.nblocks(body))
             self.ctl("mark_changed", runs=[[s, n] for s, n in zip(starts.tolist(),
                                                                   lengths.tolist())])
         clock = _Phases()
@@ -346,7 +301,8 @@ class Agent:
                                f"full resync is needed: `prepl link resync {self.sd} "
                                f"{self.name}`")
         full = resync or (base is None and not self._can_skip_initial_sync(body, info))
-        divergence = None if full or info.failback is None else self._divergence(body, info)
+        divergence = None if full or info.failback is None else \
+            linkroles.divergence(self, body, info)
         if resync:
             log.warning("link %s: replicating the whole volume (resync requested)", self.name)
         elif not full:      # before a snappoint is taken for a cycle that cannot work
@@ -354,26 +310,6 @@ class Agent:
                 if base is None or iv.seq > base.seq:
                     verify_interval(self.sd, iv)
         return _Plan(base, full, f"{self.name}.{body.next_seq}", divergence)
-
-    def _divergence(self, body, info):
-        """A failback's divergence map, read from the secondary's export
-        "divergence" and checked against the digest its info gives."""
-        fb = info.failback
-        nbytes = native.words_for(chain.geometry(body)[1]) * 8
-        h = self.secondary("divergence")
-        try:
-            raw = transport.pread(h, nbytes, 0, self.peer_timeout)
-        finally:
-            _close(h)
-        bits = np.frombuffer(raw, dtype=np.uint64).copy()
-        if bytes_digest(raw) != fb.digest or native.bm_count(bits, len(bits) * 64) != fb.blocks:
-            raise RefusedError(f"the divergence map read from {self.secondary_uri} does not "
-                               "match the digest its info gives; the failback cannot be "
-                               "trusted")
-        log.warning("link %s: failback: sending the changes since interval %d and %d blocks "
-                    "the secondary wrote after the divergence point", self.name,
-                    info.applied.target.seq, fb.blocks)
-        return bits
 
     def _snappoint(self, plan):
         """Step 1: the snappoint closes the interval (the server makes it

@@ -14,10 +14,10 @@ import sys
 import time
 
 from . import control, nbdkit_bin, state, status
-from .peers import PSK_USER
 from .meta import Receipt
 from .errors import (EXIT_OK, NotRunningError, PreplError, RefusedError, StateError,
                      UsageError, InUseError)
+from .peers import PSK_USER
 from .units import check_name, fmt_size, parse_pow2, parse_size
 
 log = logging.getLogger("prepl")
