@@ -227,7 +227,7 @@ class Agent:
                                    "(its key) and an nbds:// URI")
             raise
 
-    def replica_info(self):
+    def replica_info(self, body=None):
         """What the secondary says of its replica (a meta.ReplicaInfo).  A
         node promoted from this primary supersedes it (replication/
         linkroles.py): RefusedError."""
@@ -238,16 +238,16 @@ class Agent:
             raise TransportError(f"reading the replica's info failed: {e}", errno=e.errno)
         finally:
             _close(h)
-        linkroles.check_peer_promoted(self, doc)
+        linkroles.check_peer_promoted(self, body or self.sd.read_meta(), doc)
         return parse_replica_info(self.secondary_uri, doc)
 
     # ---- one cycle (ARCHITECTURE §4) ------------------------------------------
     def cycle(self):
         """Brings the secondary up to a new snappoint; returns the receipt:
         plan what to send, take the snappoint, transfer, commit, advance."""
-        linkroles.before_cycle(self, self.sd.read_meta())
-        info = self.replica_info()
         body = self.sd.read_meta()
+        linkroles.before_cycle(self, body)
+        info = self.replica_info(body)
         if body.superseded is not None:
             body = linkroles.reinstate(self, body, info)
         plan = self._plan(body, info)

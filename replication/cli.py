@@ -570,7 +570,7 @@ def cmd_failback(args):
     if args.json:
         _print_json(res)
         return EXIT_OK
-    when = (lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "?")
+    from .divergence import when
     print(f"{sd.path} is the secondary of volume {doc.get('volume_uuid')} at {args.peer} now"
           + (" (already)" if res.get("again") else "") + "; export \"\" is read-only.")
     if res["blocks"]:

@@ -72,18 +72,19 @@ def report(t, bits, whole, mine, peer, promoted):
     }
 
 
-def _when(ts):
+def when(ts):
+    """A time for operators: local, to the second ("?" if unknown)."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "?"
 
 
 def split_brain_message(t, r, uri):
     mine = (f"this node ({t.sd}) wrote {r['bytes']} bytes after the divergence point "
-            f"(from {_when(r['first'])} to {_when(r['last_write'])} by its clock)")
+            f"(from {when(r['first'])} to {when(r['last_write'])} by its clock)")
     peer = (f"the peer at {uri} wrote {r['peer_bytes'] or 0} bytes since the failover "
-            f"(from {_when(r['failover_at'])} to {_when(r['peer_last_write'])} by its clock)")
+            f"(from {when(r['failover_at'])} to {when(r['peer_last_write'])} by its clock)")
     why = ("it is the promoted node: its writes since the failover are the peer's to lose "
            "or its own" if r["this_node_promoted"] else
-           f"some of them may have been made after the failover at {_when(r['failover_at'])} "
+           f"some of them may have been made after the failover at {when(r['failover_at'])} "
            f"(within {CLOCK_MARGIN:g} s of clock margin, or later)")
     return (f"split brain: {mine}, and {why}; {peer}. Failing back would discard this node's "
             f"writes. If they are the ones to lose, run `prepl failback {t.sd} --peer {uri} "

@@ -27,14 +27,15 @@ def before_cycle(agent, body):
     check_not_paused(agent, body)
 
 
-def check_peer_promoted(agent, doc):
+def check_peer_promoted(agent, body, doc):
     """The peer's info document doc: a node promoted from this primary
-    supersedes it (recorded by the server, which fences ""): RefusedError."""
+    (body: its metadata) supersedes it (recorded by the server, which
+    fences ""): RefusedError."""
     try:
         peer = peers.primary_info(json.loads(doc))
     except ValueError:
         return
-    if peer is not None and peers.promoted_from(agent.sd.read_meta(), peer):
+    if peer is not None and peers.promoted_from(body, peer):
         reply = agent.ctl("supersede", info=peer.to_json(), uri=agent.secondary_uri,
                           link=agent.name)
         raise RefusedError(f"{agent.secondary_uri} was promoted from this primary by a "

@@ -136,6 +136,14 @@ class Record:
         return out
 
 
+class Geometric:
+    """A record with a volume's size, region size and block size."""
+
+    def geometry(self):
+        """(size, region size, block size): what a replica must match."""
+        return (self.size, self.region_size, self.block_size)
+
+
 @dataclass
 class IntervalRef(Record):
     """An interval as another node names it: its number, the snappoint that
@@ -207,7 +215,7 @@ class Binding(Record):
 
 
 @dataclass
-class Manifest(Record):
+class Manifest(Record, Geometric):
     """What a commit verifies: interval (base, target] of a primary, staged
     as extents with a digest (built, parsed and checked in
     replication/manifest.py; kept in a complete staging)."""
@@ -222,9 +230,6 @@ class Manifest(Record):
     extents: int
     bytes: int
     digest: str
-
-    def geometry(self):
-        return (self.size, self.region_size, self.block_size)
 
 
 @dataclass
@@ -313,7 +318,7 @@ class Failback(Record):
 
 
 @dataclass
-class PrimaryInfo(Record):
+class PrimaryInfo(Record, Geometric):
     """What a primary says of itself to other nodes (its export "info"):
     a failover's --peer check, a superseded primary's agent and probe, a
     failback."""
@@ -329,12 +334,9 @@ class PrimaryInfo(Record):
     written_since_failover: int | None = None     # bytes (a promoted node)
     last_write: float | None = None   # its write clock (replication/writeclock.py)
 
-    def geometry(self):
-        return (self.size, self.region_size, self.block_size)
-
 
 @dataclass
-class ReplicaInfo(Record):
+class ReplicaInfo(Record, Geometric):
     """What a secondary says of its replica (its export "info", read by the
     agent before each cycle)."""
     role: str
@@ -348,12 +350,9 @@ class ReplicaInfo(Record):
     staging: Staging | None = None
     failback: Failback | None = None
 
-    def geometry(self):
-        return (self.size, self.region_size, self.block_size)
-
 
 @dataclass
-class Body(Record):
+class Body(Record, Geometric):
     """A node's metadata: its volume, the chain of intervals and snappoints,
     its links (a primary), its binding, staging, applied interval and
     receipts (a secondary)."""
@@ -421,10 +420,6 @@ class Body(Record):
         n = self.next_file_id
         self.next_file_id = n + 1
         return n
-
-    def geometry(self):
-        """(size, region size, block size): what a replica must match."""
-        return (self.size, self.region_size, self.block_size)
 
 
 def canonical(body):

@@ -59,6 +59,26 @@ def crash_at(srv, point, run, disk, on_disk):
     restart(srv)
 
 
+def replicated_nodes(tmp_path, make_server, disk, disk_node, rnd):
+    """A (primary) and B (secondary), disk_node's state and volume on the
+    power-loss disk; one interval applied (image P0), then A written more
+    (P1, not replicated).  Returns (a, b, p0, p1)."""
+    where = {"old-primary": tmp_path, "promoted": tmp_path}
+    where[disk_node] = disk.mountpoint
+    pa, pb = os.path.join(where["old-primary"], "a"), os.path.join(where["promoted"], "b")
+    prepl("init", pa, "--volume", pa + ".img", "--size", str(SIZE))
+    prepl("init", pb, "--volume", pb + ".img", "--size", str(SIZE), "--role", "secondary")
+    os.sync()
+    a = make_server(pa, tmp_path / "a.sock").start()
+    b = make_server(pb, tmp_path / "b.sock").start()
+    scribble(a, rnd)
+    cycle(a, b)
+    p0 = digest(b)
+    assert digest(a) == p0
+    scribble(a, rnd)
+    return a, b, p0, digest(a)
+
+
 @pytest.mark.parametrize("disk_node", ["old-primary", "promoted"])
 @pytest.mark.parametrize("point", list(POINTS))
 def test_role_change_crash(tmp_path, make_server, point, disk_node):
@@ -67,19 +87,7 @@ def test_role_change_crash(tmp_path, make_server, point, disk_node):
     disk = PowerLossDisk(tmp_path / "disk", 96 << 20)
     disk.start()
     try:
-        where = {"old-primary": tmp_path, "promoted": tmp_path}
-        where[disk_node] = disk.mountpoint
-        pa, pb = os.path.join(where["old-primary"], "a"), os.path.join(where["promoted"], "b")
-        prepl("init", pa, "--volume", pa + ".img", "--size", str(SIZE))
-        prepl("init", pb, "--volume", pb + ".img", "--size", str(SIZE), "--role", "secondary")
-        os.sync()
-        a = make_server(pa, tmp_path / "a.sock").start()
-        b = make_server(pb, tmp_path / "b.sock").start()
-        scribble(a, rnd)
-        cycle(a, b)
-        p0 = digest(a)
-        scribble(a, rnd)
-        p1 = digest(a)
+        a, b, p0, p1 = replicated_nodes(tmp_path, make_server, disk, disk_node, rnd)
         a.stop()
         time.sleep(writeclock.PERIOD + divergence.CLOCK_MARGIN + 0.5)
 
@@ -149,19 +157,7 @@ def test_migrate_crash(tmp_path, make_server, point, disk_node):
     disk = PowerLossDisk(tmp_path / "disk", 96 << 20)
     disk.start()
     try:
-        where = {"old-primary": tmp_path, "promoted": tmp_path}
-        where[disk_node] = disk.mountpoint
-        pa, pb = os.path.join(where["old-primary"], "a"), os.path.join(where["promoted"], "b")
-        prepl("init", pa, "--volume", pa + ".img", "--size", str(SIZE))
-        prepl("init", pb, "--volume", pb + ".img", "--size", str(SIZE), "--role", "secondary")
-        os.sync()
-        a = make_server(pa, tmp_path / "a.sock").start()
-        b = make_server(pb, tmp_path / "b.sock").start()
-        scribble(a, rnd)
-        cycle(a, b)
-        p0 = digest(b)
-        scribble(a, rnd)
-        p = digest(a)
+        a, b, p0, p = replicated_nodes(tmp_path, make_server, disk, disk_node, rnd)
 
         def migrate(env=None, check=True):
             if env is None:
