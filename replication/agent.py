@@ -33,7 +33,7 @@ import time
 
 import nbd
 
-from . import control, faults, linkroles, manifest, native, pack, roles, transport
+from . import control, faults, linkroles, manifest, native, pack, resume, roles, transport
 from .bwlimit import TokenBucket
 from .chain import union_runs, verify_interval
 from .errors import PreplError, RefusedError, StateError
@@ -128,11 +128,16 @@ class _Opening:
 class _Plan:
     """What a cycle sends: from base (the interval the replica holds, None:
     nothing), in full or as the union of changes, up to snappoint snap_name;
-    divergence: a failback's divergence map (bits over blocks), sent too."""
+    divergence: a failback's divergence map (bits over blocks), sent too;
+    resume: a full transfer resumed into the secondary's staging at an
+    existing snappoint (replication/resume.py), whose pieces `held` the
+    secondary holds already."""
 
-    def __init__(self, base, full, snap_name, divergence=None):
+    def __init__(self, base, full, snap_name, divergence=None, resume=False):
         self.base, self.full, self.snap_name = base, full, snap_name
         self.divergence = divergence
+        self.resume = resume
+        self.held = []
 
 
 class _Phases:
@@ -268,8 +273,7 @@ class Agent:
         # the commit's connection is opened while the transfer runs
         commit = _Opening(lambda: self.secondary(f"commit/{target.seq}"))
         try:
-            digest, stats = self._transfer(primary_uri, body, plan.snap_name, plan.base,
-                                           target, runs, plan.full)
+            digest, stats = self._transfer(primary_uri, body, plan, target, runs)
             clock.mark("transfer")
             clock.phases["transfer_copy"] = round(stats["seconds"], 4)
             receipt = self._commit(manifest.build(body, info.replica_uuid, plan.base, target,
@@ -309,21 +313,46 @@ class Agent:
             for iv in body.closed_intervals:
                 if base is None or iv.seq > base.seq:
                     verify_interval(self.sd, iv)
-        return _Plan(base, full, f"{self.name}.{body.next_seq}", divergence)
+        again = resume.resumable(self.name, body, info, base) if full else None
+        return _Plan(base, full, again or f"{self.name}.{body.next_seq}", divergence,
+                     resume=again is not None)
 
     def _snappoint(self, plan):
         """Step 1: the snappoint closes the interval (the server makes it
-        durable before it answers); returns the metadata and its interval."""
-        self.ctl("snappoint_create", name=plan.snap_name)
+        durable before it answers; a resumed transfer has its snappoint);
+        returns the metadata and its interval."""
+        if not plan.resume:
+            self.ctl("snappoint_create", name=plan.snap_name)
         body = self.sd.read_meta()
         return body, body.closed_by(plan.snap_name)
 
     def _runs(self, body, plan, target):
         """Step 2's set: the union of the change maps since the base (a full
         sync is one data run over the whole volume)."""
+        if plan.resume:
+            return self._resumed_runs(body, plan, target)
         if plan.full:
             return [(0, body.size, False)]
         return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq)
+
+    def _resumed_runs(self, body, plan, target):
+        """A resumed full transfer sends the pieces the secondary does not
+        hold durably (it says which: export held/...)."""
+        stage = f"{body.volume_uuid}/{manifest.base_key(plan.base)}/{target.seq}"
+        h = self.secondary(f"held/{stage}")
+        try:
+            data, zero = resume.read_held(h, body, self.peer_timeout)
+        finally:
+            _close(h)
+        runs, plan.held = resume.split(body.size, body.block_size, data, zero)
+        held = sum(n for _, n in plan.held)
+        log.warning("link %s: resuming the transfer of %s: the secondary holds %d of %d "
+                    "bytes, %d to send", self.name, plan.snap_name, held, body.size,
+                    body.size - held)
+        self.ctl("link_update", name=self.name, fields={"progress": {
+            "snappoint": plan.snap_name, "percent": round(100 * held / max(body.size, 1), 1),
+            "bytes_done": 0, "bytes_total": body.size - held, "held_bytes": held}})
+        return runs
 
     def _advance(self, plan, digest, receipt, clock):
         """Step 4, only after the receipt: the link's cursor moves; LINK.N
@@ -374,11 +403,13 @@ class Agent:
         return body.tracked_since_empty and info.tracked_since_empty \
             and not body.chain_truncated
 
-    def _transfer(self, primary_uri, body, snap_name, base, target, runs, full):
+    def _transfer(self, primary_uri, body, plan, target, runs):
         """Streams the runs with the AIO engine (replication/transport.py),
         hashing each data piece as its read completes: an initial sync from
-        snap/NAME into stage/..., a cycle packed (replication/pack.py) from
-        pack/NAME/BASE/FP into batch/..."""
+        snap/NAME into stage/... (the pieces the secondary holds, of a
+        resumed one, hashed from snap/NAME too), a cycle packed
+        (replication/pack.py) from pack/NAME/BASE/FP into batch/..."""
+        snap_name, base, full, kept = plan.snap_name, plan.base, plan.full, plan.held
         d = manifest.Digest()
         for off, n, z in runs:
             if z:
@@ -386,23 +417,26 @@ class Agent:
         base_key = manifest.base_key(base)
         stage = f"{body.volume_uuid}/{base_key}/{target.seq}"
         if full:
-            src_export, dst_export, plan = f"snap/{snap_name}", f"stage/{stage}", None
+            src_export, dst_export, batches = f"snap/{snap_name}", f"stage/{stage}", None
         else:
-            plan = pack.batches(runs, batch_bytes=min(pack.BATCH_BYTES, self.max_in_flight))
+            batches = pack.batches(runs, batch_bytes=min(pack.BATCH_BYTES, self.max_in_flight))
             src_export = f"pack/{snap_name}/{base_key}/{pack.fingerprint(runs)}"
             dst_export = f"batch/{stage}"
         src_h, dst_h = self._connect(primary_uri, src_export, dst_export)
         t0 = time.monotonic()
 
+        held = sum(n for _, n in kept)
+
         def progress(done, total):
             rate = done / max(time.monotonic() - t0, 1e-6)
             eta = (total - done) / max(rate, 1)
+            percent = 100 * (held + done) / max(held + total, 1)
             log.info("transfer %s: %.1f%% %d/%d bytes, %.1f MB/s, ETA %.0f s", snap_name,
-                     100 * done / max(total, 1), done, total, rate / 1e6, eta)
+                     percent, done, total, rate / 1e6, eta)
             try:        # for `prepl status` (percent, bytes, rate, ETA)
                 self.ctl("link_update", name=self.name, fields={"progress": {
-                    "snappoint": snap_name, "percent": round(100 * done / max(total, 1), 1),
-                    "bytes_done": done, "bytes_total": total,
+                    "snappoint": snap_name, "percent": round(percent, 1),
+                    "bytes_done": done, "bytes_total": total, "held_bytes": held,
                     "rate_MBps": round(rate / 1e6, 1), "eta_seconds": round(eta, 1)}})
             except PreplError:
                 pass
@@ -411,17 +445,18 @@ class Agent:
                 "max_bytes_in_flight": self.max_in_flight, "stall_timeout": self.peer_timeout,
                 "limiter": self.limiter}
         try:
-            if plan is None:
+            if batches is None:
                 stats = copy_extents(_Hashing(NbdSource(src_h), d), NbdTarget(dst_h), runs,
                                      max_request=manifest.PIECE, **opts)
+                resume.hash_held(src_h, kept, d, self.peer_timeout)
             else:
-                want = sum(b.data_bytes for b in plan)
+                want = sum(b.data_bytes for b in batches)
                 if src_h.get_size() != want:
                     raise TransportError(f"{src_export} has {src_h.get_size()} bytes, the "
                                          f"interval's data {want}")
                 reqs = [(b.stream_offset, b.data_bytes, False, b.stream_offset,
-                         pack.encode_header(b.entries)) for b in plan]
-                stats = copy_requests(_PackHashing(NbdSource(src_h), d, plan),
+                         pack.encode_header(b.entries)) for b in batches]
+                stats = copy_requests(_PackHashing(NbdSource(src_h), d, batches),
                                       NbdTarget(dst_h), reqs, **opts)
             if not runs:
                 transport.flush(dst_h, self.peer_timeout)   # stages an empty interval too

@@ -13,6 +13,10 @@
   divergence   read-only, while a failback is pending: its divergence map,
                a bit per block (little-endian uint64 words), the blocks
                the new primary's first interval must overwrite
+  held/PRIMARY_UUID/BASE/TARGET
+               read-only, while that interval's staging is receiving: the
+               staging made durable, then the blocks it holds (its data map's
+               words, then its zero map's): a resumed transfer sends the rest
   commit/TARGET
                write a manifest (JSON) at offset 0, then flush: the replica
                verifies and applies it; reading returns the receipt (also
@@ -74,6 +78,9 @@ def open_export(r, name, readonly):
             log.error("refused staging export %r: %s", name[:200], e)
             raise OSError(errno.EPERM, str(e))
         return (StageHandle if parts[0] == "stage" else BatchHandle)(r, *parts[1:])
+    if parts[0] == "held" and len(parts) == 4:
+        check_stage_export(*parts[1:])
+        return DocHandle(r.held(parts[1:]))
     if parts[0] == "commit" and len(parts) == 2 and parse_seq(parts[1]) is not None:
         return CommitHandle(r, parse_seq(parts[1]))
     raise OSError(errno.ENOENT, f"unknown export {name[:200]!r} on a secondary")

@@ -38,11 +38,20 @@ image at the snappoint of the last applied interval.
   image at the base interval: the divergence map (export "divergence")
   names their blocks, and the first interval's commit is refused unless
   its staged blocks cover every one of them; its record clears the map.
+* Resuming.  Export held/PRIMARY_UUID/BASE/TARGET makes the staging of
+  that interval durable and answers which blocks it holds (StagingArea.
+  checkpoint); the server does the same every CHECKPOINT_SECONDS while
+  writes arrive, and at a clean stop.  An interrupted transfer (link cut,
+  agent killed, this server restarted) resumes from there: the agent
+  sends only the rest, into the same staging.  A commit whose digest does
+  not match the staging discards the staging, so a bad resume costs one
+  more transfer, never a wrong replica.
 * Hashing.  Each staged write is hashed as it arrives (XXH3-128, see
   replication/manifest.py); when the staged writes are exactly the manifest's pieces the commit
   needs no re-read, otherwise (a restart, other request boundaries) the
   staging is read back and hashed.
 """
+import errno
 import logging
 import os
 import threading
@@ -61,6 +70,7 @@ from .state import StateDir, volume_size
 log = logging.getLogger(__name__)
 
 COMMIT_EXPORT_SIZE = 1 << 20
+CHECKPOINT_SECONDS = 5
 KEEP_RECEIPTS = 16
 
 
@@ -238,7 +248,11 @@ class Replica:
             if not st or st.key() != key or self.staging.current is None:
                 raise RefusedError("nothing is staged for this interval; stage it first")
             d = self.staging.digest()
-            manifest.check_staged(m, d)
+            try:
+                manifest.check_staged(m, d)
+            except RefusedError:
+                self._drop_staging()
+                raise
             self._check_failback_covered(self.staging.current)
             # the staged data durable, then one metadata write records it
             # complete and applied (the switch); the merge comes after
@@ -264,6 +278,41 @@ class Replica:
                                            name="prepl-merge", daemon=True)
             self.merger.start()
             return receipt
+
+    def _drop_staging(self):
+        """A receiving staging that cannot be applied: its files go, then
+        its record (see begin_staging); the interval must be sent whole."""
+        self.staging.discard(held=True)
+        with self.md.change() as new:
+            new.staging = None
+        log.warning("the staging did not match its manifest and was dropped: the interval "
+                    "must be sent again")
+
+    # ---- resuming ----------------------------------------------------------
+    def held(self, key):
+        """Export held/KEY: the staging of interval key (primary UUID, base,
+        target) made durable; the bytes of the blocks it holds (data map
+        words, then zero map words).  ENOENT if that staging is not the
+        one receiving."""
+        with self.lock:
+            st = self.body.staging
+            if not st or st.key() != tuple(key) or st.complete or self.staging.current is None:
+                raise OSError(errno.ENOENT, "no staging of that interval is receiving")
+            data, zero = self.staging.checkpoint()
+        log.info("staging of interval %s: %d blocks held durably", st.target,
+                 self.staging.held_blocks())
+        return data.tobytes() + zero.tobytes()
+
+    def _checkpoint_now(self, at_stop=False):
+        """The periodic checkpoint of a receiving staging (tick, close)."""
+        with self.lock:
+            st, area = self.body.staging, self.staging
+            if not st or st.complete or area.current is None or area.staged == area.seen:
+                return
+            if not at_stop and time.time() - (area.checkpointed or (0,))[0] < CHECKPOINT_SECONDS:
+                return
+            area.seen = area.staged
+            area.checkpoint()
 
     def _record_applied(self, new):
         """Records, in the metadata body new (not yet written), its complete
@@ -381,18 +430,27 @@ class Replica:
         return {"status": lambda r: self.status(), "shutdown": lambda r: self.close()}
 
     def tick(self):
-        pass
+        self._checkpoint_now()
 
     def status(self):
         return dict(self.info(), state_dir=self.sd.path, volume=self.body.volume,
                     volume_uuid=self.body.volume_uuid, generation=self.body.generation,
-                    pid=os.getpid(), uri=self.uri)
+                    pid=os.getpid(), uri=self.uri,
+                    staging_held_bytes=self._bytes(self.staging.held_blocks()),
+                    staging_received_bytes=self._bytes(self.staging.staged_blocks()))
+
+    def _bytes(self, blocks):
+        return min(blocks * self.block, self.size)
 
     def start(self):
         """The background threads (from the server's after_fork)."""
         self.staging.start()
 
     def close(self):
+        try:        # a receiving staging resumes from all it holds
+            self._checkpoint_now(at_stop=True)
+        except OSError as e:
+            log.error("the last checkpoint of the staging failed: %s", e)
         with self.lock:
             if self.merger is not None:
                 self.merger.join()

@@ -20,6 +20,12 @@ threads.  What it promises:
   receiving staging that starts afresh; a data file of at most KEEP of the
   replica's size is kept for the next interval (its blocks are allocated
   already), a larger one goes to the reaper.
+* What a receiving staging durably holds is known (checkpoint()): its
+  data made durable, then staging/held.bmap records the blocks that were
+  staged before (the data map's words, then the zero map's).  A resumed
+  transfer sends only the rest; after a crash or stop the staging is
+  reopened with exactly those blocks (open()), since the maps' own bits
+  may name writes whose data never reached the disk.
 """
 import contextlib
 import dataclasses
@@ -27,14 +33,19 @@ import errno
 import logging
 import os
 import threading
+import time
+
+import numpy as np
 
 from . import faults, manifest, native
 from .maps import MapFile
+from .meta import fsync_dir
 from .workers import RWLock, Reaper, Writeback, pread_full
 
 log = logging.getLogger(__name__)
 
 KEEP = 0.25     # a staging data file up to this share of the replica is reused
+HELD = "held.bmap"
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,6 +69,8 @@ class StagingArea:
         self.users = RWLock()             # staging requests vs the end of their staging
         self.writeback = Writeback()
         self.reaper = Reaper(sd.p("trash"))
+        self.checkpointed = None          # (time, held data bits, held zero bits)
+        self.staged = self.seen = 0       # requests staged; as of the last periodic checkpoint
         os.makedirs(sd.p("staging"), mode=0o700, exist_ok=True)
 
     # ---- lifetime ------------------------------------------------------------
@@ -72,8 +85,9 @@ class StagingArea:
         maps = [self.sd.p("staging", n) for n in ("data.bmap", "zero.bmap")]
         data = self.sd.p("staging", "data.img")
         create = not complete and not os.path.exists(maps[0])
-        if create and os.path.exists(maps[1]):
-            os.unlink(maps[1])
+        for stale in (maps[1], self.sd.p("staging", HELD)) if create else ():
+            if os.path.exists(stale):
+                os.unlink(stale)
         if in_place:
             fd = os.dup(self.replica_fd)
         elif create:
@@ -85,7 +99,31 @@ class StagingArea:
             fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
         self.current = Stage(not complete, fd, MapFile(maps[0], self.nblocks, create=create),
                              MapFile(maps[1], self.nblocks, create=create))
+        self.checkpointed = None
+        if not complete and not create:
+            self._reopen_held()
         return self.current
+
+    def _reopen_held(self):
+        """A receiving staging after a stop or crash holds what its last
+        checkpoint recorded, nothing more."""
+        st, path = self.current, self.sd.p("staging", HELD)
+        words = len(st.data.bits)
+        held = np.zeros(2 * words, dtype=np.uint64)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                doc = f.read()
+            if len(doc) == held.nbytes:
+                held = np.frombuffer(doc, dtype=np.uint64)
+            else:
+                log.warning("%s has %d bytes, not %d: the staging starts afresh", path,
+                            len(doc), held.nbytes)
+        st.data.bits[:] = held[:words] & st.data.bits
+        st.zero.bits[:] = held[words:] & st.zero.bits
+        st.data.sync()
+        st.zero.sync()
+        self.checkpointed = (time.time(), st.data.bits.copy(), st.zero.bits.copy())
+        log.info("staging reopened: %d blocks held", self.held_blocks())
 
     def close(self, held=False):
         """Closes the staging's descriptor; its running requests end first
@@ -100,6 +138,7 @@ class StagingArea:
         """Closes the staging and removes its files (the caller records that
         it is gone, before or after, see open())."""
         self.close(held)
+        self.checkpointed = None
         names = sorted(os.listdir(self.sd.p("staging")),
                        key=lambda n: (n == "data.img", n != "data.bmap"))
         for name in names:
@@ -159,6 +198,7 @@ class StagingArea:
                     st.fd, buf, offset, st.data.bits, st.zero.bits, self.nblocks,
                     self.block))
             self.writeback.staged(st.fd, len(buf))
+            self.staged += 1
 
     def batch(self, entries, data, stage=None):
         """A decoded batch (replication/pack.py): its data entries staged in
@@ -181,6 +221,7 @@ class StagingArea:
                 for i in locks:
                     self.hash_locks[i].release()
             self.writeback.staged(st.fd, len(data))
+            self.staged += 1
             for o, n, z in entries:
                 if z:
                     self._zero(st, n, o)
@@ -189,6 +230,7 @@ class StagingArea:
         self.check_aligned(length, offset)
         with self.request(stage) as st:
             self._zero(st, length, offset)
+            self.staged += 1
 
     def _zero(self, st, length, offset):
         b0, n = offset // self.block, -(-length // self.block)
@@ -222,6 +264,40 @@ class StagingArea:
                     d.add_hashed(o, n, self.hashes[o][1])
             return d
         return manifest.digest_of(run_list, lambda o, n: pread_full(self.current.fd, n, o))
+
+    def checkpoint(self):
+        """Makes the staged data durable and records the blocks it holds
+        (staging/held.bmap); returns (data bits, zero bits) held.  The
+        caller keeps the staging from ending meanwhile (the replica's
+        lock); requests go on, except while the maps are copied."""
+        with self.held():
+            st = self.current
+            if st is None or not st.receiving:
+                raise OSError(errno.ENOENT, "no staging is receiving")
+            data, zero = st.data.bits.copy(), st.zero.bits.copy()
+        os.fdatasync(st.fd)
+        path = self.sd.p("staging", HELD)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data.tobytes())
+            f.write(zero.tobytes())
+            f.flush()
+            os.fdatasync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fsync_dir(self.sd.p("staging"))
+        self.checkpointed = (time.time(), data, zero)
+        return data, zero
+
+    def held_blocks(self):
+        """Blocks the last checkpoint found staged (0: none yet)."""
+        if self.checkpointed is None:
+            return 0
+        _, data, zero = self.checkpointed
+        return native.bm_count(data | zero, self.nblocks)
+
+    def staged_blocks(self):
+        """Blocks staged so far, durable or not (0: no staging)."""
+        st = self.current
+        return native.bm_count(st.data.bits | st.zero.bits, self.nblocks) if st else 0
 
     def make_durable(self, target, held=False):
         """fdatasync of the staged data and maps.  A failure is never

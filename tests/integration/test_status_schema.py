@@ -26,7 +26,7 @@ SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "
              "region_size": int, "block_size": int, "bound": dict, "applied": dict,
              "staging": type(None), "state_dir": str, "volume": str, "volume_uuid": str,
              "generation": int, "pid": int, "uri": str, "tracked_since_empty": bool,
-             "failback": type(None)}
+             "failback": type(None), "staging_held_bytes": int, "staging_received_bytes": int}
 
 
 def check(doc, schema):
