@@ -107,6 +107,11 @@ def test_installed_units_pass_systemd_analyze_verify(tmp_path):
         assert not os.path.exists(os.path.join(root, UNITS, "prepl-agent@blk.service.d"))
         verify(root, "prepl-serve@file.service", "prepl-agent@file.service",
                "prepl-serve@blk.service")
+        # enabled, the agent is wanted by its server (and by multi-user.target)
+        subprocess.run(["systemctl", f"--root={root}", "enable", "prepl-serve@file.service",
+                        "prepl-agent@file.service"], check=True, capture_output=True, timeout=60)
+        for wants in ("prepl-serve@file.service.wants", "multi-user.target.wants"):
+            assert os.path.islink(os.path.join(root, UNITS, wants, "prepl-agent@file.service"))
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
 
