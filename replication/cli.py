@@ -673,9 +673,14 @@ def parser():
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("serve", help="serve the volume over NBD (nbdkit, foreground)")
-    s.add_argument("state")
-    where = s.add_mutually_exclusive_group(required=True)
+    s = sub.add_parser("serve", help="serve the volume over NBD (nbdkit, foreground)",
+                       description="Serves the volume of STATE over NBD (nbdkit with prepl's "
+                       "plugin), in the foreground unless --background. Needs STATE and one of "
+                       "--unix or --port, on the command line or in the file of --config. "
+                       "Under systemd (Type=notify, $NOTIFY_SOCKET set) it reports READY=1 "
+                       "once its control socket answers.")
+    _state_and_config(s)
+    where = s.add_mutually_exclusive_group()
     where.add_argument("--unix", metavar="SOCKET", help="listen on a unix socket")
     where.add_argument("--port", type=int, help="listen on a TCP port")
     s.add_argument("--bind", default="127.0.0.1", help="address for --port (default 127.0.0.1)")
@@ -697,7 +702,7 @@ def parser():
     s.set_defaults(func=cmd_keygen)
 
     s = sub.add_parser("stop", help="stop the server of a state directory (clean stop)")
-    s.add_argument("state")
+    _state_and_config(s, "stop reads only its `state`")
     s.add_argument("--timeout", type=float, default=60)
     s.set_defaults(func=cmd_stop)
 
@@ -705,10 +710,13 @@ def parser():
                        description="Runs the replication agent of one link: cycles of "
                        "snappoint, transfer of the changed blocks, commit on the secondary. "
                        "Exit codes: 0 applied (--once), 5 refused (retrying will not help: "
-                       "wrong peer or geometry), 6 timed out (--once; retrying may help).")
-    s.add_argument("state", help="the primary's state directory (its server must run)")
-    s.add_argument("--secondary", required=True, metavar="URI",
-                   help="the secondary: nbd[s]://HOST:PORT or nbd[s]+unix:///?socket=PATH")
+                       "wrong peer or geometry), 6 timed out (--once; retrying may help). "
+                       "Under systemd (Type=notify) it reports READY=1 once its sync socket "
+                       "is up.")
+    _state_and_config(s)
+    s.add_argument("--secondary", metavar="URI",
+                   help="the secondary: nbd[s]://HOST:PORT or nbd[s]+unix:///?socket=PATH "
+                        "(needed: here or in the file of --config)")
     s.add_argument("--name", type=_name, default="default", help="link name (default: default)")
     s.add_argument("--primary", metavar="URI",
                    help="the primary server's NBD URI (default: what its status says)")
@@ -893,7 +901,24 @@ def parser():
                    help="bytes per second to the secondary (K/M/G: powers of 1024; 0: "
                         "unlimited), from the next request on")
     c.set_defaults(func=cmd_link_set)
+    p.commands = sub.choices       # name -> subparser (replication/config.py reads them)
     return p
+
+
+def _state_and_config(s, what=None):
+    s.add_argument("state", nargs="?",
+                   help="the state directory (or `state` in the file of --config)")
+    s.add_argument("--config", metavar="FILE",
+                   help="TOML file holding what the flags hold (keys: the flags' names with "
+                        "underscores; shared keys at the top level, the rest under [serve] or "
+                        "[agent]); a flag given here wins over the file"
+                        + (f"; {what}" if what else ""))
+
+
+# what serve, agent and stop need once --config is merged (argparse cannot
+# require them: they may come from the file): tuples of alternatives
+NEEDS = {"serve": (("state",), ("unix", "port")), "agent": (("state",), ("secondary",)),
+         "stop": (("state",),)}
 
 
 def main(argv=None):
@@ -908,7 +933,8 @@ def main(argv=None):
                         logging.INFO if args.cmd == "agent" else logging.WARNING,
                         format="prepl: %(message)s")
     try:
-        return args.func(args)
+        from . import config
+        return args.func(config.apply(args, argv, parser, NEEDS))
     except PreplError as e:
         print(f"prepl: error: {e}", file=sys.stderr)
         return e.exit_code

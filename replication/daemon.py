@@ -16,7 +16,7 @@ import os
 import threading
 import time
 
-from . import control
+from . import control, notify
 from .agent import Agent
 from .errors import (DamagedMapError, InUseError, LinkPausedError, PreplError, RefusedError,
                      TimedOutError, UsageError)
@@ -113,6 +113,9 @@ def run(args):
     _renice(args.nice)
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"),
                                              lambda req: _set(agent, req))
+    if sync:
+        notify.send("READY=1", f"STATUS=link {args.name}: replicating {args.state} to "
+                    f"{args.secondary}")
     deadline = time.monotonic() + args.timeout
     delay = 0.5
     next_due = time.monotonic()

@@ -5,7 +5,9 @@ callbacks here and turns OSError into nbdkit.set_error(errno).
 A server serves one state directory: a primary (replication/tracker.py,
 exports in replication/exports_primary.py) or a secondary
 (replication/secondary.py, exports in replication/exports_secondary.py).
-Its control socket (replication/control.py) starts in after_fork.
+Its control socket (replication/control.py) starts in after_fork; under
+systemd (Type=notify) the server reports READY=1 only once that socket has
+answered a status request (replication/notify.py).
 
 Role changes (failover, failback, migration: replication/roleserver.py)
 swap what serves the state directory without a restart.
@@ -13,7 +15,7 @@ swap what serves the state directory without a restart.
 import logging
 import os
 
-from . import exports_primary, exports_secondary, roles
+from . import control, exports_primary, exports_secondary, notify, roles
 from .control import ControlServer
 from .errors import EXIT_STATE, PreplError, StateError, UsageError  # noqa: F401 (plugin.py: PreplError)
 from .roleserver import PromoteHandle, RoleChanges
@@ -87,6 +89,16 @@ class Server:
         self.control = ControlServer(self.owner.sd.control_socket, self.owner,
                                      self.control_handlers())
         self.control.start()
+        self.announce_ready()
+
+    def announce_ready(self, timeout=60):
+        """READY=1 for a Type=notify unit, once the control socket answers
+        (a server that cannot answer its own socket fails its start)."""
+        if not notify.wanted():
+            return
+        st = control.request(self.owner.sd.control_socket, "status", timeout=timeout)
+        notify.send("READY=1", f"MAINPID={os.getpid()}",
+                    f"STATUS=serving {st['volume']} ({st.get('role')}) at {self.uri}")
 
     def control_handlers(self):
         return dict(self.owner.control_handlers(), **self.roles.handlers())
@@ -99,6 +111,7 @@ class Server:
         self.control.serve(owner, self.control_handlers())
 
     def cleanup(self):
+        notify.send("STOPPING=1")
         if self.control:
             self.control.stop()
         if self.owner:
