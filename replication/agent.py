@@ -33,7 +33,8 @@ import time
 
 import nbd
 
-from . import control, faults, linkroles, manifest, native, pack, resume, roles, transport
+from . import (control, faults, linkroles, manifest, native, pack, resume, roles, seed,
+               transport)
 from .bwlimit import TokenBucket
 from .chain import union_runs, verify_interval
 from .errors import PreplError, RefusedError, StateError
@@ -299,6 +300,12 @@ class Agent:
         # number, closed by the same snappoint at the same time (a stale copy
         # of this primary has intervals of the same numbers, not the same ones)
         if base and not resync and not any(iv.ref() == base for iv in body.intervals):
+            if info.applied.seed:
+                raise RefusedError(f"the replica was seeded from snappoint "
+                                   f"{info.applied.seed} (interval {base.seq}), which this "
+                                   "primary no longer holds: export a new seed (`prepl seed "
+                                   f"export {self.sd} FILE`) and import it, or resync "
+                                   f"(`prepl link resync {self.sd} {self.name}`)")
             raise RefusedError(f"the replica applied interval {base.seq} "
                                f"({base.name}), which this primary does not hold (a "
                                "stale copy of the primary, or the snappoint was deleted); a "
@@ -375,8 +382,19 @@ class Agent:
                 self.ctl("snappoint_delete", name=name)
             except PreplError as e:          # e.g. another link still needs it
                 log.info("kept snappoint %s: %s", name, e)
+        self._release_seed(plan)
         log.info("cycle %s applied: %d bytes, %d zeroed, %.3f s", plan.snap_name,
                  digest.data_bytes, digest.zero_bytes, clock.seconds())
+
+    def _release_seed(self, plan):
+        """A seed's snappoint (seed.*) keeps no snapshot once a cycle applied
+        after it: its interval stays, for other replicas of the same seed."""
+        if plan.base is None:
+            return
+        sp = next((s for s in self.sd.read_meta().snappoints if s.seq == plan.base.seq), None)
+        if sp and sp.name.startswith(seed.PREFIX) and sp.snapshot is not None:
+            self.ctl("snappoint_convert", name=sp.name)
+            log.info("seed snappoint %s is dataless now", sp.name)
 
     def _check_peer(self, body, info):
         if info.geometry() != body.geometry():

@@ -437,6 +437,23 @@ def cmd_snap_delete(args):
 
 # ---- links -------------------------------------------------------------------
 
+def cmd_seed_export(args):
+    from . import seed
+    h = seed.export(args.state, args.file, snappoint=args.snappoint, tls_psk=args.tls_psk)
+    print(json.dumps(h, indent=2, sort_keys=True) if args.json else
+          f"wrote {args.file}: {seed.describe(h)}")
+    return EXIT_OK
+
+
+def cmd_seed_import(args):
+    from . import seed
+    h = seed.import_(args.state, args.file)
+    print(json.dumps(h, indent=2, sort_keys=True) if args.json else
+          f"imported {seed.describe(h)} into {args.state}: the link's first cycle sends the "
+          "changes since that snappoint")
+    return EXIT_OK
+
+
 def cmd_link_set(args):
     from . import daemon
     state.StateDir(args.state).read_meta()
@@ -872,6 +889,28 @@ def parser():
     c.add_argument("name", type=_name)
     c.set_defaults(func=cmd_snap_delete)
 
+    s = sub.add_parser("seed", help="carry a replica's first image as a file (offline "
+                       "seeding)", description="export writes the image of a dataful "
+                       "snappoint of a running primary to FILE; import, with the "
+                       "secondary's server stopped, verifies FILE whole and makes it the "
+                       "replica's image, after which the link's first cycle sends only "
+                       "the changes since the seed's snappoint")
+    ssub = s.add_subparsers(dest="seedcmd", required=True, metavar="ACTION")
+    c = ssub.add_parser("export", help="write a seed of the primary (its server running)")
+    c.add_argument("state")
+    c.add_argument("file")
+    c.add_argument("--snappoint", type=_name, help="an existing dataful snappoint (default: "
+                   "a new one, seed.TIME, made dataless by the first cycle after the seed)")
+    c.add_argument("--tls-psk", help="the key, if the primary is served with --tls-psk")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_seed_export)
+    c = ssub.add_parser("import", help="make a seed the secondary's replica (its server "
+                        "stopped)")
+    c.add_argument("state")
+    c.add_argument("file")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_seed_import)
+
     s = sub.add_parser("link", help="manage a replication link of a primary")
     lsub = s.add_subparsers(dest="linkcmd", required=True, metavar="ACTION")
     c = lsub.add_parser("resync", help="make the link's next cycle send the whole volume "
@@ -930,7 +969,7 @@ def main(argv=None):
             raise SystemExit(3)
         raise
     logging.basicConfig(level=logging.DEBUG if args.verbose else
-                        logging.INFO if args.cmd == "agent" else logging.WARNING,
+                        logging.INFO if args.cmd in ("agent", "seed") else logging.WARNING,
                         format="prepl: %(message)s")
     try:
         from . import config

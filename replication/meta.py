@@ -261,6 +261,7 @@ class Applied(Record):
     target: IntervalRef
     base: IntervalRef | None
     applied_at: float
+    seed: str | None = None           # the seed's snappoint, when a seed import applied it
 
 
 @dataclass
