@@ -51,6 +51,7 @@ keeps its queue; delay(0) makes later chunks leave at once, behind the
 queued ones.  stall() holds what is read from then on; what a delay
 already queued still arrives.
 """
+import collections
 import ctypes
 import os
 import socket
@@ -87,7 +88,7 @@ class _Delayed:
 
     def __init__(self, proxy, conn, src, dst, counter):
         self.proxy, self.conn, self.src, self.dst, self.counter = proxy, conn, src, dst, counter
-        self.chunks = []
+        self.chunks = collections.deque()
         self.queued = 0
         self.cond = threading.Condition()
         threading.Thread(target=self._send, daemon=True).start()
@@ -105,7 +106,7 @@ class _Delayed:
         with self.cond:
             while not self.chunks:
                 self.cond.wait()
-            at, data = self.chunks.pop(0)
+            at, data = self.chunks.popleft()
             self.queued -= len(data or b"")
             self.cond.notify_all()
             return at, data
