@@ -157,7 +157,8 @@ class _Conn:
 class CutProxy:
     def __init__(self, listen, target, netns=None):
         """listen, target: unix socket paths, or (host, port) for TCP (a
-        listen port 0 picks a free one: see .listen once started); netns: the network namespace both live in (None: this process's)."""
+        listen port 0 picks a free one: see .listen once started); netns:
+        the network namespace both live in (None: this process's)."""
         self.listen, self.target = (a if isinstance(a, tuple) else str(a)
                                     for a in (listen, target))
         self.netns = netns
