@@ -6,12 +6,15 @@ tests.harness.nbdio ...`).  Prints one JSON object.
   write URI --seed N --count N [--tls-psk FILE]
                                            random 4-64 KiB writes, then a flush:
                                            {"blocks": [4 KiB block numbers]}
+  rtt URI --count N [--tls-psk FILE]       N reads of 512 bytes, one at a time, once
+                                           connected: {"rtts": [seconds each]}
 """
 import argparse
 import hashlib
 import json
 import random
 import sys
+import time
 
 import nbd
 
@@ -28,7 +31,7 @@ def connect(uri, key):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("op", choices=("digest", "write"))
+    ap.add_argument("op", choices=("digest", "write", "rtt"))
     ap.add_argument("uri")
     ap.add_argument("--tls-psk")
     ap.add_argument("--seed", type=int, default=0)
@@ -41,6 +44,13 @@ def main():
         for off in range(0, size, 8 << 20):
             d.update(h.pread(min(8 << 20, size - off), off))
         out = {"sha256": d.hexdigest(), "size": size, "read_only": bool(h.is_read_only())}
+    elif a.op == "rtt":
+        rtts = []
+        for _ in range(a.count):
+            t0 = time.monotonic()
+            h.pread(512, 0)
+            rtts.append(time.monotonic() - t0)
+        out = {"rtts": rtts}
     else:
         rnd = random.Random(a.seed)
         blocks = set()
