@@ -49,6 +49,7 @@ MAGIC = b"PREPL-SEED 1\n"
 HEADER = 4096
 PREFIX = "seed."          # the snappoints `seed export` makes
 PROGRESS_SECONDS = 2.0
+CHUNK = 8                 # pieces read at once
 
 
 class _Progress:
@@ -192,26 +193,37 @@ def _check_fits(h, body, path):
 
 def _verify(fd, h, path):
     """Pass 1: the file is whole and its image matches the digest; returns
-    the offsets of its zero pieces."""
+    each piece's hash (None: a zero piece), in offset order."""
     size = h["size"]
     have = os.fstat(fd).st_size
     if have != HEADER + size:
         raise RefusedError(f"{path} has {have} bytes, a seed of this volume "
                            f"{HEADER + size}: it is truncated or not this seed")
-    d, zeros = manifest.Digest(), set()
+    d, hashes = manifest.Digest(), []
     progress = _Progress("seed import: verifying", size)
-    for off, n, _ in manifest.pieces([(0, size, False)]):
-        buf = os.pread(fd, n, HEADER + off)
-        if len(buf) != n:
-            raise RefusedError(f"{path} ended early (at {HEADER + off + len(buf)})")
-        d.add_hashed(off, n, manifest.piece_hash(buf))
-        if _zero_piece(buf):
-            zeros.add(off)
-        progress(off + n, final=off + n == size)
+    for off, buf in _read_pieces(fd, size):
+        ph = manifest.piece_hash(buf)
+        d.add_hashed(off, len(buf), ph)
+        hashes.append(None if _zero_piece(buf) else ph)
+        progress(off + len(buf), final=off + len(buf) == size)
     if d.hexdigest() != h["image_digest"]:
         raise RefusedError(f"{path} is corrupted: its image does not match the digest in "
                            "its header")
-    return zeros
+    return hashes
+
+
+def _read_pieces(fd, size):
+    """(offset, piece) of the image in fd, read CHUNK pieces at a time into
+    one buffer (the pieces are views of it, valid until the next)."""
+    buf = bytearray(CHUNK * manifest.PIECE)
+    for start in range(0, size, len(buf)):
+        n = min(len(buf), size - start)
+        view = memoryview(buf)[:n]
+        got = os.preadv(fd, [view], HEADER + start)
+        if got != n:
+            raise RefusedError(f"the seed file ended early (at {HEADER + start + got})")
+        for off, k, _ in manifest.pieces([(start, n, False)]):
+            yield off, view[off - start:off - start + k]
 
 
 def import_(state, path):
@@ -230,9 +242,7 @@ def import_(state, path):
             _check_fits(h, body, path)
             if volume_size(body.volume) != body.size:
                 raise StateError(f"replica {body.volume} is not {body.size} bytes")
-            before = os.fstat(fd)
-            zeros = _verify(fd, h, path)
-            _apply(sd, body, fd, h, zeros, before)
+            _apply(sd, body, fd, h, _verify(fd, h, path))
         finally:
             os.close(fd)
     finally:
@@ -242,8 +252,9 @@ def import_(state, path):
     return h
 
 
-def _apply(sd, body, fd, h, zeros, before):
-    """Pass 2: no image while the replica is written, then the seed's."""
+def _apply(sd, body, fd, h, hashes):
+    """Pass 2: no image while the replica is written -- each piece only
+    if it still has the hash pass 1 verified --, then the seed's."""
     from .meta import Metadata
     md = Metadata(sd.path, body)
     with md.change() as new:
@@ -254,40 +265,26 @@ def _apply(sd, body, fd, h, zeros, before):
     out = os.open(body.volume, os.O_RDWR | os.O_CLOEXEC)
     try:
         progress = _Progress("seed import: writing", size)
-        runs = []              # (offset, length, zero), adjacent pieces of a kind coalesced
-        for off, n, _ in manifest.pieces([(0, size, False)]):
-            z = off in zeros
-            if runs and runs[-1][2] == z:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, z)
+        zeros = []
+        for i, (off, buf) in enumerate(_read_pieces(fd, size)):
+            if hashes[i] is None:
+                zeros.append((off, len(buf)))
+            elif manifest.piece_hash(buf) != hashes[i]:
+                raise RefusedError("the seed file changed while it was imported: the "
+                                   "replica holds no image now; import it again")
             else:
-                runs.append((off, n, z))
-        native.copy_ranges(-1, out, [(o, n) for o, n, z in runs if z], zero=True)
-        for off, n, z in runs:
-            if not z:
-                _copy(fd, out, n, HEADER + off, off)
-            progress(off + n, final=off + n == size)
+                os.pwrite(out, buf, off)
+            progress(off + len(buf), final=off + len(buf) == size)
+        native.copy_ranges(-1, out, zeros, zero=True)
         os.fdatasync(out)
     finally:
         os.close(out)
-    after = os.fstat(fd)
-    if (after.st_ino, after.st_size, after.st_mtime_ns) != \
-            (before.st_ino, before.st_size, before.st_mtime_ns):
-        raise RefusedError("the seed file changed while it was imported: the replica holds "
-                           "no image now; import it again")
     now = time.time()
     with md.change() as new:
         new.applied = Applied(IntervalRef.from_json(h["interval"]), None, now,
                               seed=h["snappoint"])
         if new.bound is None:
             new.bound = Binding(h["volume_uuid"], now, *body.geometry())
-
-
-def _copy(src, dst, n, src_off, dst_off):
-    while n:
-        k = os.copy_file_range(src, dst, n, src_off, dst_off)
-        if k <= 0:
-            raise OSError(f"copy_file_range returned {k}")
-        n, src_off, dst_off = n - k, src_off + k, dst_off + k
 
 
 def describe(h):
