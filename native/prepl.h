@@ -103,7 +103,12 @@ int pr_al_trim(pr_volume *v);
 /* Copies the in-memory activity log (as on disk) into out. */
 void pr_al_get(pr_volume *v, uint64_t *out, uint64_t nwords);
 
-/* Statistics. */
+/* Statistics.  pr_volume_pauses: how long (ns) writers arriving during
+ * each of the last switches waited (from the switch's request for the
+ * epoch to its release: the writes in flight end first), the most recent
+ * first, at most max of the last 1024 into out; returns the number of
+ * switches so far. */
+uint64_t pr_volume_pauses(pr_volume *v, uint64_t *out, size_t max);
 uint64_t pr_volume_max_writers(pr_volume *v);
 uint64_t pr_volume_writers(pr_volume *v);
 uint64_t pr_volume_al_syncs(pr_volume *v);
@@ -119,6 +124,12 @@ int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
  * (sync_file_range SYNC_FILE_RANGE_WRITE), so a later fdatasync has less
  * to wait for.  Returns 0 or -errno. */
 int pr_start_writeback(int fd, uint64_t off, uint64_t len);
+
+/* msync(MS_SYNC) of a shared mapping (addr page-aligned), called without
+ * the GIL: Python's mmap.flush holds it through the whole sync, stopping
+ * every other thread of the process (the server's writes among them).
+ * Returns 0 or -errno. */
+int pr_sync_mapping(void *addr, uint64_t len);
 
 /* The secondary's staged write, whole, without the GIL: hashes len bytes
  * of buf (XXH3-128, canonical big-endian, into hash[16]), writes them at

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <sys/mman.h>
 #include <fcntl.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -23,6 +24,12 @@ pr_start_writeback (int fd, uint64_t off, uint64_t len)
     return -EINVAL;
   return sync_file_range (fd, (off64_t)off, (off64_t)len,
                           SYNC_FILE_RANGE_WRITE) == -1 ? -errno : 0;
+}
+
+int
+pr_sync_mapping (void *addr, uint64_t len)
+{
+  return msync (addr, len, MS_SYNC) == -1 ? -errno : 0;
 }
 
 int

@@ -32,9 +32,17 @@
  *   5. Data, then fdatasync if FUA.
  *
  * Snappoint creation (pr_volume_switch) takes the epoch rwlock exclusively;
- * every write holds it shared for its whole duration, so a write lies
+ * every write holds it shared from its maps to its data, so a write lies
  * entirely in one interval and entirely before or after a snapshot's
  * instant.  The rwlock prefers writers so a switch is never starved.
+ * Writers arriving during a switch wait for it (the pause, recorded per
+ * switch: pr_volume_pauses), and the switch waits for the writes inside
+ * the epoch; so no write waits on a disk inside it: the activity log's
+ * fdatasync happens before the epoch (marked again inside, normally from
+ * memory), a FUA write's after it, and the log's trim at a snappoint
+ * never holds the lock a write needs while it writes (al_io below).  The
+ * volume's lifetime (close, fence) is a lock of its own (gate), held by a
+ * write throughout.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -45,13 +53,15 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <time.h>
 #include <linux/falloc.h>
 #include "prepl.h"
 #include "fileio.h"
 
-#define PR_ABI 11
+#define PR_ABI 12
 #define NSTRIPES 1024
 #define AL_PAGE 4096
+#define NPAUSES 1024           /* switch pauses kept (a ring) */
 
 enum op { OP_WRITE, OP_ZERO, OP_TRIM };
 
@@ -66,6 +76,7 @@ struct pr_volume {
   uint64_t size;
   uint32_t rshift, bshift, alshift;
   uint64_t nregions, nblocks, nextents, al_words;
+  pthread_rwlock_t gate;         /* lifetime: close and fence drain writes */
   pthread_rwlock_t epoch;
   pthread_mutex_t stripes[NSTRIPES];
   uint64_t *cmap, *bmap, *zmap; /* open interval; replaced under epoch */
@@ -73,10 +84,14 @@ struct pr_volume {
   int nsnaps;
   int al_fd;
   uint64_t al_offset;
-  pthread_mutex_t al_lock;
-  uint64_t *al_file;            /* the log as on disk (under al_lock) */
+  pthread_mutex_t al_lock;       /* the sets below; held for memory work only */
+  pthread_mutex_t al_io;        /* a log write: al_file changes only under it */
+  uint64_t *al_file;            /* every bit durable on disk (under al_lock) */
   uint64_t *al_mem;             /* durable and touched since the switch */
   uint64_t *al_prev;            /* al_mem of the previous interval */
+  uint64_t *al_buf;             /* the pages being written (under al_io) */
+  uint64_t pauses[NPAUSES];     /* ns writers waited at the last switches */
+  uint64_t npauses;             /* switches recorded (under epoch, exclusive) */
   uint64_t writers, max_writers, al_syncs, writes;  /* atomic counters */
   int refuse;                   /* errno of every write (0: none); set under epoch (exclusive) */
   int fault;                    /* armed fault point (tests), atomic */
@@ -121,8 +136,10 @@ pr_volume_new (int vol_fd, uint64_t size, uint32_t region_shift,
   v->al_file = calloc (v->al_words, 8);
   v->al_mem = calloc (v->al_words, 8);
   v->al_prev = calloc (v->al_words, 8);
-  if (!v->al_file || !v->al_mem || !v->al_prev) {
-    free (v->al_file); free (v->al_mem); free (v->al_prev); free (v);
+  v->al_buf = calloc (v->al_words, 8);
+  if (!v->al_file || !v->al_mem || !v->al_prev || !v->al_buf) {
+    free (v->al_file); free (v->al_mem); free (v->al_prev); free (v->al_buf);
+    free (v);
     errno = ENOMEM;
     return NULL;
   }
@@ -130,10 +147,12 @@ pr_volume_new (int vol_fd, uint64_t size, uint32_t region_shift,
   pthread_rwlockattr_setkind_np (&attr,
                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
   pthread_rwlock_init (&v->epoch, &attr);
+  pthread_rwlock_init (&v->gate, &attr);
   pthread_rwlockattr_destroy (&attr);
   for (i = 0; i < NSTRIPES; i++)
     pthread_mutex_init (&v->stripes[i], NULL);
   pthread_mutex_init (&v->al_lock, NULL);
+  pthread_mutex_init (&v->al_io, NULL);
   return v;
 }
 
@@ -145,7 +164,31 @@ pr_volume_free (pr_volume *v)
   free (v->al_file);
   free (v->al_mem);
   free (v->al_prev);
+  free (v->al_buf);
   free (v);
+}
+
+static uint64_t
+now_ns (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t
+pr_volume_pauses (pr_volume *v, uint64_t *out, size_t max)
+{
+  uint64_t n, i, k;
+  pthread_rwlock_rdlock (&v->epoch);
+  n = v->npauses;
+  k = n < NPAUSES ? n : NPAUSES;
+  if (k > max)
+    k = max;
+  for (i = 0; i < k; i++)       /* the most recent first */
+    out[i] = v->pauses[(n - 1 - i) % NPAUSES];
+  pthread_rwlock_unlock (&v->epoch);
+  return n;
 }
 
 int
@@ -153,6 +196,7 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
                   uint64_t *zmap, pr_snap *snap)
 {
   int r = 0;
+  uint64_t t0 = now_ns ();        /* from here on, arriving writers wait */
   pthread_rwlock_wrlock (&v->epoch);
   if (snap && v->nsnaps == PR_MAX_SNAPS)
     r = -ENOSPC;
@@ -167,6 +211,7 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
     memset (v->al_mem, 0, v->al_words * 8);
     pthread_mutex_unlock (&v->al_lock);
   }
+  v->pauses[v->npauses++ % NPAUSES] = now_ns () - t0;
   pthread_rwlock_unlock (&v->epoch);
   return r;
 }
@@ -213,21 +258,30 @@ pr_volume_unswitch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
   pthread_rwlock_unlock (&v->epoch);
 }
 
+/* Sets the errno of every later write once the writes in flight are
+ * done, their log and FUA syncs included (the gate); a closed volume stays
+ * closed. */
+static void
+set_refuse (pr_volume *v, int err)
+{
+  pthread_rwlock_wrlock (&v->gate);
+  pthread_rwlock_wrlock (&v->epoch);
+  if (v->refuse != ESHUTDOWN)
+    __atomic_store_n (&v->refuse, err, __ATOMIC_SEQ_CST);
+  pthread_rwlock_unlock (&v->epoch);
+  pthread_rwlock_unlock (&v->gate);
+}
+
 void
 pr_volume_close (pr_volume *v)
 {
-  pthread_rwlock_wrlock (&v->epoch);
-  v->refuse = ESHUTDOWN;
-  pthread_rwlock_unlock (&v->epoch);
+  set_refuse (v, ESHUTDOWN);
 }
 
 void
 pr_volume_refuse_writes (pr_volume *v, int err)
 {
-  pthread_rwlock_wrlock (&v->epoch);
-  if (v->refuse != ESHUTDOWN)
-    v->refuse = err;
-  pthread_rwlock_unlock (&v->epoch);
+  set_refuse (v, err);
 }
 
 void
@@ -265,6 +319,8 @@ pr_volume_set_fault (pr_volume *v, int point)
   __atomic_store_n (&v->fault, point, __ATOMIC_RELAXED);
 }
 
+/* Writes the log's pages holding words [first_word, last_word] from
+ * al_buf, then fdatasyncs (the caller holds al_io). */
 static int
 al_write_pages (pr_volume *v, uint64_t first_word, uint64_t last_word)
 {
@@ -273,7 +329,7 @@ al_write_pages (pr_volume *v, uint64_t first_word, uint64_t last_word)
   int r;
 
   fault_point (v, PR_FAULT_AL_BEFORE_WRITE);
-  r = pwrite_full (v->al_fd, (const char *)(v->al_file + p0 * wpp),
+  r = pwrite_full (v->al_fd, (const char *)(v->al_buf + p0 * wpp),
                    (p1 - p0 + 1) * AL_PAGE, v->al_offset + p0 * AL_PAGE);
   if (r == 0 && fdatasync (v->al_fd) == -1)
     r = -errno;
@@ -283,11 +339,26 @@ al_write_pages (pr_volume *v, uint64_t first_word, uint64_t last_word)
   return r;
 }
 
+/* Extents [e0, e1] durable in the log already (they are in al_file) are
+ * marked touched in al_mem; returns whether all of them were (al_lock
+ * held). */
+static int
+al_touch_durable (pr_volume *v, uint64_t e0, uint64_t e1)
+{
+  uint64_t e;
+  for (e = e0; e <= e1; e++)
+    if (!pr_bm_test (v->al_file, e))
+      return 0;
+  pr_bm_set_range (v->al_mem, e0, e1 - e0 + 1);
+  return 1;
+}
+
 static int
 al_mark (pr_volume *v, uint64_t e0, uint64_t e1)
 {
-  uint64_t e, lo = UINT64_MAX, hi = 0;
-  int r = 0;
+  const uint64_t wpp = AL_PAGE / 8;
+  uint64_t e, lo, hi;
+  int r;
 
   for (e = e0; e <= e1; e++)
     if (!pr_bm_test (v->al_mem, e))
@@ -296,17 +367,33 @@ al_mark (pr_volume *v, uint64_t e0, uint64_t e1)
     return 0;                   /* fast path: all extents already durable */
 
   pthread_mutex_lock (&v->al_lock);
-  for (e = e0; e <= e1; e++)
-    if (!pr_bm_test (v->al_file, e)) {
-      pr_bm_set_range (v->al_file, e, 1);
-      if (e / 64 < lo) lo = e / 64;
-      hi = e / 64;
-    }
-  if (lo != UINT64_MAX)
-    r = al_write_pages (v, lo, hi);
-  if (r == 0)
-    pr_bm_set_range (v->al_mem, e0, e1 - e0 + 1);
+  r = al_touch_durable (v, e0, e1);     /* the first touch since a switch */
   pthread_mutex_unlock (&v->al_lock);
+  if (r)
+    return 0;
+
+  /* a new extent: the log's pages with its bit, written and synced; a
+   * write of an extent already in the log never waits for this */
+  pthread_mutex_lock (&v->al_io);
+  pthread_mutex_lock (&v->al_lock);
+  if (al_touch_durable (v, e0, e1)) {   /* another write logged it meanwhile */
+    pthread_mutex_unlock (&v->al_lock);
+    pthread_mutex_unlock (&v->al_io);
+    return 0;
+  }
+  lo = (e0 / 64 / wpp) * wpp;
+  hi = (e1 / 64 / wpp + 1) * wpp;
+  memcpy (v->al_buf + lo, v->al_file + lo, (hi - lo) * 8);
+  pthread_mutex_unlock (&v->al_lock);
+  pr_bm_set_range (v->al_buf, e0, e1 - e0 + 1);
+  r = al_write_pages (v, e0 / 64, e1 / 64);
+  if (r == 0) {
+    pthread_mutex_lock (&v->al_lock);
+    pr_bm_set_range (v->al_file, e0, e1 - e0 + 1);
+    pr_bm_set_range (v->al_mem, e0, e1 - e0 + 1);
+    pthread_mutex_unlock (&v->al_lock);
+  }
+  pthread_mutex_unlock (&v->al_io);
   return r;
 }
 
@@ -315,15 +402,19 @@ pr_al_trim (pr_volume *v)
 {
   uint64_t i;
   int r;
+  pthread_mutex_lock (&v->al_io);
   pthread_mutex_lock (&v->al_lock);
   /* keep the extents of the previous interval too: a volume's hot extents
    * stay in the log across snappoints, so its writes do not pay one
    * fdatasync per extent per interval (after a crash, at most two
-   * intervals' extents are treated as changed) */
+   * intervals' extents are treated as changed).  The new set is a subset
+   * of the one on disk, so al_file takes it now: whatever of the write
+   * below reached the disk, every bit of al_file is durable. */
   for (i = 0; i < v->al_words; i++)
-    v->al_file[i] = v->al_mem[i] | v->al_prev[i];
-  r = al_write_pages (v, 0, v->al_words - 1);
+    v->al_file[i] = v->al_buf[i] = v->al_mem[i] | v->al_prev[i];
   pthread_mutex_unlock (&v->al_lock);
+  r = al_write_pages (v, 0, v->al_words - 1);
+  pthread_mutex_unlock (&v->al_io);
   return r;
 }
 
@@ -524,6 +615,16 @@ modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
   b1 = (off + len - 1) >> v->bshift;
 
   count_in (v);
+  pthread_rwlock_rdlock (&v->gate);
+  err = -__atomic_load_n (&v->refuse, __ATOMIC_SEQ_CST);
+  if (err)
+    goto out_gate;
+  /* the log's I/O, if any, before the epoch: a switch never waits for it;
+   * inside, the extents are marked again for the interval the write lies
+   * in (from memory: a switch keeps them in the log) */
+  err = al_mark (v, off >> v->alshift, (off + len - 1) >> v->alshift);
+  if (err)
+    goto out_gate;
   pthread_rwlock_rdlock (&v->epoch);
   err = -v->refuse;
   if (err)
@@ -548,11 +649,13 @@ modify (pr_volume *v, enum op op, const char *buf, uint64_t len,
     if (zb1 > zb0)
       pr_bm_set_range (v->zmap, zb0, zb1 - zb0);
   }
-  if (err == 0 && (flags & PR_FUA))
-    err = volume_sync (v);
   stripes_do (v, r0, r1, pthread_mutex_unlock);
 out:
   pthread_rwlock_unlock (&v->epoch);
+  if (err == 0 && (flags & PR_FUA))
+    err = volume_sync (v);      /* after the epoch: a switch never waits for it */
+out_gate:
+  pthread_rwlock_unlock (&v->gate);
   __atomic_sub_fetch (&v->writers, 1, __ATOMIC_SEQ_CST);
   return err;
 }

@@ -53,8 +53,9 @@ class MapFile:
         self.bits = np.frombuffer(self._mm, dtype=np.uint64)
 
     def sync(self):
-        """msync: the map's current bits are durable when this returns."""
-        self._mm.flush()
+        """msync: the map's current bits are durable when this returns (the
+        other threads of the process run meanwhile)."""
+        native.sync_mapping(self.bits)
 
     def digest(self):
         return bytes_digest(self._mm)

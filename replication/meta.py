@@ -258,6 +258,7 @@ class Staging(Record):
 @dataclass
 class Applied(Record):
     """The interval whose image a secondary's export "" serves."""
+    OMIT_NONE = True
     target: IntervalRef
     base: IntervalRef | None
     applied_at: float

@@ -14,7 +14,8 @@ import numpy as np
 from . import faults
 from ._native import ffi, lib
 
-ABI_VERSION = 11
+ABI_VERSION = 12
+PAUSES_KEPT = 1024     # the switch pauses the C side keeps (NPAUSES)
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
         f"replication._native has ABI {lib.pr_abi_version()}, expected {ABI_VERSION}: "
@@ -152,6 +153,12 @@ def copy_ranges(src_fd, dst_fd, ranges, zero=False):
 # fault points of the C write path (replication/faults.py names them)
 WRITE_PATH_FAULTS = {"primary.al.before_write": lib.PR_FAULT_AL_BEFORE_WRITE,
                      "primary.al.after_sync": lib.PR_FAULT_AL_AFTER_SYNC}
+
+
+def sync_mapping(array):
+    """msync of the shared mapping a numpy array views (from its start,
+    which must be a page boundary), without holding the GIL."""
+    _raise(lib.pr_sync_mapping(ffi.cast("void *", array.ctypes.data), array.nbytes), "msync")
 
 
 def start_writeback(fd, offset, length):
@@ -412,3 +419,10 @@ class Volume:
     @property
     def al_syncs(self):
         return lib.pr_volume_al_syncs(self._c)
+
+    def switch_pauses(self):
+        """(switches so far, the ns writers waited at each of the last
+        PAUSES_KEPT, the most recent first)."""
+        out = np.zeros(PAUSES_KEPT, dtype=np.uint64)
+        n = lib.pr_volume_pauses(self._c, _ptr(out), PAUSES_KEPT)
+        return n, out[:min(n, PAUSES_KEPT)]

@@ -3,6 +3,8 @@ reference), and its maps as runs for tests and debugging.  Computed from
 the tracker on demand; nothing here is stored."""
 import os
 
+import numpy as np
+
 from .maps import KINDS
 from .meta import PrimaryInfo
 from .roles import FAILBACK
@@ -42,7 +44,26 @@ def primary(t):
         "max_concurrent_writers_in_c": t.vol.max_writers,
         "activity_log_syncs": t.vol.al_syncs,
         "writes_total": t.vol.writes_total,
+        "snappoint_pause": switch_pauses(t.vol),
     }
+
+
+PAUSE_BUCKETS_MS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def switch_pauses(vol):
+    """How long writers waited at the snappoint switches (the last 1024):
+    count (all switches), p50, p99, max and a histogram [[upper bound,
+    count]] in ms (the last bucket's bound is null: longer)."""
+    n, ns = vol.switch_pauses()
+    ms = np.sort(ns.astype(np.float64) / 1e6)
+    if not len(ms):
+        return {"count": n, "p50_ms": None, "p99_ms": None, "max_ms": None, "histogram": []}
+    counts = np.histogram(ms, bins=(0,) + PAUSE_BUCKETS_MS + (np.inf,))[0]
+    return {"count": int(n), "p50_ms": round(float(np.percentile(ms, 50)), 4),
+            "p99_ms": round(float(np.percentile(ms, 99)), 4),
+            "max_ms": round(float(ms[-1]), 4),
+            "histogram": [[b, int(c)] for b, c in zip(PAUSE_BUCKETS_MS + (None,), counts)]}
 
 
 def primary_info(t):

@@ -13,7 +13,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "max_concurrent_writers_in_c": int, "activity_log_syncs": int,
            "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
            "unrecorded_invalidations": list, "promoted": type(None),
-           "superseded": type(None), "read_only": bool}
+           "superseded": type(None), "read_only": bool, "snappoint_pause": dict}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
