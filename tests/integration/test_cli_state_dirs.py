@@ -35,6 +35,8 @@ ARGS = {
     ("link", "resume"): [["default"]],
     ("link", "remove"): [["default"]],
     ("exporter",): [["--listen", "127.0.0.1:0"]],
+    ("seed", "export"): [["{tmp}/x.seed"], ["{tmp}/x.seed", "--snappoint", "a", "--json"]],
+    ("seed", "import"): [["{tmp}/x.seed"], ["{tmp}/x.seed", "--json"]],
     ("failover",): [[], ["--force", "--json"]],
     ("failback",): [["--peer", "nbd+unix:///?socket={tmp}/s.sock"],
                     ["--peer", "nbd+unix:///?socket={tmp}/s.sock", "--discard-my-data",
