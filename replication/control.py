@@ -11,7 +11,10 @@ Reply:    {"ok": true, "result": ...} or {"ok": false, "code": C, "error": MESSA
           ENOSPC from a metadata write; "errno" holds its number)
 
 The server side is a thread started in nbdkit's after_fork (threads started
-earlier do not survive nbdkit's fork).  The socket is created mode 0600 in
+earlier do not survive nbdkit's fork).  It and the threads answering
+requests run at a lower CPU priority (workers.background_priority): what
+they do -- a snappoint's flush, freeing a snapshot, a status -- is kernel
+and Python work that must not delay the clients' writes on a busy CPU.  The socket is created mode 0600 in
 the state directory: whoever may use it may change the volume's state.
 """
 import errno
@@ -22,6 +25,7 @@ import socket
 import threading
 
 from .errors import BY_CODE, NotRunningError, OSFailedError, PreplError, errno_name
+from .workers import background_priority
 
 log = logging.getLogger(__name__)
 TICK = 1.0
@@ -104,6 +108,7 @@ class ControlServer:
         self.owner, self.handlers = owner, handlers
 
     def _run(self):
+        background_priority()
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -121,6 +126,7 @@ class ControlServer:
             log.exception("housekeeping failed")
 
     def _serve(self, conn):
+        background_priority()
         with conn, conn.makefile("rwb") as f:
             for line in f:
                 reply = answer(self.handlers, line.decode(errors="replace"))
