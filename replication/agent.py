@@ -337,29 +337,11 @@ class Agent:
         """Step 2's set: the union of the change maps since the base (a full
         sync is one data run over the whole volume)."""
         if plan.resume:
-            return self._resumed_runs(body, plan, target)
+            runs, plan.held = resume.runs_to_send(self, body, plan.base, plan.snap_name, target)
+            return runs
         if plan.full:
             return [(0, body.size, False)]
         return union_runs(self.sd, body, plan.base.seq if plan.base else None, target.seq)
-
-    def _resumed_runs(self, body, plan, target):
-        """A resumed full transfer sends the pieces the secondary does not
-        hold durably (it says which: export held/...)."""
-        stage = f"{body.volume_uuid}/{manifest.base_key(plan.base)}/{target.seq}"
-        h = self.secondary(f"held/{stage}")
-        try:
-            data, zero = resume.read_held(h, body, self.peer_timeout)
-        finally:
-            _close(h)
-        runs, plan.held = resume.split(body.size, body.block_size, data, zero)
-        held = sum(n for _, n in plan.held)
-        log.warning("link %s: resuming the transfer of %s: the secondary holds %d of %d "
-                    "bytes, %d to send", self.name, plan.snap_name, held, body.size,
-                    body.size - held)
-        self.ctl("link_update", name=self.name, fields={"progress": {
-            "snappoint": plan.snap_name, "percent": round(100 * held / max(body.size, 1), 1),
-            "bytes_done": 0, "bytes_total": body.size - held, "held_bytes": held}})
-        return runs
 
     def _advance(self, plan, digest, receipt, clock):
         """Step 4, only after the receipt: the link's cursor moves; LINK.N
@@ -382,19 +364,9 @@ class Agent:
                 self.ctl("snappoint_delete", name=name)
             except PreplError as e:          # e.g. another link still needs it
                 log.info("kept snappoint %s: %s", name, e)
-        self._release_seed(plan)
+        seed.release(self, plan.base)
         log.info("cycle %s applied: %d bytes, %d zeroed, %.3f s", plan.snap_name,
                  digest.data_bytes, digest.zero_bytes, clock.seconds())
-
-    def _release_seed(self, plan):
-        """A seed's snappoint (seed.*) keeps no snapshot once a cycle applied
-        after it: its interval stays, for other replicas of the same seed."""
-        if plan.base is None:
-            return
-        sp = next((s for s in self.sd.read_meta().snappoints if s.seq == plan.base.seq), None)
-        if sp and sp.name.startswith(seed.PREFIX) and sp.snapshot is not None:
-            self.ctl("snappoint_convert", name=sp.name)
-            log.info("seed snappoint %s is dataless now", sp.name)
 
     def _check_peer(self, body, info):
         if info.geometry() != body.geometry():

@@ -86,6 +86,26 @@ def split(size, block, data_bits, zero_bits):
     return runs, kept
 
 
+def runs_to_send(agent, body, base, snap_name, target):
+    """(runs to send, pieces held) of a resumed full transfer of agent's
+    link up to snappoint snap_name (interval target), from base: what the
+    secondary says it holds durably (export held/...), the rest sent."""
+    stage = f"{body.volume_uuid}/{manifest.base_key(base)}/{target.seq}"
+    h = agent.secondary(f"held/{stage}")
+    try:
+        data, zero = read_held(h, body, agent.peer_timeout)
+    finally:
+        transport.close_nbd(h)
+    runs, kept = split(body.size, body.block_size, data, zero)
+    held = sum(n for _, n in kept)
+    log.warning("link %s: resuming the transfer of %s: the secondary holds %d of %d bytes, "
+                "%d to send", agent.name, snap_name, held, body.size, body.size - held)
+    agent.ctl("link_update", name=agent.name, fields={"progress": {
+        "snappoint": snap_name, "percent": round(100 * held / max(body.size, 1), 1),
+        "bytes_done": 0, "bytes_total": body.size - held, "held_bytes": held}})
+    return runs, kept
+
+
 def hash_held(h, pieces, digest, timeout):
     """Adds each held piece to the transfer digest, read from the
     snapshot through h (the transfer's source handle)."""

@@ -287,6 +287,18 @@ def _apply(sd, body, fd, h, hashes):
             new.bound = Binding(h["volume_uuid"], now, *body.geometry())
 
 
+def release(agent, base):
+    """After a cycle of agent's link from base applied: a seed's snappoint
+    (seed.*) keeps no snapshot any more (its interval stays, for other
+    replicas of the same seed)."""
+    if base is None:
+        return
+    sp = next((s for s in agent.sd.read_meta().snappoints if s.seq == base.seq), None)
+    if sp and sp.name.startswith(PREFIX) and sp.snapshot is not None:
+        agent.ctl("snappoint_convert", name=sp.name)
+        log.info("seed snappoint %s is dataless now", sp.name)
+
+
 def describe(h):
     return (f"seed of volume {h['volume_uuid']}, snappoint {h['snappoint']} (interval "
             f"{h['interval']['seq']}), {fmt_size(h['size'])}")
