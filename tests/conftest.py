@@ -1,5 +1,6 @@
 """Shared fixtures.  Every process a test starts is stopped by PID in a
 finalizer, even when the test fails; mounts and loop devices likewise."""
+import hashlib
 import json
 import os
 import signal
@@ -93,6 +94,19 @@ def stop_process(proc, timeout=10):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def export_sha(srv, size, export="", chunk=8 << 20):
+    """SHA-256 (hex) of the first size bytes of export of server srv, read
+    over NBD chunk bytes at a time."""
+    h = srv.connect(export)
+    try:
+        d = hashlib.sha256()
+        for off in range(0, size, chunk):
+            d.update(h.pread(min(chunk, size - off), off))
+        return d.hexdigest()
+    finally:
+        h.shutdown()
 
 
 def dump_maps(server):

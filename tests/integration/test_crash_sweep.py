@@ -18,7 +18,6 @@ never by prepl's own maps:
 
 More seeds: PREPL_SWEEP_SEEDS=5 pytest tests/integration/test_crash_sweep.py
 """
-import hashlib
 import os
 import random
 import subprocess
@@ -27,7 +26,7 @@ import time
 import nbd
 import pytest
 
-from tests.conftest import ENV, PREPL, REPO, prepl, stop_process, wait_for
+from tests.conftest import ENV, PREPL, REPO, export_sha, prepl, stop_process, wait_for
 from tests.harness.powerdisk import PowerLossDisk
 
 pytestmark = pytest.mark.slow
@@ -54,11 +53,7 @@ SEEDS = range(1, 1 + int(os.environ.get("PREPL_SWEEP_SEEDS", "1")))
 
 
 def digest(srv):
-    h = srv.connect()
-    try:
-        return hashlib.sha256(h.pread(SIZE, 0)).hexdigest()
-    finally:
-        h.shutdown()
+    return export_sha(srv, SIZE)
 
 
 def scribble(srv, rnd, n=40):

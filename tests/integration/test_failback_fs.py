@@ -8,7 +8,6 @@ byte-identical, and the bytes that reached the old primary (counted by a
 proxy, outside the agent) are within 5 % of the union of the maps,
 computed here from the raw map files and activity log -- not the volume's
 size."""
-import hashlib
 import json
 import os
 import random
@@ -19,8 +18,8 @@ import numpy as np
 import pytest
 
 from replication import divergence, writeclock
-from tests.conftest import ENV, PREPL, REPO, meta_json, prepl, served_pair, stop_process, \
-    wait_for
+from tests.conftest import ENV, PREPL, REPO, export_sha, meta_json, prepl, served_pair, \
+    stop_process, wait_for
 from tests.harness.powerdisk import NbdMount
 from tests.harness.proxy import CutProxy
 from tests.integration.test_filesystem import tree
@@ -70,12 +69,7 @@ def activity_log_blocks(state):
 
 
 def image_digest(srv):
-    h = srv.connect()
-    d = hashlib.sha256()
-    for off in range(0, SIZE, 32 << 20):
-        d.update(h.pread(32 << 20, off))
-    h.shutdown()
-    return d.hexdigest()
+    return export_sha(srv, SIZE)
 
 
 def e2fsck_clean(fs):

@@ -16,7 +16,6 @@
 Each time: the primary's writes keep succeeding, no cycle applies anything
 wrong, and once the fault ends the agent finishes by itself and the
 replica equals the primary's image (full-image digests over NBD)."""
-import hashlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ import time
 
 import pytest
 
-from tests.conftest import ENV, PREPL, REPO, prepl, stop_process, wait_for
+from tests.conftest import ENV, PREPL, REPO, export_sha, prepl, stop_process, wait_for
 from tests.harness.proxy import CutProxy
 
 pytestmark = pytest.mark.slow
@@ -37,11 +36,7 @@ SIZE = 32 * MiB
 
 
 def digest(srv, export=""):
-    h = srv.connect(export)
-    try:
-        return hashlib.sha256(h.pread(SIZE, 0)).hexdigest()
-    finally:
-        h.shutdown()
+    return export_sha(srv, SIZE, export)
 
 
 def scribble(srv, seed, nbytes, sizes=(4096, 65536, 262144)):

@@ -2,14 +2,14 @@
 cycle after cycle; after every applied interval the replica's SHA-256
 equals the SHA-256 of the primary's snapshot at that interval's snappoint
 (snap/LINK.N, kept by the agent until its next cycle)."""
-import hashlib
 import random
 import threading
 
 import pytest
 
 from replication.agent import Agent
-from tests.conftest import served_pair
+from tests.conftest import export_sha, served_pair
+
 pytestmark = pytest.mark.slow
 
 
@@ -18,14 +18,7 @@ SIZE = 32 * MiB
 
 
 def image_sha(srv, export):
-    h = srv.connect(export)
-    try:
-        sha = hashlib.sha256()
-        for off in range(0, SIZE, 8 * MiB):
-            sha.update(h.pread(8 * MiB, off))
-        return sha.hexdigest()
-    finally:
-        h.shutdown()
+    return export_sha(srv, SIZE, export)
 
 
 def writer(srv, stop, seed):

@@ -12,7 +12,6 @@ snappoint and sends at most what the secondary did not hold when it was
 interrupted + 5 % of the volume, and the replica then equals that
 snappoint's snapshot (while the primary took writes meanwhile), then the
 primary after one more cycle."""
-import hashlib
 import json
 import random
 import signal
@@ -20,7 +19,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ENV, PREPL, REPO, prepl, stop_process, wait_for
+from tests.conftest import ENV, PREPL, REPO, export_sha, prepl, stop_process, wait_for
 from tests.harness.proxy import CutProxy
 
 pytestmark = pytest.mark.slow
@@ -31,23 +30,24 @@ SLACK = 0.05 * SIZE
 
 
 def digest(srv, export=""):
-    h = srv.connect(export)
-    try:
-        return hashlib.sha256(h.pread(SIZE, 0)).hexdigest()
-    finally:
-        h.shutdown()
+    return export_sha(srv, SIZE, export)
 
 
 def status(state):
     return json.loads(prepl("status", state, "--json").stdout)
 
 
+STARTED = []      # agents started by a test: the pair fixture stops them
+
+
 def agent(prim, proxy):
-    return subprocess.Popen(PREPL + ["agent", prim.state, "--secondary",
-                                     f"nbd+unix:///?socket={proxy.listen}", "--once",
-                                     "--peer-timeout", "10"],
-                            env=ENV, cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(PREPL + ["agent", prim.state, "--secondary",
+                                  f"nbd+unix:///?socket={proxy.listen}", "--once",
+                                  "--peer-timeout", "10"],
+                         env=ENV, cwd=REPO, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    STARTED.append(a)
+    return a
 
 
 def run(a, ok=True, timeout=120):
@@ -83,6 +83,8 @@ def pair(tmp_path, make_server):
     try:
         yield prim, servers, proxy, restart
     finally:
+        while STARTED:
+            stop_process(STARTED.pop())
         proxy.stop()
 
 
@@ -100,11 +102,7 @@ def start(prim, proxy, at, rate=24 * MiB):
     agent once `at` bytes went to the secondary, and the snappoint."""
     proxy.throttle(rate)
     a = agent(prim, proxy)
-    try:
-        wait_for(lambda: proxy.bytes_up >= at, 60, f"{at} bytes on the wire")
-    except BaseException:
-        stop_process(a)
-        raise
+    wait_for(lambda: proxy.bytes_up >= at, 60, f"{at} bytes on the wire")
     names = [s["name"] for s in prim.ctl("status")["snappoints"]]
     assert len(names) == 1 and names[0].startswith("default.")
     return a, names[0]

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from tests.conftest import prepl
+from tests.conftest import export_sha, prepl
 from tests.harness.proxy import CutProxy
 
 pytestmark = pytest.mark.slow
@@ -31,14 +31,7 @@ def sha(path):
 
 
 def nbd_sha(srv, export=""):
-    h = srv.connect(export)
-    try:
-        d = hashlib.sha256()
-        for off in range(0, SIZE, 32 * MiB):
-            d.update(h.pread(32 * MiB, off))
-        return d.hexdigest()
-    finally:
-        h.shutdown()
+    return export_sha(srv, SIZE, export)
 
 
 class Writer(threading.Thread):
