@@ -14,7 +14,7 @@ ffibuilder.set_source(
     "replication._native",
     '#include <stdint.h>\n#include <stddef.h>\n#include "prepl.h"\n',
     sources=[os.path.relpath(os.path.join(HERE, n)) for n in ("bitmap.c", "writepath.c",
-                                                                 "staging.c")],
+                                                                 "staging.c", "pyarena.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"],
     libraries=["pthread"],

@@ -181,3 +181,17 @@ void pr_snap_invalidate(pr_snap *s, int err);
  * freed now, not when the last client disconnects.  The caller must have
  * dropped s from the volume's active snapshots first. */
 void pr_snap_release(pr_volume *v, pr_snap *s);
+
+/* ---- CPython's arena allocator (native/pyarena.c) ---- */
+/* Same layout as CPython's PyObjectArenaAllocator. */
+typedef struct {
+  void *ctx;
+  void *(*alloc)(void *ctx, size_t size);
+  void (*free)(void *ctx, void *ptr, size_t size);
+} pr_arena_allocator;
+/* a holds the allocator installed now (PyObject_GetArenaAllocator); it is
+ * kept as the one behind the cache and a is overwritten with the cache's,
+ * to be installed with PyObject_SetArenaAllocator.  -EALREADY if done. */
+int pr_arena_hook(pr_arena_allocator *a);
+/* out[0..2]: cache hits, misses, blocks held now. */
+void pr_arena_stats(uint64_t *out);

@@ -58,7 +58,7 @@
 #include "prepl.h"
 #include "fileio.h"
 
-#define PR_ABI 12
+#define PR_ABI 13
 #define NSTRIPES 1024
 #define AL_PAGE 4096
 #define NPAUSES 1024           /* switch pauses kept (a ring) */

@@ -14,7 +14,7 @@ import numpy as np
 from . import faults
 from ._native import ffi, lib
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 PAUSES_KEPT = 1024     # the switch pauses the C side keeps (NPAUSES)
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
@@ -426,3 +426,29 @@ class Volume:
         out = np.zeros(PAUSES_KEPT, dtype=np.uint64)
         n = lib.pr_volume_pauses(self._c, _ptr(out), PAUSES_KEPT)
         return n, out[:min(n, PAUSES_KEPT)]
+
+
+def cache_frame_stacks():
+    """Puts native/pyarena.c's cache in front of CPython's arena allocator,
+    once per process: an nbdkit callback then no longer maps and unmaps a
+    frame stack (see pyarena.c).  Returns True if it was installed now."""
+    import ctypes
+    api = ctypes.pythonapi
+    a = ffi.new("pr_arena_allocator *")
+    addr = ctypes.c_void_p(int(ffi.cast("uintptr_t", a)))
+    api.PyObject_GetArenaAllocator.argtypes = [ctypes.c_void_p]
+    api.PyObject_SetArenaAllocator.argtypes = [ctypes.c_void_p]
+    api.PyObject_GetArenaAllocator(addr)
+    r = lib.pr_arena_hook(a)
+    if r == -errno.EALREADY:
+        return False
+    _raise(r, "arena allocator")
+    api.PyObject_SetArenaAllocator(addr)
+    return True
+
+
+def frame_stack_cache_stats():
+    """{hits, misses, held} of the cache cache_frame_stacks() installs."""
+    out = ffi.new("uint64_t[3]")
+    lib.pr_arena_stats(out)
+    return {"hits": out[0], "misses": out[1], "held": out[2]}

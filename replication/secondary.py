@@ -437,7 +437,8 @@ class Replica:
                     volume_uuid=self.body.volume_uuid, generation=self.body.generation,
                     pid=os.getpid(), uri=self.uri,
                     staging_held_bytes=self._bytes(self.staging.held_blocks()),
-                    staging_received_bytes=self._bytes(self.staging.staged_blocks()))
+                    staging_received_bytes=self._bytes(self.staging.staged_blocks()),
+                    frame_stack_cache=native.frame_stack_cache_stats())
 
     def _bytes(self, blocks):
         return min(blocks * self.block, self.size)

@@ -15,7 +15,7 @@ swap what serves the state directory without a restart.
 import logging
 import os
 
-from . import control, exports_primary, exports_secondary, notify, roles
+from . import control, exports_primary, exports_secondary, native, notify, roles
 from .control import ControlServer
 from .errors import EXIT_STATE, PreplError, StateError, UsageError  # noqa: F401 (plugin.py: PreplError)
 from .roleserver import PromoteHandle, RoleChanges
@@ -77,6 +77,9 @@ class Server:
         return self.tracker or self.replica
 
     def after_fork(self):
+        # every callback runs on an nbdkit thread with a fresh Python thread
+        # state: its frame stack comes from a cache, not a new mapping
+        native.cache_frame_stacks()
         try:        # nbdkit (umask 022) wrote it 0644 just before calling us
             os.chmod(self.owner.sd.pidfile, 0o600)
         except FileNotFoundError:

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from . import native
 from .maps import KINDS
 from .meta import PrimaryInfo
 from .roles import FAILBACK
@@ -45,6 +46,7 @@ def primary(t):
         "activity_log_syncs": t.vol.al_syncs,
         "writes_total": t.vol.writes_total,
         "snappoint_pause": switch_pauses(t.vol),
+        "frame_stack_cache": native.frame_stack_cache_stats(),
     }
 
 

@@ -13,7 +13,8 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "max_concurrent_writers_in_c": int, "activity_log_syncs": int,
            "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
            "unrecorded_invalidations": list, "promoted": type(None),
-           "superseded": type(None), "read_only": bool, "snappoint_pause": dict}
+           "superseded": type(None), "read_only": bool, "snappoint_pause": dict,
+           "frame_stack_cache": dict}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
@@ -26,7 +27,10 @@ SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "
              "region_size": int, "block_size": int, "bound": dict, "applied": dict,
              "staging": type(None), "state_dir": str, "volume": str, "volume_uuid": str,
              "generation": int, "pid": int, "uri": str, "tracked_since_empty": bool,
-             "failback": type(None), "staging_held_bytes": int, "staging_received_bytes": int}
+             "failback": type(None), "staging_held_bytes": int, "staging_received_bytes": int,
+             "frame_stack_cache": dict}
+
+FRAME_STACKS = {"hits": int, "misses": int, "held": int}
 
 
 def check(doc, schema):
@@ -55,8 +59,10 @@ def test_status_schema(tmp_path, make_server):
     assert set(ph) == {"snappoint", "plan", "transfer", "transfer_copy", "commit"}
     assert all(v >= 0 for v in ph.values()) and ph["transfer_copy"] <= ph["transfer"]
     assert sum(ph.values()) - ph["transfer_copy"] <= lc["seconds"] + 0.01
+    check(p["frame_stack_cache"], FRAME_STACKS)
     s = json.loads(prepl("status", sec.state, "--json").stdout)
     check(s, SECONDARY)
+    check(s["frame_stack_cache"], FRAME_STACKS)
     assert s["applied"]["target"]["name"] == link["cursor"]
     text = prepl("status", prim.state).stdout
     assert "link default: idle" in text and "RPO" in text
