@@ -14,9 +14,14 @@ One cycle (ARCHITECTURE §4):
      commit/TARGET; its receipt means the interval is applied;
   4. advance: only then the link's cursor moves to LINK.N (recorded by the
      server); the previous cursor's snappoint is deleted (its map merges
-     forward, its snapshot is freed).  LINK.N keeps its snapshot until the
-     next cycle: snap/LINK.N is the image the replica holds.  A failed cycle drops nothing:
-     the next one sends the union from the unchanged cursor.
+     forward).  LINK.N keeps its snapshot until the next cycle's snappoint:
+     snap/LINK.N is the image the replica holds.  A failed cycle drops
+     nothing: the next one sends the union from the unchanged cursor.
+
+Once the next snappoint is taken, the link's older snappoints become
+dataless (ARCHITECTURE §4: their maps stay, their snapshots go): the
+transfer reads only the new snapshot, and a write during it copies its old
+data into one snapshot, not two.
 
 Initial sync: when the replica has applied nothing, the whole snapshot is
 sent, unless both sides were created empty (`init --size`) and the primary
@@ -330,8 +335,23 @@ class Agent:
         returns the metadata and its interval."""
         if not plan.resume:
             self.ctl("snappoint_create", name=plan.snap_name)
+        self._release_older(plan.snap_name)
         body = self.sd.read_meta()
         return body, body.closed_by(plan.snap_name)
+
+    def _release_older(self, current):
+        """This link's snappoints other than current lose their snapshots
+        (the cursor's included: the transfer needs only its map)."""
+        for sp in self.ctl("snappoint_list"):
+            if sp["snapshot"] == "valid" and sp["name"] != current and self._mine(sp["name"]):
+                try:
+                    self.ctl("snappoint_convert", name=sp["name"])
+                except PreplError as e:
+                    log.info("kept the snapshot of snappoint %s: %s", sp["name"], e)
+
+    def _mine(self, name):
+        """A snappoint of this link's cycles (not link "NAME.x"'s)."""
+        return re.fullmatch(rf"{re.escape(self.name)}\.[0-9]+", name) is not None
 
     def _runs(self, body, plan, target):
         """Step 2's set: the union of the change maps since the base (a full
@@ -345,18 +365,17 @@ class Agent:
 
     def _advance(self, plan, digest, receipt, clock):
         """Step 4, only after the receipt: the link's cursor moves; LINK.N
-        keeps its snapshot until the next cycle (snap/LINK.N is then the image
-        the replica holds, for checks); the previous cursor goes, and so do
-        snappoints of this link left by cycles that failed."""
+        keeps its snapshot until the next cycle's snappoint (snap/LINK.N is
+        then the image the replica holds, for checks); the previous cursor
+        goes, and so do snappoints of this link left by cycles that failed."""
         self.ctl("link_update", name=self.name, fields={
             "cursor": plan.snap_name, "state": "idle", "progress": None, "resync": False,
             "last_cycle": {"snappoint": plan.snap_name, "bytes": digest.data_bytes,
                            "zero_bytes": digest.zero_bytes, "seconds": clock.seconds(),
                            "applied_at": receipt.applied_at, "full": plan.full,
                            "phases": clock.phases}})
-        mine = re.compile(rf"{re.escape(self.name)}\.[0-9]+")   # not link "NAME.x"'s
         stale = [sp["name"] for sp in self.ctl("snappoint_list")
-                 if mine.fullmatch(sp["name"]) and sp["name"] != plan.snap_name
+                 if self._mine(sp["name"]) and sp["name"] != plan.snap_name
                  # a failback's start, once the failback applied
                  or (plan.divergence is not None and sp["name"] == roles.FAILBACK)]
         for name in stale:

@@ -13,6 +13,12 @@ and the set of snapshots the C write path copies into.  What it promises:
   the reason until the record is written -- the one exception to "memory
   follows the disk" (ARCHITECTURE §4).
 * After an unclean stop no snapshot is trusted (replication/actlog.py).
+* A converted or deleted snapshot's image leaves snaps/ at once (into
+  STATE/trash/); its blocks are freed by a background thread a step at a
+  time (workers.Reaper): an unlink of a file of scattered blocks costs
+  tens of ms of kernel CPU, which the snappoint's caller and the writers
+  on a busy CPU would otherwise wait for.  An invalidated snapshot's
+  space is freed at once: its copy-on-write found the disk full.
 """
 import logging
 import os
@@ -22,6 +28,7 @@ from .chain import nbits
 from .errors import StateError
 from .maps import MapFile
 from .meta import SnapshotRecord, fsync_dir
+from .workers import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +60,16 @@ class Snapshot:
         os.fsync(self.fd)
         self.vmap.sync()
 
-    def remove(self, vol):
-        """Deletes the files and frees their space at once; readers
-        holding this object get ESTALE."""
+    def remove(self, vol, reaper=None):
+        """Deletes the files; readers holding this object get ESTALE.  The
+        image's space is freed at once, or by reaper in the background."""
         self.c.release(vol)
         for p in (self.img_path, self.vmap_path):
             try:
-                os.unlink(p)
+                if reaper is not None and p == self.img_path:
+                    reaper.discard(p)
+                else:
+                    os.unlink(p)
             except FileNotFoundError:
                 pass
 
@@ -71,6 +81,7 @@ class Snapshots:
         self.sd = sd
         self.active = {}          # snappoint name -> Snapshot (valid ones)
         self.invalidated = {}     # snappoint name -> reason: dropped, not yet recorded
+        self.reaper = Reaper(sd.p("trash"))     # started and closed by the tracker
 
     @staticmethod
     def open_recorded(sd, body):
@@ -102,13 +113,14 @@ class Snapshots:
         snap = self.active.get(name)
         return snap if snap is not None and snap.c.valid else None
 
-    def free(self, name, vol):
-        """Stops copy-on-write into the snapshot of snappoint name and frees
-        its files (after the record says it is gone, or never was)."""
+    def free(self, name, vol, now=False):
+        """Stops copy-on-write into the snapshot of snappoint name and
+        removes its files (after the record says it is gone, or never was);
+        its space is freed in the background, or at once if now."""
         snap = self.active.pop(name, None)
         if snap is not None:
             vol.drop_snap(snap.c)
-            snap.remove(vol)
+            snap.remove(vol, None if now else self.reaper)
 
     def collect_invalidated(self, names, vol):
         """Drops the snapshots (of snappoints in names) that the write path
@@ -118,7 +130,7 @@ class Snapshots:
             if snap is not None and not snap.c.valid:
                 reason = f"copy-on-write failed: {os.strerror(snap.c.error)}"
                 log.error("snapshot of snappoint %s invalidated: %s", name, reason)
-                self.free(name, vol)
+                self.free(name, vol, now=True)
                 self.invalidated[name] = reason
         return self.invalidated
 

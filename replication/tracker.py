@@ -108,6 +108,7 @@ class Tracker:
         the state as it found it."""
         with self.lock, self.md.change() as body:
             body.clean = False
+        self.snaps.reaper.start()
         if not self.fenced:
             self.clock.start()
         else:
@@ -156,6 +157,7 @@ class Tracker:
             self.closed = True
             self.vol.close()
             self.clock.stop()
+            self.snaps.reaper.close()
             f, self._lockfile = self._lockfile, None
             return f
 
@@ -318,3 +320,4 @@ class Tracker:
             with self.md.change() as body:
                 body.clean = True
             log.info("clean stop of %s", self.sd)
+        self.snaps.reaper.close()

@@ -1,6 +1,7 @@
-"""Small concurrency pieces of the secondary: a readers-writer lock, the
-background workers (writeback of staged data, removal of old staging
-files) and their lower CPU priority, and a whole-range pread.
+"""Small concurrency pieces of the servers: a readers-writer lock, the
+background workers (writeback of staged data, removal of old staging files
+and of freed snapshot images) and their lower CPU priority, and a
+whole-range pread.
 
 Workers start in the server's after_fork (a thread started before nbdkit
 forks does not survive it); a worker's failure is logged and the next item
@@ -162,7 +163,8 @@ class Writeback(Worker):
 
 
 class Reaper(Worker):
-    """Removes staging files moved to STATE/trash/ in a thread of its own,
+    """Removes files moved to STATE/trash/ (old staging data, freed snapshot
+    images) in a thread of its own,
     shrinking each from its end a step at a time first: freeing a file of
     scattered blocks at once (unlink) took seconds on a filesystem mounted
     with discard, and nothing should wait for it.  Files left by a stop are

@@ -3,12 +3,14 @@ the replica equals the primary (quiesced) after each run; an empty pair
 skips the initial sync and sends only what was written; a non-empty
 primary gets a full initial sync; wrong peers are refused (exit 5)."""
 import json
+import os
 import random
+import subprocess
 
 import pytest
 
 from replication.state import StateDir
-from tests.conftest import prepl
+from tests.conftest import ENV, PREPL, REPO, prepl, wait_for
 
 MiB = 1 << 20
 
@@ -163,3 +165,40 @@ def test_cycle_of_zeroes_only(tmp_path, make_server):
     assert link.last_cycle["bytes"] == 0
     assert link.last_cycle["zero_bytes"] == 3 * MiB + 4096
     assert sec.connect().pread(16 * MiB, 0) == prim.connect().pread(16 * MiB, 0)
+
+
+def test_only_the_new_snappoint_keeps_a_snapshot_during_a_cycle(tmp_path, make_server):
+    """Once a cycle's snappoint is taken, the link's previous one (the
+    cursor) is dataless: a write during the transfer copies its old data
+    into one snapshot, not two.  The agent is stopped (a crash) with its
+    receipt in hand, before the cursor moves, and the state is looked at
+    there; the replica is still exactly snap/default.2, and the next cycle
+    goes on from it."""
+    prim, sec = make_pair(tmp_path, make_server)
+    h = prim.connect()
+    rnd = random.Random(8)
+    h.pwrite(rnd.randbytes(MiB), 0)
+    agent_once(prim, sec)                      # cursor default.1, with its snapshot
+    h.pwrite(rnd.randbytes(MiB), 4 * MiB)
+    r = subprocess.run(PREPL + ["agent", str(prim.state), "--secondary",
+                                f"nbd+unix:///?socket={sec.sock}", "--once", "--timeout", "20"],
+                       env=dict(ENV, PREPL_FAULT="agent.after_receipt"), cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stderr
+    snaps = {sp["name"]: sp for sp in prim.ctl("snappoint_list")}
+    assert StateDir(prim.state).read_meta().links["default"].cursor == "default.1"
+    assert snaps["default.1"]["snapshot"] == "none" and snaps["default.1"]["export"] is None
+    assert snaps["default.2"]["snapshot"] == "valid"
+    assert sec.connect().pread(16 * MiB, 0) == prim.connect("snap/default.2").pread(16 * MiB, 0)
+    copied = snaps["default.2"]["copied_blocks"]
+    h.pwrite(rnd.randbytes(8192), 8 * MiB)        # copied into default.2 alone
+    after = {sp["name"]: sp for sp in prim.ctl("snappoint_list")}
+    assert after["default.2"]["copied_blocks"] == copied + 2
+    assert after["default.1"]["copied_blocks"] == 0
+    assert len(os.listdir(os.path.join(prim.state, "snaps"))) == 1   # default.2's image
+    # default.1's image went to the trash at once, and a background thread
+    # freed it there
+    wait_for(lambda: not os.listdir(os.path.join(prim.state, "trash")), 10, "an empty trash")
+    agent_once(prim, sec)
+    assert sec.connect().pread(16 * MiB, 0) == h.pread(16 * MiB, 0)
+    assert [sp["name"] for sp in prim.ctl("snappoint_list")] == ["default.3"]
