@@ -213,3 +213,9 @@ def union_runs(sd, body, after_seq, upto_seq):
     export and the tests all see it."""
     data, zero = interval_union(sd, body, after_seq, upto_seq)
     return manifest.runs(data, zero, geometry(body)[1], body.block_size, body.size)
+
+
+def union_run_array(sd, body, after_seq, upto_seq):
+    """union_runs(...) as manifest.run_array."""
+    data, zero = interval_union(sd, body, after_seq, upto_seq)
+    return manifest.run_array(data, zero, geometry(body)[1], body.block_size, body.size)

@@ -20,9 +20,10 @@ import logging
 import numpy as np
 
 from . import pack, status
-from .chain import union_runs
+from .chain import union_run_array
 from .errors import StateError
 from .exports import DocHandle, Handle, parse_seq
+from .workers import background_priority
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,12 @@ def open_export(t, name, readonly):
     if name.startswith(SNAP_PREFIX):
         snap = t.snapshot(name[len(SNAP_PREFIX):])
         if snap is not None:
+            background_priority()
             return SnapHandle(t, name[len(SNAP_PREFIX):], snap)
     if name.startswith(PACK_PREFIX):
-        return _open_pack(t, name)
+        handle = _open_pack(t, name)
+        background_priority()
+        return handle
     raise OSError(errno.ENOENT, f"unknown export {name[:200]!r}: exports are \"\" (the "
                   "volume) and snap/NAME for snappoints with a valid snapshot")
 
@@ -72,15 +76,15 @@ def _open_pack(t, name):
             target = t.interval_closed_by(parts[1]).seq
             if base is not None and base >= target:
                 raise StateError(f"interval {base} is not before interval {target}")
-            run_list = union_runs(t.sd, t.body, base, target)
+            runs = union_run_array(t.sd, t.body, base, target)
         except (StateError, OSError) as e:
             log.error("refused pack export %r: %s", name[:200], e)
             raise OSError(errno.EINVAL, str(e))
-    if pack.fingerprint(run_list) != parts[3]:
+    if pack.fingerprint(runs) != parts[3]:
         log.error("refused pack export %r: the run list of intervals (%s, %d] here has "
-                  "fingerprint %s", name[:200], parts[2], target, pack.fingerprint(run_list))
+                  "fingerprint %s", name[:200], parts[2], target, pack.fingerprint(runs))
         raise OSError(errno.EINVAL, "the fingerprint does not match this server's run list")
-    return PackHandle(t, snap, pack.Stream(run_list))
+    return PackHandle(t, snap, pack.Stream(runs))
 
 
 class VolumeHandle(Handle):

@@ -38,15 +38,24 @@ def runs(data_bits, zero_bits, nblocks, block_size, size):
     """[(offset, length, zero)] in offset order, adjacent blocks of one kind
     coalesced, the last run clipped at the volume's end.  A block set in
     both maps counts as zero."""
+    a = run_array(data_bits, zero_bits, nblocks, block_size, size)
+    return list(zip(a[:, 0].tolist(), a[:, 1].tolist(), (a[:, 2] != 0).tolist()))
+
+
+def run_array(data_bits, zero_bits, nblocks, block_size, size):
+    """runs(...) as an (n, 3) int64 array (zero as 0/1), built in numpy: a
+    primary's server computes it for its pack export, and every ms of a
+    Python loop there would hold the GIL its writes need."""
     data = np.ascontiguousarray(data_bits & ~zero_bits)
-    out = []
+    offs, lens, kinds = [], [], []
     for bits, zero in ((data, False), (np.ascontiguousarray(zero_bits), True)):
         starts, lengths = native.bm_runs(bits, nblocks)
-        for s, n in zip(starts.tolist(), lengths.tolist()):
-            off = s * block_size
-            out.append((off, min((s + n) * block_size, size) - off, zero))
-    out.sort()
-    return out
+        off = starts.astype(np.int64) * block_size
+        offs.append(off)
+        lens.append(np.minimum((starts + lengths).astype(np.int64) * block_size, size) - off)
+        kinds.append(np.full(len(off), int(zero), np.int64))
+    out = np.stack([np.concatenate(x) for x in (offs, lens, kinds)], axis=1)
+    return out[np.argsort(out[:, 0], kind="stable")]     # data and zero runs never overlap
 
 
 def pieces(run_list, piece=PIECE):

@@ -368,8 +368,11 @@ class Volume:
 
     def snap_pread_segments(self, snap, buf, segments):
         """snap_pread of several (position in buf, volume offset, length)
-        segments in one C call."""
-        a = np.array(segments, dtype=np.uint64).reshape(-1, 3)
+        segments (rows of an array, or tuples) in one C call."""
+        a = np.asarray(segments, dtype=np.int64).reshape(-1, 3)
+        if len(a) and int(a.min()) < 0:
+            raise ValueError("a segment has a negative position, offset or length")
+        a = a.astype(np.uint64)
         if len(a) and (int((a[:, 0] + a[:, 2]).max()) > len(buf)
                        or int(a[:, 2].max()) > len(buf)):
             raise ValueError("a segment does not fit the buffer")

@@ -27,6 +27,7 @@ transfer digest is the same as for an unpacked transfer and the secondary
 still hashes each piece as it arrives.
 """
 import hashlib
+import itertools
 import struct
 from collections import namedtuple
 
@@ -45,10 +46,18 @@ MAX_BATCH = 32 << 20       # the batch export's largest write
 Batch = namedtuple("Batch", "stream_offset data_bytes entries")
 
 
+def run_array(run_list):
+    """A run list ((offset, length, zero) tuples) as an (n, 3) int64 array
+    (zero as 0/1); an array passes through."""
+    if isinstance(run_list, np.ndarray):
+        return run_list
+    return np.fromiter(itertools.chain.from_iterable(run_list), dtype=np.int64,
+                       count=3 * len(run_list)).reshape(-1, 3)
+
+
 def fingerprint(run_list):
-    """A short hex digest of a run list ((offset, length, zero) tuples)."""
-    a = np.array(run_list, dtype=np.int64).reshape(-1, 3)
-    return hashlib.sha256(b"prepl-runs-1\n" + a.tobytes()).hexdigest()[:32]
+    """A short hex digest of a run list (or its run_array)."""
+    return hashlib.sha256(b"prepl-runs-1\n" + run_array(run_list).tobytes()).hexdigest()[:32]
 
 
 def header_size(count):
@@ -125,26 +134,33 @@ class Stream:
     volume."""
 
     def __init__(self, run_list):
-        pieces = [(o, n) for o, n, z in manifest.pieces(run_list) if not z]
-        a = np.array(pieces, dtype=np.int64).reshape(-1, 2)
-        self.offsets = a[:, 0]
-        self.lengths = a[:, 1]
+        """run_list: a run list or its run_array."""
+        # manifest.pieces in numpy (a server builds this with the GIL held)
+        a = run_array(run_list)
+        a = a[a[:, 2] == 0]
+        count = -(-a[:, 1] // manifest.PIECE)                 # pieces per data run
+        first = np.repeat(np.cumsum(count) - count, count)     # each piece's run's first
+        k = np.arange(int(count.sum()), dtype=np.int64) - first   # piece number in its run
+        run_off, run_len = np.repeat(a[:, 0], count), np.repeat(a[:, 1], count)
+        self.offsets = run_off + k * manifest.PIECE
+        self.lengths = np.minimum(manifest.PIECE, run_len - k * manifest.PIECE)
         self.starts = np.concatenate(([0], np.cumsum(self.lengths)))
         self.size = int(self.starts[-1])
 
     def segments(self, offset, length):
-        """[(position in the range, volume offset, length)] covering
-        [offset, offset + length) of the stream.  Raises ValueError outside."""
+        """(n, 3) int64 array of (position in the range, volume offset,
+        length) covering [offset, offset + length) of the stream, in order.
+        Raises ValueError outside."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"range [{offset}, {offset + length}) outside a stream of "
                              f"{self.size} bytes")
-        out = []
+        end = offset + length
         i = int(np.searchsorted(self.starts, offset, side="right")) - 1
-        pos, end = offset, offset + length
-        while pos < end:
-            start = int(self.starts[i])
-            n = min(int(self.lengths[i]) - (pos - start), end - pos)
-            out.append((pos - offset, int(self.offsets[i]) + pos - start, n))
-            pos += n
-            i += 1
-        return out
+        j = int(np.searchsorted(self.starts, end, side="left"))      # pieces [i, j)
+        lo = np.maximum(self.starts[i:j], offset)                   # stream positions
+        hi = np.minimum(self.starts[i + 1:j + 1], end)
+        out = np.empty((max(j - i, 0), 3), dtype=np.int64)
+        out[:, 0] = lo - offset
+        out[:, 1] = self.offsets[i:j] + (lo - self.starts[i:j])
+        out[:, 2] = hi - lo
+        return out[out[:, 2] > 0]

@@ -1,13 +1,14 @@
 """replication/pack.py against independent models: batches hold exactly the
 manifest's pieces in order, none split; a batch decodes to what was
 encoded; malformed batches are refused whole; a stream range maps back to
-the volume bytes it stands for."""
+the volume bytes it stands for; manifest.runs against a bit-by-bit model."""
 import random
 import struct
 
+import numpy as np
 import pytest
 
-from replication import manifest, pack
+from replication import manifest, native, pack
 
 MiB = 1 << 20
 
@@ -120,3 +121,46 @@ def test_fingerprint_tells_run_lists_apart():
     for other in ([(0, 4096, False)], [(0, 4096, False), (8192, 4096, False)],
                   [(0, 4096, False), (12288, 4096, True)], []):
         assert pack.fingerprint(other) != fp
+
+
+def test_stream_pieces_are_the_manifests():
+    """Stream cuts data runs into pieces as manifest.pieces does (the
+    transfer digest depends on it), runs longer than a piece included."""
+    rnd = random.Random(9)
+    for _ in range(20):
+        runs = random_runs(rnd, size=64 * MiB, n=rnd.randrange(1, 80))
+        s = pack.Stream(runs)
+        want = [(o, n) for o, n, z in manifest.pieces(runs) if not z]
+        assert list(zip(s.offsets.tolist(), s.lengths.tolist())) == want
+
+
+def test_runs_of_bitmaps_against_a_model():
+    """manifest.runs against a bit-by-bit model: runs of one kind
+    coalesced, in offset order, a block in both maps a zero, the last run
+    clipped at the volume's end."""
+    rnd = random.Random(11)
+    block = 4096
+    for _ in range(30):
+        nblocks = rnd.randrange(1, 700)
+        size = nblocks * block - rnd.choice([0, 0, 512, 4095])
+        data = [rnd.random() < 0.3 for _ in range(nblocks)]
+        zero = [rnd.random() < 0.15 for _ in range(nblocks)]
+        words = native.words_for(nblocks)
+        dbits, zbits = np.zeros(words, np.uint64), np.zeros(words, np.uint64)
+        for b in range(nblocks):
+            if data[b]:
+                native.bm_set(dbits, nblocks, b)
+            if zero[b]:
+                native.bm_set(zbits, nblocks, b)
+        want, b = [], 0
+        while b < nblocks:
+            kind = "zero" if zero[b] else "data" if data[b] else None
+            e = b + 1
+            while e < nblocks and ("zero" if zero[e] else "data" if data[e] else None) == kind:
+                e += 1
+            if kind:
+                want.append((b * block, min(e * block, size) - b * block, kind == "zero"))
+            b = e
+        got = manifest.runs(dbits, zbits, nblocks, block, size)
+        assert got == want
+        assert all(type(o) is int and type(n) is int and type(z) is bool for o, n, z in got)
