@@ -11,7 +11,9 @@
   info         read-only, not listed: JSON, what this node is (role,
                volume UUID, generation, geometry, what it was promoted
                from): what a failover asks of the old primary (--peer)
-Opening or listing an export never changes state.
+Opening or listing an export never changes state.  A connection to snap/
+or pack/ (the agent's reads) is served at background CPU priority
+(workers.background_priority): on a busy CPU the volume's writes go first.
 """
 import errno
 import json
@@ -51,8 +53,8 @@ def open_export(t, name, readonly):
         return DocHandle(json.dumps(status.primary_info(t), sort_keys=True).encode())
     if name.startswith(SNAP_PREFIX):
         snap = t.snapshot(name[len(SNAP_PREFIX):])
-        if snap is not None:
-            background_priority()
+        if snap is not None:    # a reader of a snapshot is background work: its
+            background_priority()     # connection's threads yield to the volume's
             return SnapHandle(t, name[len(SNAP_PREFIX):], snap)
     if name.startswith(PACK_PREFIX):
         handle = _open_pack(t, name)

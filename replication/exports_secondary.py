@@ -21,7 +21,10 @@
                write a manifest (JSON) at offset 0, then flush: the replica
                verifies and applies it; reading returns the receipt (also
                later, from a new connection: commits are idempotent)
-Opening or listing an export never changes state.
+Opening or listing an export never changes state.  A connection to stage/,
+batch/ or commit/ (the agent's) is served at background CPU priority
+(workers.background_priority): on a host shared with other work, readers
+of the replica and that work go first.
 """
 import errno
 import json
@@ -31,6 +34,7 @@ from . import manifest, pack
 from .errors import PreplError
 from .exports import DocHandle, Handle, RequestHandle, is_uuid, parse_seq
 from .secondary import COMMIT_EXPORT_SIZE
+from .workers import background_priority
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,13 @@ def open_export(r, name, readonly):
         except PreplError as e:
             log.error("refused staging export %r: %s", name[:200], e)
             raise OSError(errno.EPERM, str(e))
+        background_priority()     # the agent's writes: background work of this host
         return (StageHandle if parts[0] == "stage" else BatchHandle)(r, *parts[1:])
     if parts[0] == "held" and len(parts) == 4:
         check_stage_export(*parts[1:])
         return DocHandle(r.held(parts[1:]))
     if parts[0] == "commit" and len(parts) == 2 and parse_seq(parts[1]) is not None:
+        background_priority()
         return CommitHandle(r, parse_seq(parts[1]))
     raise OSError(errno.ENOENT, f"unknown export {name[:200]!r} on a secondary")
 

@@ -71,7 +71,8 @@ class Links:
                                f" not {changed.replica_uuid}; choose another --name")
         if durable.get("cursor") is not None:
             self.chain.find(changed.cursor)
-        if durable:
+        if durable and (name not in self.md.body.links    # a cycle's start repeats them
+                        or changed.to_json() != link.to_json()):
             with self.md.change() as new:
                 new.links[name] = changed
         now = self.transient.setdefault(name, Moment())
