@@ -65,4 +65,4 @@ def test_callbacks_take_frame_stacks_from_the_cache(tmp_path, make_server, role)
     # were freed than threads hold at once
     assert hits >= calls, (before, after)
     assert misses <= 4 * IN_FLIGHT, (before, after)
-    assert 0 < after["held"] <= 16
+    assert after["held"] <= 16       # the cache's bound (the status thread may hold one)

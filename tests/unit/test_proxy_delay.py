@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.harness.proxy import CutProxy
+from tests.harness.servers import wait_for
 
 DELAY = 0.020
 BULK = 16 << 20
@@ -82,6 +83,9 @@ def test_delay_applies_each_way_without_serialising(tmp_path, kind):
         assert back == data                      # in order, nothing lost
         # one 64 KiB chunk per delay would take BULK / 64 KiB * DELAY = 5 s
         assert took < 1.5, f"{BULK >> 20} MiB echoed in {took:.2f} s"
+        # a chunk is counted once its send returned, which may be just after
+        # the echo reached the client
+        wait_for(lambda: proxy.bytes_down == BULK + 5, 5, "the proxy's count")
         assert proxy.bytes_up == proxy.bytes_down == BULK + 5
     finally:
         proxy.stop()
