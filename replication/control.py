@@ -14,8 +14,9 @@ The server side is a thread started in nbdkit's after_fork (threads started
 earlier do not survive nbdkit's fork).  It and the threads answering
 requests run at a lower CPU priority (workers.background_priority): what
 they do -- a snappoint's flush, freeing a snapshot, a status -- is kernel
-and Python work that must not delay the clients' writes on a busy CPU.  The socket is created mode 0600 in
-the state directory: whoever may use it may change the volume's state.
+and Python work that must not delay the clients' writes on a busy CPU.  The
+socket is created mode 0600 in the state directory: whoever may use it may
+change the volume's state.
 """
 import errno
 import json

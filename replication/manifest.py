@@ -21,6 +21,7 @@ The manifest of a commit is built (build), parsed and shape-checked
 staged (check_staged) here, and nowhere else.
 """
 import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -70,6 +71,29 @@ def pieces(run_list, piece=PIECE):
             n = min(piece, end - off)
             yield off, n, False
             off += n
+
+
+def as_run_array(run_list):
+    """A run list ((offset, length, zero) tuples) as run_array's (n, 3)
+    int64 array (zero as 0/1); an array passes through."""
+    if isinstance(run_list, np.ndarray):
+        return run_list
+    return np.fromiter(itertools.chain.from_iterable(run_list), dtype=np.int64,
+                       count=3 * len(run_list)).reshape(-1, 3)
+
+
+def data_pieces(run_list, piece=PIECE):
+    """(offsets, lengths) int64 arrays of the data pieces of pieces(run_list),
+    in order: the same cut, in numpy (a primary's server builds its pack
+    stream from it with the GIL held; pieces() stays lazy, for whole-volume
+    run lists)."""
+    a = as_run_array(run_list)
+    a = a[a[:, 2] == 0]
+    count = -(-a[:, 1] // piece)                             # pieces per data run
+    first = np.repeat(np.cumsum(count) - count, count)        # each piece's run's first
+    k = np.arange(int(count.sum()), dtype=np.int64) - first    # piece number in its run
+    run_off, run_len = np.repeat(a[:, 0], count), np.repeat(a[:, 1], count)
+    return run_off + k * piece, np.minimum(piece, run_len - k * piece)
 
 
 def piece_hash(data):

@@ -27,7 +27,6 @@ transfer digest is the same as for an unpacked transfer and the secondary
 still hashes each piece as it arrives.
 """
 import hashlib
-import itertools
 import struct
 from collections import namedtuple
 
@@ -46,18 +45,10 @@ MAX_BATCH = 32 << 20       # the batch export's largest write
 Batch = namedtuple("Batch", "stream_offset data_bytes entries")
 
 
-def run_array(run_list):
-    """A run list ((offset, length, zero) tuples) as an (n, 3) int64 array
-    (zero as 0/1); an array passes through."""
-    if isinstance(run_list, np.ndarray):
-        return run_list
-    return np.fromiter(itertools.chain.from_iterable(run_list), dtype=np.int64,
-                       count=3 * len(run_list)).reshape(-1, 3)
-
-
 def fingerprint(run_list):
-    """A short hex digest of a run list (or its run_array)."""
-    return hashlib.sha256(b"prepl-runs-1\n" + run_array(run_list).tobytes()).hexdigest()[:32]
+    """A short hex digest of a run list (or its manifest.run_array)."""
+    return hashlib.sha256(b"prepl-runs-1\n"
+                          + manifest.as_run_array(run_list).tobytes()).hexdigest()[:32]
 
 
 def header_size(count):
@@ -134,16 +125,8 @@ class Stream:
     volume."""
 
     def __init__(self, run_list):
-        """run_list: a run list or its run_array."""
-        # manifest.pieces in numpy (a server builds this with the GIL held)
-        a = run_array(run_list)
-        a = a[a[:, 2] == 0]
-        count = -(-a[:, 1] // manifest.PIECE)                 # pieces per data run
-        first = np.repeat(np.cumsum(count) - count, count)     # each piece's run's first
-        k = np.arange(int(count.sum()), dtype=np.int64) - first   # piece number in its run
-        run_off, run_len = np.repeat(a[:, 0], count), np.repeat(a[:, 1], count)
-        self.offsets = run_off + k * manifest.PIECE
-        self.lengths = np.minimum(manifest.PIECE, run_len - k * manifest.PIECE)
+        """run_list: a run list or its manifest.run_array."""
+        self.offsets, self.lengths = manifest.data_pieces(run_list)
         self.starts = np.concatenate(([0], np.cumsum(self.lengths)))
         self.size = int(self.starts[-1])
 

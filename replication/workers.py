@@ -164,11 +164,10 @@ class Writeback(Worker):
 
 class Reaper(Worker):
     """Removes files moved to STATE/trash/ (old staging data, freed snapshot
-    images) in a thread of its own,
-    shrinking each from its end a step at a time first: freeing a file of
-    scattered blocks at once (unlink) took seconds on a filesystem mounted
-    with discard, and nothing should wait for it.  Files left by a stop are
-    taken up again at the next start."""
+    images) in a thread of its own, shrinking each from its end a step at a
+    time first: freeing a file of scattered blocks at once (unlink) took
+    seconds on a filesystem mounted with discard, and nothing should wait
+    for it.  Files left by a stop are taken up again at the next start."""
     name = "prepl-reaper"
     background = True
     STEP = 8 << 20

@@ -124,8 +124,9 @@ def test_fingerprint_tells_run_lists_apart():
 
 
 def test_stream_pieces_are_the_manifests():
-    """Stream cuts data runs into pieces as manifest.pieces does (the
-    transfer digest depends on it), runs longer than a piece included."""
+    """Stream (manifest.data_pieces) cuts data runs into pieces as
+    manifest.pieces does (the transfer digest depends on it), runs longer
+    than a piece included."""
     rnd = random.Random(9)
     for _ in range(20):
         runs = random_runs(rnd, size=64 * MiB, n=rnd.randrange(1, 80))
