@@ -1,8 +1,12 @@
 """`prepl agent --bwlimit RATE` on a real transfer: the bytes on the wire
 (counted by the proxy between the agent and the secondary, outside the
-agent) between 10 % and 90 % of a 200 MiB initial sync follow 20 MiB/s
+agent) between 10 % and 40 % of a 320 MiB initial sync follow 20 MiB/s
 within 10 %, and `prepl link set --bwlimit 40M` on the running agent takes
-effect within 2 s."""
+effect within 2 s: from 2 s after the change to 95 % of the sync (about
+2 s of transfer), 40 MiB/s within 10 %.  The windows are long next to the
+bucket's one second and the pipeline's stalls (a staging checkpoint's
+fdatasync): a window of a fraction of a second measures the stalls, not
+the limit."""
 import os
 import subprocess
 import threading
@@ -16,7 +20,7 @@ from tests.harness.proxy import CutProxy
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
-SIZE = 200 * MiB
+SIZE = 320 * MiB
 
 
 def rate_between(samples, lo, hi):
@@ -52,7 +56,7 @@ def test_bwlimit_and_changing_it_while_the_agent_runs(tmp_path, make_server):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         sampler.start()
-        wait_for(lambda: proxy.bytes_up >= SIZE * 0.45, 60, "45 % of the transfer")
+        wait_for(lambda: proxy.bytes_up >= SIZE * 0.42, 60, "42 % of the transfer")
         r = prepl("link", "set", tmp_path / "p", "default", "--bwlimit", "40M")
         changed = time.monotonic()
         assert "40M" in r.stdout or "40.0M" in r.stdout, r.stdout
@@ -65,7 +69,7 @@ def test_bwlimit_and_changing_it_while_the_agent_runs(tmp_path, make_server):
     first = rate_between(samples, 0.10 * SIZE, 0.40 * SIZE)
     after = [(t, n) for t, n in samples if t >= changed + 2.0 and n < SIZE]
     assert len(after) > 10, "the transfer ended within 2 s of the change: no limit held it"
-    second = rate_between(after, after[0][1], min(0.90 * SIZE, after[-1][1]))
+    second = rate_between(after, after[0][1], min(0.95 * SIZE, after[-1][1]))
     print(f"on the wire: {first / MiB:.2f} MiB/s at --bwlimit 20M, {second / MiB:.2f} MiB/s "
           "2 s after `link set --bwlimit 40M`")
     assert 0.9 * 20 * MiB <= first <= 1.1 * 20 * MiB
