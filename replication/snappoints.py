@@ -85,6 +85,7 @@ class Snappoints:
             t.maps = new_maps
             if snap:
                 t.snaps.active[name] = snap
+            t.writeback.snappoint_taken()
             faults.point("primary.snappoint.after_save")
             t.vol.al_trim()
             log.info("snappoint %s created (%s), interval %d closed", name,

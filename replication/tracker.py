@@ -37,6 +37,7 @@ from .meta import Metadata
 from .snappoints import Snappoints
 from .snapshots import Snapshots
 from .state import StateDir, volume_size
+from .workers import VolumeWriteback
 from .writeclock import WriteClock
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class Tracker:
         self.clock = WriteClock(self.sd, lambda: self.vol.writes_total, not body.clean)
         self.uri = None           # where the server listens (set by the server)
         self.snaps.remove_unknown(self.body)
+        # the volume's dirty pages written back between snappoints (workers.py)
+        self.writeback = VolumeWriteback(self.vol_fd)
 
     @property
     def body(self):
@@ -109,6 +112,7 @@ class Tracker:
         with self.lock, self.md.change() as body:
             body.clean = False
         self.snaps.reaper.start()
+        self.writeback.start()
         if not self.fenced:
             self.clock.start()
         else:
@@ -157,6 +161,7 @@ class Tracker:
             self.closed = True
             self.vol.close()
             self.clock.stop()
+            self.writeback.close()
             self.snaps.reaper.close()
             f, self._lockfile = self._lockfile, None
             return f
@@ -308,6 +313,7 @@ class Tracker:
                 self.closed = True
                 self.vol.close()
                 self.clock.stop()
+                self.writeback.close()
             # all of it again if a retry follows a failure (the volume's
             # flush error is sticky: a stop after one is never clean)
             self.vol.flush()

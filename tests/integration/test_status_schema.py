@@ -14,7 +14,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
            "unrecorded_invalidations": list, "promoted": type(None),
            "superseded": type(None), "read_only": bool, "snappoint_pause": dict,
-           "frame_stack_cache": dict}
+           "frame_stack_cache": dict, "volume_writeback": dict}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
@@ -31,6 +31,7 @@ SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "
              "frame_stack_cache": dict}
 
 FRAME_STACKS = {"hits": int, "misses": int, "held": int}
+VOLUME_WRITEBACK = {"period_s": float, "active": bool, "kicks": int}
 
 
 def check(doc, schema):
@@ -60,6 +61,8 @@ def test_status_schema(tmp_path, make_server):
     assert all(v >= 0 for v in ph.values()) and ph["transfer_copy"] <= ph["transfer"]
     assert sum(ph.values()) - ph["transfer_copy"] <= lc["seconds"] + 0.01
     check(p["frame_stack_cache"], FRAME_STACKS)
+    check(p["volume_writeback"], VOLUME_WRITEBACK)
+    assert p["volume_writeback"]["active"] is True      # the agent took a snappoint
     s = json.loads(prepl("status", sec.state, "--json").stdout)
     check(s, SECONDARY)
     check(s["frame_stack_cache"], FRAME_STACKS)
