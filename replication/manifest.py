@@ -121,6 +121,12 @@ class Digest:
         self.items[offset] = f"D:{offset}:{length}:{h.hex()}\n".encode()
         self.data_bytes += length
 
+    def add_pieces(self, offsets, lengths, hashes):
+        """Data pieces by their piece_hashes, in bulk (equal-length lists)."""
+        self.items.update(zip(offsets, [f"D:{o}:{n}:{h.hex()}\n".encode()
+                                        for o, n, h in zip(offsets, lengths, hashes)]))
+        self.data_bytes += sum(lengths)
+
     @property
     def extents(self):
         return len(self.items)

@@ -165,3 +165,25 @@ def test_runs_of_bitmaps_against_a_model():
         got = manifest.runs(dbits, zbits, nblocks, block, size)
         assert got == want
         assert all(type(o) is int and type(n) is int and type(z) is bool for o, n, z in got)
+
+
+def test_digest_pieces_in_bulk_equal_one_by_one():
+    """Digest.add_pieces (a secondary's commit) gives the digest that
+    add_hashed piece by piece gives (the agent's, as reads complete, in any
+    order)."""
+    rnd = random.Random(7)
+    offs = sorted(rnd.sample(range(1 << 16), 3000))
+    pieces = [(o * 4096, 4096 * rnd.randint(1, 3)) for o in offs]
+    hashes = [manifest.piece_hash(rnd.randbytes(64)) for _ in pieces]
+    one = manifest.Digest()
+    one.add(1 << 40, 8192, True)
+    for (o, n), h in sorted(zip(pieces, hashes), key=lambda _: rnd.random()):
+        one.add_hashed(o, n, h)
+    bulk = manifest.Digest()
+    bulk.add(1 << 40, 8192, True)
+    bulk.add_pieces([o for o, _ in pieces], [n for _, n in pieces], hashes)
+    assert bulk.hexdigest() == one.hexdigest()
+    assert (bulk.data_bytes, bulk.zero_bytes, bulk.extents) == \
+        (one.data_bytes, one.zero_bytes, one.extents)
+    bulk.add_pieces([pieces[0][0]], [pieces[0][1]], [hashes[1]])     # another hash
+    assert bulk.hexdigest() != one.hexdigest()
