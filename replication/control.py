@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from .errors import BY_CODE, NotRunningError, OSFailedError, PreplError, errno_name
 from .workers import background_priority
@@ -98,7 +99,6 @@ class ControlServer:
         self.handlers = handlers
         self._stop = threading.Event()
         self.sock = listen_private(path)      # we hold the state lock: any old one is stale
-        self.sock.settimeout(TICK)
         self.thread = threading.Thread(target=self._run, name="prepl-control", daemon=True)
 
     def start(self):
@@ -109,16 +109,24 @@ class ControlServer:
         self.owner, self.handlers = owner, handlers
 
     def _run(self):
+        """Accepts connections and runs the owner's tick() every TICK
+        seconds, however often clients connect (a status poll every 0.5 s
+        must not starve the checkpoints and retries the tick does)."""
         background_priority()
+        next_tick = time.monotonic() + TICK
         while not self._stop.is_set():
+            self.sock.settimeout(max(0.001, next_tick - time.monotonic()))
             try:
                 conn, _ = self.sock.accept()
             except socket.timeout:
-                self._tick()
-                continue
+                pass
             except OSError:
                 break
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            else:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + TICK
 
     def _tick(self):
         try:

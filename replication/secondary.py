@@ -41,7 +41,8 @@ image at the snappoint of the last applied interval.
 * Resuming.  Export held/PRIMARY_UUID/BASE/TARGET makes the staging of
   that interval durable and answers which blocks it holds (StagingArea.
   checkpoint); the server does the same every CHECKPOINT_SECONDS while
-  writes arrive, and at a clean stop.  An interrupted transfer (link cut,
+  writes arrive (the first one CHECKPOINT_SECONDS after the staging
+  opened), and at a clean stop.  An interrupted transfer (link cut,
   agent killed, this server restarted) resumes from there: the agent
   sends only the rest, into the same staging.  A commit whose digest does
   not match the staging discards the staging, so a bad resume costs one
@@ -309,7 +310,11 @@ class Replica:
             st, area = self.body.staging, self.staging
             if not st or st.complete or area.current is None or area.staged == area.seen:
                 return
-            if not at_stop and time.time() - (area.checkpointed or (0,))[0] < CHECKPOINT_SECONDS:
+            # every CHECKPOINT_SECONDS of receiving: not in a staging's first
+            # seconds (a cycle's transfer of a fraction of a second would pay
+            # an fdatasync midway for a resume that saves nothing)
+            since = area.checkpointed[0] if area.checkpointed else area.opened_at
+            if not at_stop and time.time() - since < CHECKPOINT_SECONDS:
                 return
             area.seen = area.staged
             area.checkpoint()

@@ -70,6 +70,7 @@ class StagingArea:
         self.writeback = Writeback()
         self.reaper = Reaper(sd.p("trash"))
         self.checkpointed = None          # (time, held data bits, held zero bits)
+        self.opened_at = 0.0              # time the current staging was opened
         self.staged = self.seen = 0       # requests staged; as of the last periodic checkpoint
         os.makedirs(sd.p("staging"), mode=0o700, exist_ok=True)
 
@@ -100,6 +101,7 @@ class StagingArea:
         self.current = Stage(not complete, fd, MapFile(maps[0], self.nblocks, create=create),
                              MapFile(maps[1], self.nblocks, create=create))
         self.checkpointed = None
+        self.opened_at = time.time()
         if not complete and not create:
             self._reopen_held()
         return self.current
