@@ -12,7 +12,7 @@ Reply:    {"ok": true, "result": ...} or {"ok": false, "code": C, "error": MESSA
 
 The server side is a thread started in nbdkit's after_fork (threads started
 earlier do not survive nbdkit's fork).  It and the threads answering
-requests run at a lower CPU priority (workers.background_priority): what
+requests run at a lower CPU priority (priority.background_priority): what
 they do -- a snappoint's flush, freeing a snapshot, a status -- is kernel
 and Python work that must not delay the clients' writes on a busy CPU.  The
 socket is created mode 0600 in the state directory: whoever may use it may
@@ -27,7 +27,7 @@ import threading
 import time
 
 from .errors import BY_CODE, NotRunningError, OSFailedError, PreplError, errno_name
-from .workers import background_priority
+from .priority import background_priority
 
 log = logging.getLogger(__name__)
 TICK = 1.0

@@ -13,7 +13,7 @@
                from): what a failover asks of the old primary (--peer)
 Opening or listing an export never changes state.  A connection to snap/
 or pack/ (the agent's reads) is served at background CPU priority
-(workers.background_priority): on a busy CPU the volume's writes go first.
+(priority.background_priority): on a busy CPU the volume's writes go first.
 """
 import errno
 import json
@@ -25,7 +25,7 @@ from . import pack, status
 from .chain import union_run_array
 from .errors import StateError
 from .exports import DocHandle, Handle, parse_seq
-from .workers import background_priority
+from .priority import background_priority
 
 log = logging.getLogger(__name__)
 

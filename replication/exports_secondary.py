@@ -23,7 +23,7 @@
                later, from a new connection: commits are idempotent)
 Opening or listing an export never changes state.  A connection to stage/,
 batch/ or commit/ (the agent's) is served at background CPU priority
-(workers.background_priority): on a host shared with other work, readers
+(priority.background_priority): on a host shared with other work, readers
 of the replica and that work go first.
 """
 import errno
@@ -34,7 +34,7 @@ from . import manifest, pack
 from .errors import PreplError
 from .exports import DocHandle, Handle, RequestHandle, is_uuid, parse_seq
 from .secondary import COMMIT_EXPORT_SIZE
-from .workers import background_priority
+from .priority import background_priority
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from . import faults
+from .priority import full_priority
 from ._native import ffi, lib
 
 ABI_VERSION = 13
@@ -291,9 +292,10 @@ class Volume:
         _check_map(zmap, self.nblocks, True)
         if snap is not None:
             _check_map(snap.vmap, self.nblocks, True)
-        _raise(lib.pr_volume_switch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
-                                    snap._c if snap is not None else ffi.NULL),
-               "snapshot start")
+        with full_priority():       # writers wait for it (priority.py)
+            r = lib.pr_volume_switch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
+                                     snap._c if snap is not None else ffi.NULL)
+        _raise(r, "snapshot start")
         self._maps = maps
         if snap is not None:
             self._snaps.append(snap)
@@ -306,8 +308,9 @@ class Volume:
         _check_map(cmap, self.nregions, True)
         _check_map(bmap, self.nblocks, True)
         _check_map(zmap, self.nblocks, True)
-        lib.pr_volume_unswitch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
-                               snap._c if snap is not None else ffi.NULL)
+        with full_priority():
+            lib.pr_volume_unswitch(self._c, _ptr(cmap), _ptr(bmap), _ptr(zmap),
+                                   snap._c if snap is not None else ffi.NULL)
         self._maps = maps
         if snap in self._snaps:
             self._snaps.remove(snap)
@@ -326,10 +329,12 @@ class Volume:
     def merge_open(self, src):
         for s, n in zip(src, (self.nregions, self.nblocks, self.nblocks)):
             _check_map(s, n)
-        lib.pr_volume_merge_open(self._c, *(_ptr(x) for x in src))
+        with full_priority():
+            lib.pr_volume_merge_open(self._c, *(_ptr(x) for x in src))
 
     def drop_snap(self, snap):
-        lib.pr_volume_drop_snap(self._c, snap._c)
+        with full_priority():
+            lib.pr_volume_drop_snap(self._c, snap._c)
         if snap in self._snaps:
             self._snaps.remove(snap)
 

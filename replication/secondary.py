@@ -65,7 +65,8 @@ from .errors import RefusedError, StateError
 from .maps import MapFile, digest_matches
 from .meta import Applied, Binding, Metadata, Receipt, ReplicaInfo, Staging
 from .staging import StagingArea
-from .workers import RWLock, background_priority, pread_full
+from .priority import background_priority
+from .workers import RWLock, pread_full
 from .state import StateDir, volume_size
 
 log = logging.getLogger(__name__)

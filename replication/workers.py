@@ -1,7 +1,8 @@
 """Small concurrency pieces of the servers: a readers-writer lock, the
 background workers (writeback of staged data and of a primary's volume
 between snappoints, removal of old staging files and of freed snapshot
-images) and their lower CPU priority, and a whole-range pread.
+images), which run at background priority (replication/priority.py), and a
+whole-range pread.
 
 Workers start in the server's after_fork (a thread started before nbdkit
 forks does not survive it); a worker's failure is logged and the next item
@@ -14,6 +15,7 @@ import threading
 import time
 
 from . import native
+from .priority import background_priority
 
 log = logging.getLogger(__name__)
 
@@ -261,15 +263,3 @@ class Reaper(Worker):
         finally:
             os.close(fd)
         os.unlink(path)
-
-
-def background_priority(niceness=10):
-    """Lowers the calling thread's CPU priority (Linux: a thread id is a
-    process id to setpriority), so that the server's request threads are
-    served first; never raises it."""
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-    except OSError as e:            # not fatal: the merge just competes as before
-        log.info("could not lower a background thread's priority: %s", e)

@@ -397,7 +397,7 @@ def test_background_threads_run_at_lower_priority(pair):
     """The merge and the reaper step back for the server's request threads
     (niceness 10); the threads that serve requests keep theirs."""
     import threading
-    from replication.workers import background_priority
+    from replication.priority import background_priority
     _, r, _ = pair
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     got = []
