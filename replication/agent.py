@@ -103,7 +103,8 @@ class _PackHashing(_Hashing):
 class _Opening:
     """A connection being opened in a thread, so that handshakes overlap
     (each is a few round trips; libnbd releases the GIL while it waits).
-    The joins are bounded: open_fn has a connect timeout."""
+    The joins are bounded: open_fn has a connect timeout.  (Also the
+    release of a cycle's older snapshots, whose result is None.)"""
 
     def __init__(self, open_fn):
         self._box = {}
@@ -274,18 +275,24 @@ class Agent:
         clock = _Phases()
         body, target = self._snappoint(plan)
         clock.mark("snappoint")
-        runs = self._runs(body, plan, target)
-        clock.mark("plan")
-        # the commit's connection is opened while the transfer runs
-        commit = _Opening(lambda: self.secondary(f"commit/{target.seq}"))
+        # the older snapshots are released while the cycle goes on (they are
+        # not read by it), and the commit's connection opened meanwhile
+        released = _Opening(lambda: self._release_older(plan.snap_name))
+        commit = None
         try:
+            runs = self._runs(body, plan, target)
+            clock.mark("plan")
+            commit = _Opening(lambda: self.secondary(f"commit/{target.seq}"))
             digest, stats = self._transfer(primary_uri, body, plan, target, runs)
             clock.mark("transfer")
             clock.phases["transfer_copy"] = round(stats["seconds"], 4)
+            released.result()
             receipt = self._commit(manifest.build(body, info.replica_uuid, plan.base, target,
                                                   digest), commit)
         finally:
-            commit.discard()
+            released.discard()
+            if commit is not None:
+                commit.discard()
         clock.mark("commit")
         faults.point("agent.after_receipt")
         self._advance(plan, digest, receipt, clock)
@@ -335,7 +342,6 @@ class Agent:
         returns the metadata and its interval."""
         if not plan.resume:
             self.ctl("snappoint_create", name=plan.snap_name)
-        self._release_older(plan.snap_name)
         body = self.sd.read_meta()
         return body, body.closed_by(plan.snap_name)
 
