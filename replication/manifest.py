@@ -39,7 +39,11 @@ def runs(data_bits, zero_bits, nblocks, block_size, size):
     """[(offset, length, zero)] in offset order, adjacent blocks of one kind
     coalesced, the last run clipped at the volume's end.  A block set in
     both maps counts as zero."""
-    a = run_array(data_bits, zero_bits, nblocks, block_size, size)
+    return as_run_list(run_array(data_bits, zero_bits, nblocks, block_size, size))
+
+
+def as_run_list(a):
+    """A run_array as a run list of (offset, length, zero) tuples."""
     return list(zip(a[:, 0].tolist(), a[:, 1].tolist(), (a[:, 2] != 0).tolist()))
 
 
@@ -101,6 +105,11 @@ def piece_hash(data):
     return xxhash.xxh3_128(data).digest()
 
 
+def _data_line(offset, length, h):
+    """A data piece's line of the transfer digest."""
+    return f"D:{offset}:{length}:{h.hex()}\n".encode()
+
+
 class Digest:
     """Digest of a transfer: add pieces in any order, then hexdigest()."""
 
@@ -118,13 +127,12 @@ class Digest:
 
     def add_hashed(self, offset, length, h):
         """A data piece by its piece_hash, taken when it was written."""
-        self.items[offset] = f"D:{offset}:{length}:{h.hex()}\n".encode()
+        self.items[offset] = _data_line(offset, length, h)
         self.data_bytes += length
 
     def add_pieces(self, offsets, lengths, hashes):
         """Data pieces by their piece_hashes, in bulk (equal-length lists)."""
-        self.items.update(zip(offsets, [f"D:{o}:{n}:{h.hex()}\n".encode()
-                                        for o, n, h in zip(offsets, lengths, hashes)]))
+        self.items.update(zip(offsets, map(_data_line, offsets, lengths, hashes)))
         self.data_bytes += sum(lengths)
 
     @property

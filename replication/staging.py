@@ -244,10 +244,13 @@ class StagingArea:
             os.fdatasync(st.fd)
 
     # ---- what was staged ------------------------------------------------------
-    def runs(self):
+    def run_array(self):
         st = self.current
-        return manifest.runs(st.data.bits, st.zero.bits, self.nblocks, self.block,
-                             self.size)
+        return manifest.run_array(st.data.bits, st.zero.bits, self.nblocks, self.block,
+                                  self.size)
+
+    def runs(self):
+        return manifest.as_run_list(self.run_array())
 
     def digest(self):
         """The digest of what is staged: from the hashes taken on arrival
@@ -255,7 +258,7 @@ class StagingArea:
         reading the staging back.  In numpy and bulk list operations: it
         runs in the commit, and a cycle's pieces are thousands."""
         st = self.current
-        a = manifest.run_array(st.data.bits, st.zero.bits, self.nblocks, self.block, self.size)
+        a = self.run_array()
         offs, lens = (x.tolist() for x in manifest.data_pieces(a))
         got = [self.hashes.get(o) for o in offs]
         if len(offs) == len(self.hashes) and all(g is not None and g[0] == n
@@ -265,8 +268,8 @@ class StagingArea:
                 d.add(o, n, True)
             d.add_pieces(offs, lens, [g[1] for g in got])
             return d
-        run_list = [(o, n, z != 0) for o, n, z in a.tolist()]
-        return manifest.digest_of(run_list, lambda o, n: pread_full(st.fd, n, o))
+        return manifest.digest_of(manifest.as_run_list(a),
+                                  lambda o, n: pread_full(st.fd, n, o))
 
     def checkpoint(self):
         """Makes the staged data durable and records the blocks it holds
