@@ -122,11 +122,9 @@ def run(args):
     writes_at_cycle = 0
     while True:
         if not args.once:
-            while time.monotonic() < next_due and not sync.requested.is_set():
-                if (args.max_dirty or args.max_writes) and \
-                        _thresholds_reached(agent, args, writes_at_cycle):
-                    break
-                sync.requested.wait(0.2)
+            reached = (lambda: _thresholds_reached(agent, args, writes_at_cycle)) \
+                if args.max_dirty or args.max_writes else None
+            wait_due(next_due, sync.requested, reached)
             writes_at_cycle = _load(agent)[1]
         n = sync.begin() if sync else 0
         started = time.monotonic()
@@ -174,6 +172,22 @@ def run(args):
             time.sleep(delay)
             delay = min(delay * 2, 30)
             next_due = time.monotonic()
+
+
+POLL_SECONDS = 0.2      # how often the thresholds are asked for while waiting
+
+
+def wait_due(next_due, requested, reached=None, clock=time.monotonic):
+    """Waits until the time.monotonic() instant next_due, until the Event
+    requested is set, or until reached() (thresholds, asked every
+    POLL_SECONDS) is true.  Never sleeps past next_due: a cycle starts on
+    its due time, not at the next poll after it (which added up to
+    POLL_SECONDS to every interval, and to the RPO)."""
+    while not requested.is_set():
+        left = next_due - clock()
+        if left <= 0 or (reached is not None and reached()):
+            return
+        requested.wait(min(POLL_SECONDS, left))
 
 
 def _renice(n):
