@@ -57,6 +57,13 @@ class MapFile:
         other threads of the process run meanwhile)."""
         native.sync_mapping(self.bits)
 
+    def prefault(self):
+        """Takes the write faults of every page now (a writable map): after a
+        snappoint the write path stores into fresh or just-synced pages, and
+        each first store's fault waits for the filesystem's journal while
+        the snappoint's fsyncs commit it."""
+        native.prefault_mapping(self.bits)
+
     def digest(self):
         return bytes_digest(self._mm)
 
@@ -80,6 +87,10 @@ class IntervalMaps(NamedTuple):
     def sync(self):
         for m in self:
             m.sync()
+
+    def prefault(self):
+        for m in self:
+            m.prefault()
 
     def digests(self):
         """{kind: digest} (what a closed interval records)."""
