@@ -12,6 +12,7 @@ hex digests, which digest_matches still checks (the server converts them
 at its first start, replication/tracker.py).
 """
 import hashlib
+import logging
 import mmap
 import os
 from typing import NamedTuple
@@ -21,6 +22,8 @@ import xxhash
 
 from . import native
 from .errors import StateError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("cmap", "bmap", "zmap")     # an interval's change, block and zero maps
 
@@ -61,8 +64,12 @@ class MapFile:
         """Takes the write faults of every page now (a writable map): after a
         snappoint the write path stores into fresh or just-synced pages, and
         each first store's fault waits for the filesystem's journal while
-        the snappoint's fsyncs commit it."""
-        native.prefault_mapping(self.bits)
+        the snappoint's fsyncs commit it.  Advisory: a failure is logged
+        and changes nothing (the stores then take their faults)."""
+        try:
+            native.prefault_mapping(self.bits)
+        except OSError as e:
+            log.warning("prefaulting map %s failed: %s", self.path, e)
 
     def digest(self):
         return bytes_digest(self._mm)

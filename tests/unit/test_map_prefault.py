@@ -46,3 +46,18 @@ def test_prefault_changes_no_bit(tmp_path):
     m.sync()
     again = MapFile(str(tmp_path / "m.map"), BITS, writable=False)
     assert np.array_equal(again.bits, want)
+
+
+def test_a_failed_prefault_is_logged_and_changes_nothing(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from replication import native
+
+    def fail(array):
+        raise OSError(errno.EIO, "injected")
+    m = MapFile(str(tmp_path / "m.map"), BITS, create=True)
+    m.bits[3] = 5
+    monkeypatch.setattr(native, "prefault_mapping", fail)
+    m.prefault()                  # advisory: a snappoint does not fail for it
+    assert "prefaulting map" in caplog.text and "injected" in caplog.text
+    assert m.bits[3] == 5 and int(m.bits.sum()) == 5
