@@ -76,7 +76,7 @@ class Worker:
     nbdkit is still starting up.  wait() returns once every item put so
     far is done; close() ends the thread."""
     name = "prepl-worker"
-    background = False      # run at a lower CPU priority (priority.background_priority)
+    background = False      # run at a lower CPU priority (_background_priority)
 
     def __init__(self):
         self.cond = threading.Condition()
@@ -235,26 +235,10 @@ class Reaper(Worker):
     images) in a thread of its own, shrinking each from its end a step at a
     time first: freeing a file of scattered blocks at once (unlink) took
     seconds on a filesystem mounted with discard, and nothing should wait
-    for it.  A step frees about PAGES_PER_STEP of the file's blocks (if
-    they are spread evenly): measured at 8000 4 KiB writes/s with a
-    dataful snappoint every second, freeing each second's 1 GiB image of
-    8000 scattered blocks in 8 MiB steps (64 blocks each) made about 15
-    writes per second take over 1 ms in the 40 ms it took, and about 4 in
-    1 MiB steps (8 blocks each).  Files left by a stop are taken up again
-    at the next start."""
+    for it.  Files left by a stop are taken up again at the next start."""
     name = "prepl-reaper"
     background = True
-    PAGES_PER_STEP = 8
-    MIN_STEP = 128 << 10
-
-    @classmethod
-    def step(cls, size, allocated):
-        """Bytes cut per ftruncate from a file of size bytes of which
-        allocated bytes are allocated: a multiple of 4 KiB, at least
-        MIN_STEP."""
-        blocks = max(allocated // 4096, 1)
-        step = -(-size * cls.PAGES_PER_STEP // blocks)
-        return max(cls.MIN_STEP, -(-step // 4096) * 4096)
+    STEP = 8 << 20
 
     def __init__(self, directory):
         super().__init__()
@@ -272,11 +256,9 @@ class Reaper(Worker):
     def work(self, path):
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            st = os.fstat(fd)
-            size = st.st_size
-            step = self.step(size, st.st_blocks * 512)
+            size = os.fstat(fd).st_size
             while size > 0:
-                size = max(0, size - step)
+                size = max(0, size - self.STEP)
                 os.ftruncate(fd, size)
         finally:
             os.close(fd)
