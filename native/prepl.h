@@ -131,15 +131,6 @@ int pr_start_writeback(int fd, uint64_t off, uint64_t len);
  * Returns 0 or -errno. */
 int pr_sync_mapping(void *addr, uint64_t len);
 
-/* Makes every page of a shared writable mapping (addr page-aligned)
- * writable in the page tables now, without changing a byte
- * (madvise MADV_POPULATE_WRITE; before Linux 5.14 an atomic no-op store
- * per page): the filesystem's write fault (page_mkwrite, which can wait
- * for its journal) is taken here, not by the write path's first store
- * into each page.  Safe while other threads set bits.  Returns 0 or
- * -errno. */
-int pr_prefault_mapping(void *addr, uint64_t len);
-
 /* The secondary's staged write, whole, without the GIL: hashes len bytes
  * of buf (XXH3-128, canonical big-endian, into hash[16]), writes them at
  * off of fd, then marks blocks [b0, b0 + nb) as data (set in data_map,

@@ -11,7 +11,6 @@
 #include <string.h>
 #include <errno.h>
 #include <sys/mman.h>
-#include <unistd.h>
 #include <fcntl.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -31,23 +30,6 @@ int
 pr_sync_mapping (void *addr, uint64_t len)
 {
   return msync (addr, len, MS_SYNC) == -1 ? -errno : 0;
-}
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-int
-pr_prefault_mapping (void *addr, uint64_t len)
-{
-  uint64_t off, page = (uint64_t)sysconf (_SC_PAGESIZE);
-  if (madvise (addr, len, MADV_POPULATE_WRITE) == 0)
-    return 0;
-  if (errno != EINVAL)
-    return -errno;
-  for (off = 0; off < len; off += page)
-    __atomic_fetch_or ((uint64_t *)((char *)addr + off), 0, __ATOMIC_RELAXED);
-  return 0;
 }
 
 int

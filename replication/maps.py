@@ -12,7 +12,6 @@ hex digests, which digest_matches still checks (the server converts them
 at its first start, replication/tracker.py).
 """
 import hashlib
-import logging
 import mmap
 import os
 from typing import NamedTuple
@@ -22,8 +21,6 @@ import xxhash
 
 from . import native
 from .errors import StateError
-
-log = logging.getLogger(__name__)
 
 KINDS = ("cmap", "bmap", "zmap")     # an interval's change, block and zero maps
 
@@ -60,17 +57,6 @@ class MapFile:
         other threads of the process run meanwhile)."""
         native.sync_mapping(self.bits)
 
-    def prefault(self):
-        """Takes the write faults of every page now (a writable map): after a
-        snappoint the write path stores into fresh or just-synced pages, and
-        each first store's fault waits for the filesystem's journal while
-        the snappoint's fsyncs commit it.  Advisory: a failure is logged
-        and changes nothing (the stores then take their faults)."""
-        try:
-            native.prefault_mapping(self.bits)
-        except OSError as e:
-            log.warning("prefaulting map %s failed: %s", self.path, e)
-
     def digest(self):
         return bytes_digest(self._mm)
 
@@ -94,10 +80,6 @@ class IntervalMaps(NamedTuple):
     def sync(self):
         for m in self:
             m.sync()
-
-    def prefault(self):
-        for m in self:
-            m.prefault()
 
     def digests(self):
         """{kind: digest} (what a closed interval records)."""

@@ -162,14 +162,6 @@ def sync_mapping(array):
     _raise(lib.pr_sync_mapping(ffi.cast("void *", array.ctypes.data), array.nbytes), "msync")
 
 
-def prefault_mapping(array):
-    """Every page of the shared writable mapping a numpy array views (from
-    its start, a page boundary) made writable in the page tables now,
-    without changing a byte (pr_prefault_mapping)."""
-    _raise(lib.pr_prefault_mapping(ffi.cast("void *", array.ctypes.data), array.nbytes),
-           "prefault")
-
-
 def start_writeback(fd, offset, length):
     """Starts writing [offset, offset + length) of fd back to disk, without
     waiting (sync_file_range)."""

@@ -66,7 +66,6 @@ class Snappoints:
             try:
                 create_interval_files(t.sd, new, iv)
                 new_maps = open_interval_maps(t.sd, new, iv)
-                new_maps.prefault()
                 if not dataless:
                     snap = t.snaps.create(t.body, new)
                     created += [snap.img_path, snap.vmap_path]
@@ -139,7 +138,6 @@ class Snappoints:
                     # twice); bits missing after the record would be lost
                     t.vol.merge_open(src_bits)
                     t.maps.sync()
-                    t.maps.prefault()       # msync made its pages read-only again
                 else:
                     old_files += [t.sd.p("maps", f) for f in dst.maps.values()]
                     created = merge_into_closed(t.sd, new, src_bits, dst,

@@ -54,8 +54,6 @@ class Snapshot:
                              f"{body.size}: it was damaged; refusing to serve it as a "
                              "snapshot (nothing was changed)")
         self.vmap = MapFile(self.vmap_path, nbits(body, "vmap"), create=create)
-        if create:
-            self.vmap.prefault()
         self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits)
 
     def sync(self):
