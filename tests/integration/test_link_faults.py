@@ -324,7 +324,9 @@ def test_running_agent_replicates_again_after_a_silent_link(link, tmp_path):
 
         def sampler():                              # I1, all along
             while not stop.is_set():
-                d = digest(sec)
+                # one request: a read is atomic against the apply's switch,
+                # a digest of several requests could straddle a commit
+                d = export_sha(sec, SIZE, chunk=SIZE)
                 samples.append(d)
                 if d not in images:
                     bad.append(d)
