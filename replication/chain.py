@@ -46,9 +46,26 @@ def map_names(seq, file_id):
     return {k: f"i{seq}-{file_id}.{k}" for k in KINDS}
 
 
-def create_interval_files(sd, body, interval):
-    for kind in KINDS:
-        MapFile(sd.p("maps", interval.maps[kind]), nbits(body, kind), create=True)
+def create_interval_files(sd, body, interval, sync=True):
+    """The interval's map files, new and zero; returns them mapped
+    writable.  Durable with their directory entries on return, unless sync
+    is False: then the caller calls sync_created once it has created the
+    other files it needs (every allocation made before the first sync, one
+    journal commit carries them all: a commit is a wait for the writers
+    that meet it)."""
+    maps = IntervalMaps(*(MapFile(sd.p("maps", interval.maps[k]), nbits(body, k),
+                                  create=True, sync=False) for k in KINDS))
+    if sync:
+        sync_created(sd, maps)
+    return maps
+
+
+def sync_created(sd, maps, *more):
+    """Makes new map files durable, with their directory entries: maps
+    (IntervalMaps) and more (MapFiles in maps/, e.g. a snapshot's valid
+    map)."""
+    for m in (*maps, *more):
+        m.sync()
     fsync_dir(sd.p("maps"))
 
 
@@ -139,11 +156,10 @@ def merge_into_closed(sd, new, src_bits, dst, dst_maps, file_id):
     nregions, nblocks, _ = geometry(new)
     names = map_names(dst.seq, file_id)
     paths = [sd.p("maps", names[k]) for k in KINDS]
-    merged = IntervalMaps(*(create_copy(m, sd.p("maps", names[k]))
+    merged = IntervalMaps(*(create_copy(m, sd.p("maps", names[k]), sync=False)
                             for k, m in zip(KINDS, dst_maps)))
     native.merge_interval(merged.bits(), src_bits, nregions, nblocks)
-    merged.sync()
-    fsync_dir(sd.p("maps"))
+    sync_created(sd, merged)
     dst.maps = names
     dst.digests = merged.digests()
     return paths

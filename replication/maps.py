@@ -28,7 +28,10 @@ KINDS = ("cmap", "bmap", "zmap")     # an interval's change, block and zero maps
 class MapFile:
     """One map file mapped into memory; .bits is the numpy uint64 view."""
 
-    def __init__(self, path, nbits, writable=True, create=False):
+    def __init__(self, path, nbits, writable=True, create=False, sync=True):
+        """create: a new file of zeros, allocated, and durable on return
+        unless sync is False (then the caller syncs it: several files
+        created first and synced after share one journal commit)."""
         self.path = path
         self.nbits = nbits
         nbytes = native.words_for(nbits) * 8
@@ -41,7 +44,8 @@ class MapFile:
                 # allocated, not sparse: a store into a hole of a mapped file
                 # on a full filesystem would kill the server with SIGBUS
                 os.posix_fallocate(fd, 0, nbytes)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             have = os.fstat(fd).st_size
             if have != nbytes:
                 raise StateError(f"map file {path} has {have} bytes, expected {nbytes}: "
@@ -89,11 +93,13 @@ class IntervalMaps(NamedTuple):
 assert IntervalMaps._fields == KINDS
 
 
-def create_copy(src, path):
-    """A new map file at path with the bits of src, durable on return."""
-    m = MapFile(path, src.nbits, create=True)
+def create_copy(src, path, sync=True):
+    """A new map file at path with the bits of src, durable on return
+    unless sync is False (as MapFile's create)."""
+    m = MapFile(path, src.nbits, create=True, sync=sync)
     m.bits[:] = src.bits
-    m.sync()
+    if sync:
+        m.sync()
     return m
 
 

@@ -24,7 +24,7 @@ import time
 
 from . import faults, status
 from .chain import carry_damage, create_interval_files, merge_into_closed, new_interval, \
-    open_interval_maps, remove_files
+    remove_files, sync_created
 from .errors import MetadataWriteError, RefusedError
 from .meta import SnapshotRecord
 from .snapshots import MAX_SNAPSHOTS
@@ -64,11 +64,13 @@ class Snappoints:
             switched = False
             old_maps = t.maps
             try:
-                create_interval_files(t.sd, new, iv)
-                new_maps = open_interval_maps(t.sd, new, iv)
+                # every new file allocated first, then made durable: one
+                # journal commit for them all
+                new_maps = create_interval_files(t.sd, new, iv, sync=False)
                 if not dataless:
-                    snap = t.snaps.create(t.body, new)
+                    snap = t.snaps.create(t.body, new, sync=False)
                     created += [snap.img_path, snap.vmap_path]
+                sync_created(t.sd, new_maps, *([snap.vmap] if snap else []))
                 t.vol.switch(new_maps.bits(), snap.c if snap else None)
                 switched = True
                 faults.point("primary.snappoint.after_switch")

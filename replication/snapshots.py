@@ -38,8 +38,9 @@ MAX_SNAPSHOTS = native.MAX_SNAPSHOTS     # PR_MAX_SNAPS of native/prepl.h
 class Snapshot:
     """A snapshot of the volume at a snappoint: sparse image + valid map."""
 
-    def __init__(self, sd, body, rec, create=False):
-        """rec: its meta.SnapshotRecord."""
+    def __init__(self, sd, body, rec, create=False, sync=True):
+        """rec: its meta.SnapshotRecord.  create: new files (their valid
+        map durable on return unless sync is False, as MapFile's)."""
         self.id = rec.id
         self.img_path = sd.p("snaps", f"s{self.id}.img")
         self.vmap_path = sd.p("maps", f"s{self.id}.vmap")
@@ -53,7 +54,7 @@ class Snapshot:
             raise StateError(f"snapshot image {self.img_path} has {have} bytes, expected "
                              f"{body.size}: it was damaged; refusing to serve it as a "
                              "snapshot (nothing was changed)")
-        self.vmap = MapFile(self.vmap_path, nbits(body, "vmap"), create=create)
+        self.vmap = MapFile(self.vmap_path, nbits(body, "vmap"), create=create, sync=sync)
         self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits)
 
     def sync(self):
@@ -99,12 +100,14 @@ class Snapshots:
                 if name.endswith(ext) and name.startswith("s") and name not in known:
                     os.unlink(self.sd.p(d, name))
 
-    def create(self, body, new_body):
+    def create(self, body, new_body, sync=True):
         """A new, empty snapshot with the next id of new_body (a copy of the
-        metadata not yet written); its files are durable."""
+        metadata not yet written); its files are durable (but for its valid
+        map's, unless sync: the caller's sync_created makes that durable
+        with the other new maps)."""
         rec = SnapshotRecord(new_body.next_snap_id)
         new_body.next_snap_id += 1             # ids are never reused
-        snap = Snapshot(self.sd, body, rec, create=True)
+        snap = Snapshot(self.sd, body, rec, create=True, sync=sync)
         fsync_dir(self.sd.p("snaps"))
         return snap
 

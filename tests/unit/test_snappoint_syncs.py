@@ -1,0 +1,71 @@
+"""A snappoint's new map files share one journal commit.
+
+On ext4 every fsync of a file whose allocation is not committed yet is a
+journal commit, and the writers of the volume wait for each one they meet
+(their timestamp updates join the running transaction).  So creating a
+snappoint, and deleting one whose next interval is closed (a merge into new
+files), allocate every new file first and only then sync them: the first
+sync commits them all and the others find nothing left to commit.  These
+tests trace the allocations and syncs of the real Tracker in-process."""
+import os
+
+import pytest
+
+from replication import native, state
+from replication.tracker import Tracker
+
+BLOCK, REGION, SIZE = 4096, 65536, 4 << 20
+
+
+@pytest.fixture
+def traced(tmp_path, monkeypatch):
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(os.urandom(SIZE))
+    state.init(tmp_path / "state", vol, region_size=REGION, block_size=BLOCK)
+    t = Tracker(tmp_path / "state")
+    t.start()
+    trace = []
+
+    def wrap(obj, name, kind):
+        real = getattr(obj, name)
+
+        def traced_call(*args):
+            trace.append(kind)
+            return real(*args)
+        monkeypatch.setattr(obj, name, traced_call)
+    wrap(os, "posix_fallocate", "allocate")
+    wrap(os, "fsync", "sync")
+    wrap(native, "sync_mapping", "sync")
+    try:
+        yield t, trace
+    finally:
+        monkeypatch.undo()
+        t.close()
+        t._lockfile.close()
+
+
+def check_allocations_first(trace, allocations):
+    assert trace.count("allocate") == allocations, trace
+    first_sync = trace.index("sync")
+    assert "allocate" not in trace[first_sync:], f"a sync between the allocations: {trace}"
+
+
+def test_create_allocates_every_new_file_before_the_first_sync(traced):
+    t, trace = traced
+    t.snappoints.create("a")
+    # the open interval's three maps and the snapshot's valid map
+    check_allocations_first(trace, 4)
+    trace.clear()
+    t.snappoints.create("b", dataless=True)
+    check_allocations_first(trace, 3)
+
+
+def test_delete_merges_into_new_files_allocated_before_the_first_sync(traced):
+    t, trace = traced
+    t.snappoints.create("a")
+    t.snappoints.create("b")
+    trace.clear()
+    t.snappoints.delete("a")         # its interval merges into b's (closed): new files
+    check_allocations_first(trace, 3)
+    assert [sp["name"] for sp in t.snappoints.list_all()] == ["b"]
+
