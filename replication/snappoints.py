@@ -88,6 +88,7 @@ class Snappoints:
             if snap:
                 t.snaps.active[name] = snap
             t.writeback.snappoint_taken()
+            t.snaps.reaper.snappoint_taken()
             faults.point("primary.snappoint.after_save")
             t.vol.al_trim()
             log.info("snappoint %s created (%s), interval %d closed", name,

@@ -235,14 +235,28 @@ class Reaper(Worker):
     images) in a thread of its own, shrinking each from its end a step at a
     time first: freeing a file of scattered blocks at once (unlink) took
     seconds on a filesystem mounted with discard, and nothing should wait
-    for it.  Files left by a stop are taken up again at the next start."""
+    for it.  Files left by a stop are taken up again at the next start.
+
+    Nothing is freed in the first QUIET seconds after a snappoint of the
+    primary (snappoint_taken()): freeing a snapshot image's blocks takes
+    journal commits, and a snappoint's delete (which discards the image)
+    follows its create within milliseconds, when the writers already meet
+    the create's syncs and the first copies-on-write.  Measured with a
+    dataful snappoint every second at 8000 4 KiB writes/s (interleaved A/B
+    pairs, 30 s each): the p99 of the writes completing in the first 100 ms
+    after a snappoint fell from 1340-2454 us to 721-1173 us.  A close()
+    frees what is queued without waiting."""
     name = "prepl-reaper"
     background = True
     STEP = 8 << 20
+    QUIET = 0.4
 
-    def __init__(self, directory):
+    def __init__(self, directory, clock=time.monotonic):
         super().__init__()
         self.dir = directory
+        self.clock = clock
+        self.last_snappoint = None
+        self.closing = threading.Event()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         for name in sorted(os.listdir(directory)):
             self.put(os.path.join(directory, name))
@@ -253,7 +267,13 @@ class Reaper(Worker):
         os.rename(path, dest)
         self.put(dest)
 
+    def snappoint_taken(self):
+        self.last_snappoint = self.clock()
+
     def work(self, path):
+        t = self.last_snappoint
+        if t is not None:           # once: an item waits at most QUIET seconds
+            self.closing.wait(t + self.QUIET - self.clock())
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
@@ -263,3 +283,7 @@ class Reaper(Worker):
         finally:
             os.close(fd)
         os.unlink(path)
+
+    def close(self):
+        self.closing.set()
+        super().close()
