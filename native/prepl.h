@@ -97,9 +97,17 @@ int pr_volume_sync_error(pr_volume *v);
 /* Records err as such a failure (for a sync failed outside C). */
 void pr_volume_sync_failed(pr_volume *v, int err);
 
-/* After the closed interval is durable: the activity log on disk becomes
- * the extents touched since the last switch and in the interval before. */
+/* After a snappoint's record: the activity log on disk becomes the extents
+ * touched since the last switch and in the closed intervals whose data may
+ * not be durable yet (see pr_volume_durable). */
 int pr_al_trim(pr_volume *v);
+/* fdatasync of the volume (failures sticky, as pr_flush) that makes the
+ * data of every interval closed before the call durable: on success their
+ * extents leave the set pr_al_trim keeps (on failure they stay).  One at a
+ * time; returns 0 or -errno. */
+int pr_volume_durable(pr_volume *v);
+/* Extents of closed intervals whose data may not be durable yet. */
+uint64_t pr_volume_al_pending(pr_volume *v);
 /* Copies the in-memory activity log (as on disk) into out. */
 void pr_al_get(pr_volume *v, uint64_t *out, uint64_t nwords);
 

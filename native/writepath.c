@@ -8,7 +8,8 @@
  *      extent since the last switch sets the bit, writes the page and
  *      fdatasyncs the log (al_lock serialises this slow path); later writes
  *      see the bit in al_mem and pay nothing.  A snappoint trims the log
- *      to the extents written in the new and the previous interval, so hot
+ *      to the extents written in the new interval and in every closed one
+ *      whose data may not be durable yet (pr_volume_durable), so hot
  *      extents stay in it and pay nothing either.  After an unclean stop every
  *      extent in the log is treated as changed, so no change bit is ever
  *      lost although the change maps themselves are never fsynced per
@@ -58,7 +59,7 @@
 #include "prepl.h"
 #include "fileio.h"
 
-#define PR_ABI 13
+#define PR_ABI 14
 #define NSTRIPES 1024
 #define AL_PAGE 4096
 #define NPAUSES 1024           /* switch pauses kept (a ring) */
@@ -88,7 +89,11 @@ struct pr_volume {
   pthread_mutex_t al_io;        /* a log write: al_file changes only under it */
   uint64_t *al_file;            /* every bit durable on disk (under al_lock) */
   uint64_t *al_mem;             /* durable and touched since the switch */
-  uint64_t *al_prev;            /* al_mem of the previous interval */
+  uint64_t *al_pending;         /* touched in closed intervals since the
+                                   * last pr_volume_durable began */
+  uint64_t *al_wait;            /* what the pr_volume_durable in progress
+                                   * makes durable (under al_lock) */
+  pthread_mutex_t durable_lock; /* one pr_volume_durable at a time */
   uint64_t *al_buf;             /* the pages being written (under al_io) */
   uint64_t pauses[NPAUSES];     /* ns writers waited at the last switches */
   uint64_t npauses;             /* switches recorded (under epoch, exclusive) */
@@ -135,10 +140,12 @@ pr_volume_new (int vol_fd, uint64_t size, uint32_t region_shift,
   v->al_offset = al_offset;
   v->al_file = calloc (v->al_words, 8);
   v->al_mem = calloc (v->al_words, 8);
-  v->al_prev = calloc (v->al_words, 8);
+  v->al_pending = calloc (v->al_words, 8);
+  v->al_wait = calloc (v->al_words, 8);
   v->al_buf = calloc (v->al_words, 8);
-  if (!v->al_file || !v->al_mem || !v->al_prev || !v->al_buf) {
-    free (v->al_file); free (v->al_mem); free (v->al_prev); free (v->al_buf);
+  if (!v->al_file || !v->al_mem || !v->al_pending || !v->al_wait || !v->al_buf) {
+    free (v->al_file); free (v->al_mem); free (v->al_pending); free (v->al_wait);
+    free (v->al_buf);
     free (v);
     errno = ENOMEM;
     return NULL;
@@ -153,6 +160,7 @@ pr_volume_new (int vol_fd, uint64_t size, uint32_t region_shift,
     pthread_mutex_init (&v->stripes[i], NULL);
   pthread_mutex_init (&v->al_lock, NULL);
   pthread_mutex_init (&v->al_io, NULL);
+  pthread_mutex_init (&v->durable_lock, NULL);
   return v;
 }
 
@@ -163,7 +171,8 @@ pr_volume_free (pr_volume *v)
     return;
   free (v->al_file);
   free (v->al_mem);
-  free (v->al_prev);
+  free (v->al_pending);
+  free (v->al_wait);
   free (v->al_buf);
   free (v);
 }
@@ -196,7 +205,7 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
                   uint64_t *zmap, pr_snap *snap)
 {
   int r = 0;
-  uint64_t t0 = now_ns ();        /* from here on, arriving writers wait */
+  uint64_t i, t0 = now_ns ();     /* from here on, arriving writers wait */
   pthread_rwlock_wrlock (&v->epoch);
   if (snap && v->nsnaps == PR_MAX_SNAPS)
     r = -ENOSPC;
@@ -207,7 +216,8 @@ pr_volume_switch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
     if (snap)
       v->snaps[v->nsnaps++] = snap;
     pthread_mutex_lock (&v->al_lock);
-    memcpy (v->al_prev, v->al_mem, v->al_words * 8);
+    for (i = 0; i < v->al_words; i++)
+      v->al_pending[i] |= v->al_mem[i];
     memset (v->al_mem, 0, v->al_words * 8);
     pthread_mutex_unlock (&v->al_lock);
   }
@@ -250,10 +260,11 @@ pr_volume_unswitch (pr_volume *v, uint64_t *cmap, uint64_t *bmap,
   v->zmap = zmap;
   if (snap)
     remove_snap (v, snap);
-  /* both sets are durable in the log: the interval goes on with both */
+  /* every set is durable in the log: the interval goes on with the closed
+   * intervals' extents too (more than it touched: kept longer, never lost) */
   pthread_mutex_lock (&v->al_lock);
   for (i = 0; i < v->al_words; i++)
-    v->al_mem[i] |= v->al_prev[i];
+    v->al_mem[i] |= v->al_pending[i];
   pthread_mutex_unlock (&v->al_lock);
   pthread_rwlock_unlock (&v->epoch);
 }
@@ -404,14 +415,16 @@ pr_al_trim (pr_volume *v)
   int r;
   pthread_mutex_lock (&v->al_io);
   pthread_mutex_lock (&v->al_lock);
-  /* keep the extents of the previous interval too: a volume's hot extents
-   * stay in the log across snappoints, so its writes do not pay one
-   * fdatasync per extent per interval (after a crash, at most two
-   * intervals' extents are treated as changed).  The new set is a subset
-   * of the one on disk, so al_file takes it now: whatever of the write
-   * below reached the disk, every bit of al_file is durable. */
+  /* keep the extents of every interval whose data may not be durable yet
+   * (closed since the last pr_volume_durable began, or being made durable
+   * by one in progress): a snappoint does not fdatasync the volume, so
+   * after a power loss those extents may hold less than the secondary
+   * was sent, and recovery must count them as changed.  Hot extents so
+   * stay in the log across snappoints too.  The new set is a subset of
+   * the one on disk, so al_file takes it now: whatever of the write below
+   * reached the disk, every bit of al_file is durable. */
   for (i = 0; i < v->al_words; i++)
-    v->al_file[i] = v->al_buf[i] = v->al_mem[i] | v->al_prev[i];
+    v->al_file[i] = v->al_buf[i] = v->al_mem[i] | v->al_pending[i] | v->al_wait[i];
   pthread_mutex_unlock (&v->al_lock);
   r = al_write_pages (v, 0, v->al_words - 1);
   pthread_mutex_unlock (&v->al_io);
@@ -691,6 +704,45 @@ int
 pr_flush (pr_volume *v)
 {
   return volume_sync (v);
+}
+
+int
+pr_volume_durable (pr_volume *v)
+{
+  uint64_t i;
+  int r;
+  pthread_mutex_lock (&v->durable_lock);
+  /* every write of a closed interval completed before its switch, so
+   * before this point: the fdatasync below covers all of al_wait */
+  pthread_mutex_lock (&v->al_lock);
+  for (i = 0; i < v->al_words; i++) {
+    v->al_wait[i] |= v->al_pending[i];
+    v->al_pending[i] = 0;
+  }
+  pthread_mutex_unlock (&v->al_lock);
+  r = volume_sync (v);
+  pthread_mutex_lock (&v->al_lock);
+  if (r == 0)
+    memset (v->al_wait, 0, v->al_words * 8);
+  else                          /* not durable: kept, as if never tried */
+    for (i = 0; i < v->al_words; i++) {
+      v->al_pending[i] |= v->al_wait[i];
+      v->al_wait[i] = 0;
+    }
+  pthread_mutex_unlock (&v->al_lock);
+  pthread_mutex_unlock (&v->durable_lock);
+  return r;
+}
+
+uint64_t
+pr_volume_al_pending (pr_volume *v)
+{
+  uint64_t i, n = 0;
+  pthread_mutex_lock (&v->al_lock);
+  for (i = 0; i < v->al_words; i++)
+    n += __builtin_popcountll (v->al_pending[i] | v->al_wait[i]);
+  pthread_mutex_unlock (&v->al_lock);
+  return n;
 }
 
 int

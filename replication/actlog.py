@@ -4,8 +4,9 @@ What it owns: STATE/al, a header page (AL_MAGIC) and a bitmap of coarse
 extents (al_extent bytes each).  The C write path makes a write's extent
 durable in the log before the write's data can reach the disk (the first
 write to an extent not in the log pays one fdatasync of the small log); a
-snappoint trims the log to the extents of the new and the previous interval
-(native/writepath.c).  What it promises (invariant I2): after an unclean
+snappoint trims the log to the extents of the new interval and of every
+closed one whose data may not be durable yet (native/writepath.c,
+replication/durability.py).  What it promises (invariant I2): after an unclean
 stop, recover() rebuilds the open interval as (its surviving bits) OR
 (every block of every extent in the log) OR (maps of an interval whose
 switch had not reached the metadata), and no snapshot is trusted: all

@@ -5,7 +5,8 @@ replication/daemon.py.
 One cycle (ARCHITECTURE §4):
   1. snappoint: ask the primary's server for snappoint LINK.N (with a
      snapshot) over the control socket; it closes the open interval and
-     makes volume and maps durable before we read anything;
+     makes its maps durable before we read anything (the volume's data
+     later: replication/durability.py);
   2. transfer: the union of the closed intervals after the link's cursor up
      to LINK.N, restricted by the block maps (replication/chain.py), read
      from snap/LINK.N and written into the secondary's staging export

@@ -18,6 +18,7 @@ from .meta import Receipt
 from .errors import (EXIT_OK, NotRunningError, PreplError, RefusedError, StateError,
                      UsageError, InUseError)
 from .peers import PSK_USER
+from .durability import sync_interval
 from .units import check_name, fmt_size, parse_pow2, parse_size
 
 log = logging.getLogger("prepl")
@@ -108,6 +109,8 @@ def nbdkit_threads(role, asked=None):
 
 
 def cmd_serve(args):
+    if args.sync_interval is not None:
+        sync_interval(args.sync_interval)       # a UsageError (exit 2) before anything
     sd = state.StateDir(args.state)
     body = _precheck_serve(sd)
     if args.port is not None and args.bind not in LOOPBACK and not args.tls_psk:
@@ -138,6 +141,8 @@ def cmd_serve(args):
                   "anyway: writes from now on are a split brain that a failback must resolve "
                   "with --discard-my-data on one side", file=sys.stderr)
         cmd.append("force=1")
+    if args.sync_interval is not None:
+        cmd.append(f"sync_interval={args.sync_interval:g}")
     # nbdkit embeds the system's Python, which finds its standard library
     # through the first python3 on PATH: keep the system's directories first
     # (nbdkit itself is an absolute path, so this PATH does not choose it)
@@ -336,7 +341,7 @@ def cmd_status(args):
 
 def _show_status(args, st):
     if args.json:
-        st["schema"] = "prepl.status/2"
+        st["schema"] = "prepl.status/3"
         _print_json(st)
         return
     print(f"state dir:  {st['state_dir']}")
@@ -712,6 +717,11 @@ def parser():
     s.add_argument("--force", action="store_true",
                    help="serve a superseded primary (its replica was promoted) read-write "
                         "anyway: split brain, to be resolved by a failback")
+    s.add_argument("--sync-interval", type=float, metavar="SECONDS",
+                   help="a primary makes its volume durable (fdatasync) this often while "
+                        "snappoints are taken (default 5; 0.05 to 3600); a snappoint itself "
+                        "does not wait for it. After a power loss the next cycle resends the "
+                        "activity-log extents written since the last durable point")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("keygen", help="write a new TLS pre-shared key file (mode 0600)")
@@ -863,7 +873,7 @@ def parser():
 
     s = sub.add_parser("status", help="show the state of a volume and its server")
     s.add_argument("state")
-    s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/2)")
+    s.add_argument("--json", action="store_true", help="one JSON object (schema prepl.status/3)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("snappoint", help="create, list, convert or delete snappoints")

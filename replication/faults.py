@@ -33,7 +33,8 @@ as they are used up.  E.g.
   meta.write ENOSPC      the metadata's temp file write
   meta.fsync EIO         its fsync
   meta.dirsync EIO       the directory's fsync after the rename (fail-stop)
-  primary.volume.flush EIO    the snappoint's fdatasync of the volume
+  primary.volume.flush EIO    a client's flush (fdatasync of the volume)
+  primary.volume.durable EIO  a durable point of the volume (replication/durability.py)
   secondary.staging.fdatasync EIO    the commit's fdatasync of the staging
 
 Without PREPL_FAULT_FILE an io point costs one attribute lookup.

@@ -15,7 +15,7 @@ from . import faults
 from .priority import full_priority
 from ._native import ffi, lib
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 PAUSES_KEPT = 1024     # the switch pauses the C side keeps (NPAUSES)
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
@@ -402,6 +402,22 @@ class Volume:
 
     def al_trim(self):
         _raise(lib.pr_al_trim(self._c), "activity log write")
+
+    def durable(self):
+        """fdatasync of the volume that makes every interval closed before
+        the call durable: their extents leave the activity log at the next
+        al_trim (replication/durability.py).  A failure is sticky (as in
+        flush) and keeps them."""
+        try:
+            faults.io("primary.volume.durable")
+        except OSError as e:
+            lib.pr_volume_sync_failed(self._c, e.errno)
+        _raise(lib.pr_volume_durable(self._c), "fdatasync")
+
+    @property
+    def al_pending(self):
+        """Extents of closed intervals whose data may not be durable yet."""
+        return lib.pr_volume_al_pending(self._c)
 
     def set_fault(self, point):
         """Tests only: arms a C fault point (WRITE_PATH_FAULTS), 0 disarms."""

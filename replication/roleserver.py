@@ -122,7 +122,7 @@ class RoleChanges:
         old = s.replica
         try:
             old.close()
-            t = Tracker(s.state, lockfile=old.hand_over_lock())
+            t = Tracker(s.state, lockfile=old.hand_over_lock(), sync_interval=s.sync_interval)
             t.md.fail_stop = s.fail_stop
             t.uri = s.uri
             t.start()

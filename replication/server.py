@@ -22,6 +22,7 @@ from .roleserver import PromoteHandle, RoleChanges
 from .secondary import Replica
 from .state import StateDir
 from .tracker import Tracker
+from .durability import DEFAULT_INTERVAL, sync_interval
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Server:
         self.control = None
         self.uri = None
         self.force = False
+        self.sync_interval = DEFAULT_INTERVAL
         self.roles = RoleChanges(self)
 
     def config(self, key, value):
@@ -54,9 +56,11 @@ class Server:
             self.uri = value          # where this server listens (for status)
         elif key == "force" and value in ("0", "1"):
             self.force = value == "1"     # serve a superseded primary read-write
+        elif key == "sync_interval":
+            self.sync_interval = sync_interval(value)
         else:
             raise UsageError(f"unknown parameter {key!r} (={value[:64]!r}): the prepl plugin "
-                             "takes state=DIR [uri=URI] [force=0|1]")
+                             "takes state=DIR [uri=URI] [force=0|1] [sync_interval=SECONDS]")
 
     def config_complete(self):
         if not self.state:
@@ -65,7 +69,8 @@ class Server:
             if StateDir(self.state).read_meta().role == "secondary":
                 self.replica = Replica(self.state)
             else:
-                self.tracker = Tracker(self.state, force=self.force)
+                self.tracker = Tracker(self.state, force=self.force,
+                                       sync_interval=self.sync_interval)
                 roles.probe_links(self.tracker)     # a superseded primary learns it now
         except FileNotFoundError as e:      # a map, snapshot or staging file is gone
             raise StateError(f"{e.filename} is missing: the state directory {self.state} is "

@@ -6,11 +6,13 @@ What it owns: the snappoint operations on a tracked volume
 the closed maps, the lock; replication/snapshots.py the snapshots' files).
 What it promises:
 
-* Creation, in order: switch (new maps, new snapshot), fdatasync of the
-  volume, msync of the closed maps, digests, metadata written durably, and
-  only then snap/NAME exists and the activity log is trimmed.  Nothing
-  reads a closed interval before its maps and the volume are durable; if
-  anything before the record fails, the switch is undone.
+* Creation, in order: switch (new maps, new snapshot), msync of the closed
+  maps, digests, metadata written durably, and only then snap/NAME exists
+  and the activity log is trimmed.  Nothing reads a closed interval before
+  its maps are durable; its data becomes durable later, and the activity
+  log keeps its extents until then (replication/durability.py).  A volume
+  whose fdatasync failed takes no snappoint.  If anything before the record
+  fails, the switch is undone.
 * Deleting a snappoint merges its interval forward (nothing is lost, and
   a damaged map is never laundered into a fresh digest) and refuses while
   a link needs it as its base.
@@ -87,7 +89,6 @@ class Snappoints:
             t.maps = new_maps
             if snap:
                 t.snaps.active[name] = snap
-            t.writeback.snappoint_taken()
             t.snaps.reaper.snappoint_taken()
             faults.point("primary.snappoint.after_save")
             t.vol.al_trim()
@@ -100,7 +101,9 @@ class Snappoints:
         and recorded (in new, not yet written) as closed by snappoint name."""
         t = self.t
         now = time.time()
-        t.vol.flush()
+        if t.vol.sync_error:       # its data may be lost: nothing of it is sent
+            raise OSError(t.vol.sync_error, f"the volume of {t.sd} could not be made durable "
+                          f"({os.strerror(t.vol.sync_error)}); restart the server to recover")
         old_maps.sync()
         # nothing writes the closed maps any more: their digests are final
         return new.close_interval(name, now, old_maps.digests(),

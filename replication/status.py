@@ -46,7 +46,7 @@ def primary(t):
         "activity_log_syncs": t.vol.al_syncs,
         "writes_total": t.vol.writes_total,
         "snappoint_pause": switch_pauses(t.vol),
-        "volume_writeback": t.writeback.status(),
+        "volume_durability": t.durability.status(),
         "frame_stack_cache": native.frame_stack_cache_stats(),
     }
 

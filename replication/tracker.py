@@ -31,13 +31,13 @@ from . import faults, native, status
 from .actlog import AL_HEADER, ActivityLog
 from .chain import check_closed_files, damaged_intervals, geometry, open_interval_maps, \
     upgrade_digests
+from .durability import DEFAULT_INTERVAL, VolumeDurability
 from .errors import NotFoundError, RefusedError, StateError
 from .links import Links
 from .meta import Metadata
 from .snappoints import Snappoints
 from .snapshots import Snapshots
 from .state import StateDir, volume_size
-from .workers import VolumeWriteback
 from .writeclock import WriteClock
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,12 @@ _MISSING = object()
 
 
 class Tracker:
-    def __init__(self, path, lockfile=None, force=False):
+    def __init__(self, path, lockfile=None, force=False, sync_interval=DEFAULT_INTERVAL):
         """lockfile: the state directory's lock, taken already (a failover
         hands over the replica's); else it is taken here.  force: serve ""
-        read-write although this primary is superseded (`serve --force`)."""
+        read-write although this primary is superseded (`serve --force`).
+        sync_interval: seconds between the volume's durable points
+        (`serve --sync-interval`, replication/durability.py)."""
         self.sd = StateDir(path)
         self.force = force
         self.lock = threading.RLock()
@@ -95,8 +97,8 @@ class Tracker:
         self.clock = WriteClock(self.sd, lambda: self.vol.writes_total, not body.clean)
         self.uri = None           # where the server listens (set by the server)
         self.snaps.remove_unknown(self.body)
-        # the volume's dirty pages written back between snappoints (workers.py)
-        self.writeback = VolumeWriteback(self.vol_fd)
+        # the volume made durable in the background (durability.py)
+        self.durability = VolumeDurability(self.vol, sync_interval)
 
     @property
     def body(self):
@@ -112,7 +114,7 @@ class Tracker:
         with self.lock, self.md.change() as body:
             body.clean = False
         self.snaps.reaper.start()
-        self.writeback.start()
+        self.durability.start()
         if not self.fenced:
             self.clock.start()
         else:
@@ -161,7 +163,7 @@ class Tracker:
             self.closed = True
             self.vol.close()
             self.clock.stop()
-            self.writeback.close()
+            self.durability.close()
             self.snaps.reaper.close()
             f, self._lockfile = self._lockfile, None
             return f
@@ -313,7 +315,7 @@ class Tracker:
                 self.closed = True
                 self.vol.close()
                 self.clock.stop()
-                self.writeback.close()
+                self.durability.close()
             # all of it again if a retry follows a failure (the volume's
             # flush error is sticky: a stop after one is never clean)
             self.vol.flush()

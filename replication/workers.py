@@ -1,8 +1,7 @@
 """Small concurrency pieces of the servers: a readers-writer lock, the
-background workers (writeback of staged data and of a primary's volume
-between snappoints, removal of old staging files and of freed snapshot
-images), which run at background priority (replication/priority.py), and a
-whole-range pread.
+background workers (writeback of staged data, removal of old staging
+files and of freed snapshot images), which run at background priority
+(replication/priority.py), and a whole-range pread.
 
 Workers start in the server's after_fork (a thread started before nbdkit
 forks does not survive it); a worker's failure is logged and the next item
@@ -162,72 +161,6 @@ class Writeback(Worker):
             os.close(fd)
 
     abandon = os.close
-
-
-class VolumeWriteback:
-    """Starts the writeback of a primary's volume every PERIOD seconds while
-    snappoints are being taken (one within the last ACTIVE seconds), in a
-    thread of its own at background priority, so that a snappoint's
-    fdatasync finds a fraction of a second's dirty pages to write, not a
-    whole interval's: measured at 8000 4 KiB writes/s, the snappoint's
-    create took 77 ms (p50) without it and 17-32 ms with it.  A volume
-    nobody takes snappoints of is left to the kernel's own writeback.
-    Advisory, like the staging's Writeback: the snappoint's fdatasync
-    still writes what is left and reports write errors (a kick on a
-    duplicate descriptor waits for nothing and checks no error, so the
-    volume's descriptor still sees every writeback error at its next
-    fdatasync)."""
-    name = "prepl-volume-writeback"
-    PERIOD = 0.2
-    ACTIVE = 10.0
-
-    def __init__(self, fd, clock=time.monotonic):
-        self.fd = os.dup(fd)
-        self.clock = clock
-        self.kicks = 0
-        self.last_snappoint = None
-        self.stop = threading.Event()
-        self.thread = None
-
-    def snappoint_taken(self):
-        self.last_snappoint = self.clock()
-
-    @property
-    def active(self):
-        t = self.last_snappoint
-        return t is not None and self.clock() - t < self.ACTIVE
-
-    def start(self):
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self.thread.start()
-
-    def _run(self):
-        background_priority()
-        failed = False
-        while not self.stop.wait(self.PERIOD):
-            if not self.active:
-                continue
-            try:
-                native.start_writeback(self.fd, 0, 0)
-                self.kicks += 1
-                failed = False
-            except OSError as e:       # the snappoint's fdatasync will say what it means
-                if not failed:
-                    log.warning("%s: %s", self.name, e)
-                failed = True
-
-    def close(self):
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def status(self):
-        return {"period_s": self.PERIOD, "active": self.active, "kicks": self.kicks}
 
 
 class Reaper(Worker):

@@ -34,6 +34,7 @@ def faulty_pair(tmp_path, make_server):
     prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
           "--role", "secondary")
     servers = [make_server(tmp_path / "p"), make_server(tmp_path / "s")]
+    servers[0].extra = ["--sync-interval", "0.2"]     # the volume's durable points
     for s in servers:
         s.fault_file = tmp_path / f"faults.{os.path.basename(s.state)}"
         s.env = {"PREPL_FAULT_FILE": str(s.fault_file)}
@@ -283,24 +284,33 @@ def test_agent_gets_no_receipt_when_the_commit_record_fails(faulty_pair):
 
 
 def test_a_failed_volume_sync_reaches_the_clients_flush(faulty_pair):
-    """An EIO from the snappoint's fdatasync of the volume is never retried
-    into a success: the snappoint fails, and so does every later flush of
-    the volume's clients (the kernel may have dropped the dirty pages)."""
+    """An EIO from a durable point of the volume (the server's background
+    fdatasync, replication/durability.py) is never retried into a success:
+    every later flush of the volume's clients fails, the server takes no
+    snappoint (nothing is sent of data the kernel may have dropped), and
+    the closed interval's extent stays in the activity log.  A restart
+    recovers, and the next cycle makes the replica the primary."""
     import nbd
     prim, sec, arm = faulty_pair
     h = prim.connect()
     h.pwrite(b"d" * 4096, 0)
     h.flush()
-    arm(prim, "primary.volume.flush", "EIO")
-    fails_with("EIO", prim.ctl, "snappoint_create", name="a")
-    assert names(meta(prim)) == [] and prim.ctl("snappoint_list") == []
+    arm(prim, "primary.volume.durable", "EIO")
+    prim.ctl("snappoint_create", name="a")         # the snappoint does not sync the volume
+    wait_for(lambda: prim.ctl("status")["volume_sync_error"] is not None, 10,
+             "the durable point to fail")
+    st = prim.ctl("status")
+    assert st["volume_sync_error"] == os.strerror(errno.EIO)
+    d = st["volume_durability"]
+    assert d["syncs"] == 0 and d["pending_extents"] == 1 and d["error"], d
     h.pwrite(b"e" * 4096, 4096)
     with pytest.raises(nbd.Error) as e:
         h.flush()
     assert e.value.errno in ("EIO", errno.EIO)
-    assert prim.ctl("status")["volume_sync_error"] == os.strerror(errno.EIO)
     arm(prim)
-    fails_with("EIO", prim.ctl, "snappoint_create", name="a")   # sticky until a restart
+    fails_with("EIO", prim.ctl, "snappoint_create", name="b")   # sticky until a restart
+    assert names(meta(prim)) == ["a"] and [s["name"] for s in prim.ctl("snappoint_list")] == ["a"]
+    assert prim.ctl("status")["volume_durability"]["pending_extents"] == 1
     prim.kill()
     prim.start()                 # the restart recovers: the log's extents count as changed
     assert prim.ctl("status")["volume_sync_error"] is None

@@ -14,7 +14,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
            "unrecorded_invalidations": list, "promoted": type(None),
            "superseded": type(None), "read_only": bool, "snappoint_pause": dict,
-           "frame_stack_cache": dict, "volume_writeback": dict}
+           "frame_stack_cache": dict, "volume_durability": dict}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
@@ -31,7 +31,8 @@ SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "
              "frame_stack_cache": dict}
 
 FRAME_STACKS = {"hits": int, "misses": int, "held": int}
-VOLUME_WRITEBACK = {"period_s": float, "active": bool, "kicks": int}
+VOLUME_DURABILITY = {"interval_s": float, "syncs": int, "pending_extents": int,
+                     "error": type(None)}
 
 
 def check(doc, schema):
@@ -46,7 +47,7 @@ def test_status_schema(tmp_path, make_server):
     prepl("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once")
     prim.connect().pwrite(b"y" * 4096, 65536)
     p = json.loads(prepl("status", prim.state, "--json").stdout)
-    assert p["schema"] == "prepl.status/2"
+    assert p["schema"] == "prepl.status/3"
     check(p, PRIMARY)
     check(p["snappoints"][0], SNAPPOINT)
     link = p["links"]["default"]
@@ -61,8 +62,11 @@ def test_status_schema(tmp_path, make_server):
     assert all(v >= 0 for v in ph.values()) and ph["transfer_copy"] <= ph["transfer"]
     assert sum(ph.values()) - ph["transfer_copy"] <= lc["seconds"] + 0.01
     check(p["frame_stack_cache"], FRAME_STACKS)
-    check(p["volume_writeback"], VOLUME_WRITEBACK)
-    assert p["volume_writeback"]["active"] is True      # the agent took a snappoint
+    check(p["volume_durability"], VOLUME_DURABILITY)
+    # the agent took a snappoint: its interval's extents wait for a durable point,
+    # or one took them already
+    d = p["volume_durability"]
+    assert d["pending_extents"] >= 1 or d["syncs"] >= 1, d
     s = json.loads(prepl("status", sec.state, "--json").stdout)
     check(s, SECONDARY)
     check(s["frame_stack_cache"], FRAME_STACKS)

@@ -17,6 +17,7 @@ FLAGS = {
         "tls_psk": (["--tls-psk", "/etc/prepl/k.psk"], '"/etc/prepl/k.psk"'),
         "threads": (["--threads", "7"], "7"),
         "force": (["--force"], "true"),
+        "sync_interval": (["--sync-interval", "2.5"], "2.5"),
     },
     "agent": {
         "secondary": (["--secondary", "nbds://h:10809"], '"nbds://h:10809"'),
