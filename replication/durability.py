@@ -25,6 +25,10 @@ version keeps it, invariants I1 and I2):
   write acknowledged before a completed flush survives a power loss); a
   failed fdatasync is sticky in the volume (every later flush fails) and
   keeps the extents in the log.
+* Where a record claims what the volume holds, the volume is made durable
+  first: a clean stop (replication/tracker.py) and a failback, whose record
+  says the old primary holds the divergence point's image
+  (replication/roles.py).
 
 Why: the volume's fdatasync at every snappoint made a second's random
 writes reach the disk at once, and the writers meeting it were the largest

@@ -248,6 +248,10 @@ def failback(t, peer, uri, discard=False, migrating=False):
             supersede(t, peer, uri, "failback")
         t.fence()
         try:
+            # the record below says this node holds the divergence point's
+            # image: its volume durable first, as no snappoint made it so
+            # (replication/durability.py)
+            t.vol.flush()
             bits, whole = divergence.written_after(t, mine)
             report = divergence.report(t, bits, whole, mine, peer, promoted)
             if migrating:

@@ -18,6 +18,9 @@ log keeps the closed intervals' extents.
   next cycle makes the replica equal to the primary (I1 again).  With the
   power cut in "flushed" mode, the primary must really have lost writes the
   replica holds: the case this rule allows, exercised.
+* Power loss of an old primary right after its failback (its applied
+  writes never flushed): the failback made its volume durable before its
+  record, so the failback cycle leaves both nodes equal.
 """
 import hashlib
 import os
@@ -156,5 +159,62 @@ def test_power_loss_after_cycles_the_next_cycle_resends_what_the_primary_lost(
         assert image(sec) == image(prim) == after
         prim.stop()
         sec.stop()
+    finally:
+        disk.stop()
+
+
+def test_power_loss_after_a_failback_keeps_the_image_it_recorded(tmp_path, make_server):
+    """A failback records that the old primary holds the divergence point's
+    image (plus the blocks the resync will overwrite), so its volume must be
+    durable before that record, though no snappoint made it so: the old
+    primary's writes applied to the secondary but never flushed survive a
+    power cut right after the failback, and the failback cycle leaves both
+    nodes equal."""
+    rnd = random.Random(7)
+    size = 8 * MiB
+    disk = PowerLossDisk(tmp_path / "disk", 96 * MiB)
+    disk.start()
+    try:
+        pa = os.path.join(disk.mountpoint, "a")
+        prepl("init", pa, "--volume", pa + ".img", "--size", str(size))
+        prepl("init", tmp_path / "b", "--volume", tmp_path / "b.img", "--size", str(size),
+              "--role", "secondary")
+        os.sync()
+        a = make_server(pa, tmp_path / "a.sock")
+        a.extra = ["--sync-interval", "3600"]           # no durable point in this test
+        a.start()
+        b = make_server(tmp_path / "b", tmp_path / "b.sock").start()
+
+        def cycle(src, dst):
+            prepl("agent", src.state, "--secondary", f"nbd+unix:///?socket={dst.sock}",
+                  "--once", "--timeout", "60")
+
+        def img(srv):
+            h = srv.connect()
+            try:
+                return h.pread(size, 0)
+            finally:
+                h.shutdown()
+        h = a.connect()
+        h.pwrite(rnd.randbytes(size), 0)
+        h.flush()
+        h.shutdown()
+        cycle(a, b)
+        scatter(a, rnd, 0, size, 40)                    # applied, never flushed
+        cycle(a, b)
+        p = img(a)
+        assert img(b) == p
+        prepl("failover", b.state)
+        scatter(b, rnd, 0, size, 10)
+        q = img(b)
+        prepl("failback", a.state, "--peer", f"nbd+unix:///?socket={b.sock}")
+        disk.crash("flushed", 1)
+        a.kill()
+        disk.start()
+        a.start()
+        cycle(b, a)                                     # the failback cycle
+        assert img(a) == img(b) == q, "the old primary lost writes its failback recorded"
+        a.stop()
+        b.stop()
     finally:
         disk.stop()
