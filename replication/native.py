@@ -388,12 +388,17 @@ class Volume:
         if r:
             self._fail(r, len(buf), 0)
 
-    def flush(self):
+    def _sync(self, point, call, what):
+        """An fdatasync of the volume by call; fault point `point` makes it
+        fail as the kernel's would (sticky)."""
         try:
-            faults.io("primary.volume.flush")
+            faults.io(point)
         except OSError as e:
             lib.pr_volume_sync_failed(self._c, e.errno)
-        _raise(lib.pr_flush(self._c), "flush")
+        _raise(call(self._c), what)
+
+    def flush(self):
+        self._sync("primary.volume.flush", lib.pr_flush, "flush")
 
     @property
     def sync_error(self):
@@ -408,11 +413,7 @@ class Volume:
         the call durable: their extents leave the activity log at the next
         al_trim (replication/durability.py).  A failure is sticky (as in
         flush) and keeps them."""
-        try:
-            faults.io("primary.volume.durable")
-        except OSError as e:
-            lib.pr_volume_sync_failed(self._c, e.errno)
-        _raise(lib.pr_volume_durable(self._c), "fdatasync")
+        self._sync("primary.volume.durable", lib.pr_volume_durable, "fdatasync")
 
     @property
     def al_pending(self):

@@ -101,6 +101,20 @@ def scatter(srv, rnd, lo, hi, n):
     h.shutdown()
 
 
+def pair_on(disk, tmp_path, make_server, size):
+    """A primary whose state and volume are on the power-loss disk, with no
+    durable point of its own in a test's time, and a secondary beside it."""
+    pstate = os.path.join(disk.mountpoint, "p")
+    prepl("init", pstate, "--volume", pstate + ".img", "--size", str(size))
+    prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(size),
+          "--role", "secondary")
+    os.sync()
+    prim = make_server(pstate, tmp_path / "p.sock")
+    prim.extra = ["--sync-interval", "3600"]
+    prim.start()
+    return prim, make_server(tmp_path / "s", tmp_path / "s.sock").start()
+
+
 @pytest.mark.parametrize("mode,seed", [("flushed", 1), ("random", 2), ("random", 3)])
 def test_power_loss_after_cycles_the_next_cycle_resends_what_the_primary_lost(
         tmp_path, make_server, mode, seed):
@@ -108,17 +122,8 @@ def test_power_loss_after_cycles_the_next_cycle_resends_what_the_primary_lost(
     disk = PowerLossDisk(tmp_path / "disk", 256 * MiB)
     disk.start()
     try:
-        pstate = os.path.join(disk.mountpoint, "p")
-        prepl("init", pstate, "--volume", os.path.join(disk.mountpoint, "p.img"),
-              "--size", str(SIZE))
-        prepl("init", tmp_path / "s", "--volume", tmp_path / "s.img", "--size", str(SIZE),
-              "--role", "secondary")
-        os.sync()
-        prim = make_server(pstate, tmp_path / "p.sock")
-        prim.extra = ["--sync-interval", "3600"]       # no durable point in this test
-        prim.start()
-        sec = make_server(tmp_path / "s", tmp_path / "s.sock").start()
-        agent = ("agent", pstate, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once",
+        prim, sec = pair_on(disk, tmp_path, make_server, SIZE)
+        agent = ("agent", prim.state, "--secondary", f"nbd+unix:///?socket={sec.sock}", "--once",
                  "--timeout", "60")
         h = prim.connect()
         h.pwrite(rnd.randbytes(SIZE), 0)
@@ -175,15 +180,7 @@ def test_power_loss_after_a_failback_keeps_the_image_it_recorded(tmp_path, make_
     disk = PowerLossDisk(tmp_path / "disk", 96 * MiB)
     disk.start()
     try:
-        pa = os.path.join(disk.mountpoint, "a")
-        prepl("init", pa, "--volume", pa + ".img", "--size", str(size))
-        prepl("init", tmp_path / "b", "--volume", tmp_path / "b.img", "--size", str(size),
-              "--role", "secondary")
-        os.sync()
-        a = make_server(pa, tmp_path / "a.sock")
-        a.extra = ["--sync-interval", "3600"]           # no durable point in this test
-        a.start()
-        b = make_server(tmp_path / "b", tmp_path / "b.sock").start()
+        a, b = pair_on(disk, tmp_path, make_server, size)
 
         def cycle(src, dst):
             prepl("agent", src.state, "--secondary", f"nbd+unix:///?socket={dst.sock}",
