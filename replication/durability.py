@@ -73,7 +73,7 @@ class VolumeDurability:
         self.vol = vol
         self.interval = interval
         self.syncs = 0
-        self.error = None
+        self.failed = False       # said in the log (the error itself: volume_sync_error)
         self.stop = threading.Event()
         self.thread = None
 
@@ -95,12 +95,12 @@ class VolumeDurability:
         try:
             self.vol.durable()
         except OSError as e:
-            if self.error is None:        # sticky in the volume: said once
+            if not self.failed:           # sticky in the volume: said once
                 log.error("%s: the volume could not be made durable: %s; every "
                           "flush fails from now on and the activity log keeps the "
                           "closed intervals' extents (restart the server to recover)",
                           self.name, e)
-            self.error = str(e)
+            self.failed = True
             return False
         self.syncs += 1
         return True
@@ -113,4 +113,4 @@ class VolumeDurability:
 
     def status(self):
         return {"interval_s": self.interval, "syncs": self.syncs,
-                "pending_extents": self.vol.al_pending, "error": self.error}
+                "pending_extents": self.vol.al_pending}

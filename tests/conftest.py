@@ -96,17 +96,28 @@ def stop_process(proc, timeout=10):
             proc.wait()
 
 
-def export_sha(srv, size, export="", chunk=8 << 20):
-    """SHA-256 (hex) of the first size bytes of export of server srv, read
-    over NBD chunk bytes at a time."""
+def export_chunks(srv, size, export="", chunk=8 << 20):
+    """The first size bytes of export of server srv, read over NBD chunk
+    bytes at a time (a request may be at most 64 MiB)."""
     h = srv.connect(export)
     try:
-        d = hashlib.sha256()
         for off in range(0, size, chunk):
-            d.update(h.pread(min(chunk, size - off), off))
-        return d.hexdigest()
+            yield h.pread(min(chunk, size - off), off)
     finally:
         h.shutdown()
+
+
+def read_export(srv, size, export=""):
+    """The first size bytes of export of server srv."""
+    return b"".join(export_chunks(srv, size, export))
+
+
+def export_sha(srv, size, export="", chunk=8 << 20):
+    """SHA-256 (hex) of the first size bytes of export of server srv."""
+    d = hashlib.sha256()
+    for data in export_chunks(srv, size, export, chunk):
+        d.update(data)
+    return d.hexdigest()
 
 
 def dump_maps(server):

@@ -13,7 +13,7 @@ from replication import manifest, pack
 from replication.state import StateDir
 from tests.integration.test_secondary_exports import (SIZE, commit, interval_runs,  # noqa: F401
                                                       pair, read_doc)
-from tests.conftest import wait_for
+from tests.conftest import read_export, wait_for
 
 BLOCK = 4096
 
@@ -79,19 +79,11 @@ class Staging:
 
 
 def replica(sec):
-    h = sec.connect()
-    try:
-        return h.pread(SIZE, 0)
-    finally:
-        h.shutdown()
+    return read_export(sec, SIZE)
 
 
 def snapshot(prim, name):
-    h = prim.connect(f"snap/{name}")
-    try:
-        return h.pread(SIZE, 0)
-    finally:
-        h.shutdown()
+    return read_export(prim, SIZE, f"snap/{name}")
 
 
 @pytest.mark.parametrize("kind", ["stage", "batch"])

@@ -31,8 +31,7 @@ SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "
              "frame_stack_cache": dict}
 
 FRAME_STACKS = {"hits": int, "misses": int, "held": int}
-VOLUME_DURABILITY = {"interval_s": float, "syncs": int, "pending_extents": int,
-                     "error": type(None)}
+VOLUME_DURABILITY = {"interval_s": float, "syncs": int, "pending_extents": int}
 
 
 def check(doc, schema):
