@@ -171,6 +171,13 @@ void pr_volume_set_fault(pr_volume *v, int point);
  * live until pr_snap_free. */
 pr_snap *pr_snap_new(int snap_fd, uint64_t *vmap);
 void pr_snap_free(pr_snap *s);
+/* Before the snapshot is started (pr_volume_switch): it holds only the
+ * blocks set in need0 or need1 (either may be NULL; both NULL, the
+ * default: every block).  Copy-on-write skips the others, and a read of
+ * one that was not copied fails with -EIO.  The maps must stay mapped
+ * and unchanged but for added bits until pr_snap_free; need1 may be the
+ * block map of the interval the switch closes (frozen from then on). */
+void pr_snap_set_need(pr_snap *s, const uint64_t *need0, const uint64_t *need1);
 /* Reads the image of the volume at the snapshot's instant.  -ESTALE once
  * the snapshot is invalid. */
 int pr_snap_read(pr_volume *v, pr_snap *s, char *buf, uint64_t len,

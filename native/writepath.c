@@ -59,7 +59,7 @@
 #include "prepl.h"
 #include "fileio.h"
 
-#define PR_ABI 14
+#define PR_ABI 15
 #define NSTRIPES 1024
 #define AL_PAGE 4096
 #define NPAUSES 1024           /* switch pauses kept (a ring) */
@@ -69,6 +69,7 @@ enum op { OP_WRITE, OP_ZERO, OP_TRIM };
 struct pr_snap {
   int fd;
   uint64_t *vmap;
+  const uint64_t *need[2];      /* NULL, NULL: the whole image (pr_snap_set_need) */
   int err;                      /* atomic: 0 while valid */
 };
 
@@ -477,14 +478,33 @@ all_zero (const char *p, uint64_t n)
   return memcmp (p, z, n) == 0;
 }
 
+/* Does snapshot s hold block b's image (copied, or to be copied before it
+ * changes)?  A whole snapshot holds every block; a snapshot of changes only
+ * the blocks of its need maps. */
+static int
+snap_holds (const pr_snap *s, uint64_t b)
+{
+  if (!s->need[0] && !s->need[1])
+    return 1;
+  return (s->need[0] && pr_bm_test (s->need[0], b))
+    || (s->need[1] && pr_bm_test (s->need[1], b));
+}
+
+/* Must b be copied into s before it changes? */
+static int
+snap_lacks (pr_snap *s, uint64_t b)
+{
+  return !__atomic_load_n (&s->err, __ATOMIC_SEQ_CST)
+    && !pr_bm_test (s->vmap, b) && snap_holds (s, b);
+}
+
 /* Does an active snapshot still lack block b? */
 static int
 cow_needed (pr_volume *v, uint64_t b)
 {
   int i;
   for (i = 0; i < v->nsnaps; i++)
-    if (!__atomic_load_n (&v->snaps[i]->err, __ATOMIC_SEQ_CST)
-        && !pr_bm_test (v->snaps[i]->vmap, b))
+    if (snap_lacks (v->snaps[i], b))
       return 1;
   return 0;
 }
@@ -513,11 +533,11 @@ cow_run (pr_volume *v, uint64_t b0, uint64_t b1)
     int e = err;
     for (b = b0; b <= b1 && e == 0; ) {
       uint64_t ro, re;
-      if (__atomic_load_n (&sn->err, __ATOMIC_SEQ_CST) || pr_bm_test (sn->vmap, b)) {
+      if (!snap_lacks (sn, b)) {
         b++;
         continue;
       }
-      for (s = b; b <= b1 && !pr_bm_test (sn->vmap, b); b++)
+      for (s = b; b <= b1 && snap_lacks (sn, b); b++)
         ;
       ro = s << v->bshift;
       re = b << v->bshift;
@@ -797,6 +817,13 @@ pr_snap_new (int snap_fd, uint64_t *vmap)
 }
 
 void
+pr_snap_set_need (pr_snap *s, const uint64_t *need0, const uint64_t *need1)
+{
+  s->need[0] = need0;
+  s->need[1] = need1;
+}
+
+void
 pr_snap_free (pr_snap *s)
 {
   free (s);
@@ -870,9 +897,14 @@ pr_snap_read (pr_volume *v, pr_snap *s, char *buf, uint64_t len, uint64_t off)
         err = -ESTALE;
         break;
       }
+      if (!copied && !snap_holds (s, b)) {
+        err = -EIO;             /* a snapshot of changes holds no image there */
+        break;
+      }
       do
         b++;
-      while ((b << v->bshift) < rend && !!pr_bm_test (s->vmap, b) == copied);
+      while ((b << v->bshift) < rend && !!pr_bm_test (s->vmap, b) == copied
+             && (copied || snap_holds (s, b)));
       n = (b << v->bshift) - off;
       if (n > rend - off)
         n = rend - off;

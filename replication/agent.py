@@ -6,7 +6,11 @@ One cycle (ARCHITECTURE §4):
   1. snappoint: ask the primary's server for snappoint LINK.N (with a
      snapshot) over the control socket; it closes the open interval and
      makes its maps durable before we read anything (the volume's data
-     later: replication/durability.py);
+     later: replication/durability.py).  Unless the cycle is a full sync
+     (or the agent runs with --whole-snapshot), the snapshot is one of
+     changes: it holds only the blocks this cycle sends, so a write copies
+     its old data only if it overwrites one of them
+     (replication/snappoints.py);
   2. transfer: the union of the closed intervals after the link's cursor up
      to LINK.N, restricted by the block maps (replication/chain.py), read
      from snap/LINK.N and written into the secondary's staging export
@@ -15,9 +19,11 @@ One cycle (ARCHITECTURE §4):
      commit/TARGET; its receipt means the interval is applied;
   4. advance: only then the link's cursor moves to LINK.N (recorded by the
      server); the previous cursor's snappoint is deleted (its map merges
-     forward).  LINK.N keeps its snapshot until the next cycle's snappoint:
-     snap/LINK.N is the image the replica holds.  A failed cycle drops
-     nothing: the next one sends the union from the unchanged cursor.
+     forward).  LINK.N keeps its snapshot until the next cycle's snappoint
+     (with --whole-snapshot, snap/LINK.N is then the image the replica
+     holds; a snapshot of changes reads only the blocks the cycle sent,
+     others fail with EIO).  A failed cycle drops nothing: the next one
+     sends the union from the unchanged cursor.
 
 Once the next snappoint is taken, the link's older snappoints become
 dataless (ARCHITECTURE §4: their maps stay, their snapshots go): the
@@ -190,7 +196,7 @@ def parse_replica_info(uri, doc):
 class Agent:
     def __init__(self, state, secondary_uri, name="default", primary_uri=None,
                  tls_psk_file=None, max_in_flight=DEFAULT_MAX_BYTES_IN_FLIGHT,
-                 peer_timeout=DEFAULT_PEER_TIMEOUT, bwlimit=0):
+                 peer_timeout=DEFAULT_PEER_TIMEOUT, bwlimit=0, whole_snapshot=False):
         self.sd = StateDir(state)
         self.name = name
         self.secondary_uri = secondary_uri
@@ -202,6 +208,9 @@ class Agent:
         self.peer_timeout = peer_timeout
         # bytes per second to the secondary (0: unlimited), changed by `prepl link set`
         self.limiter = TokenBucket(bwlimit)
+        # False: a cycle's snapshot holds only what the cycle sends (snapshot
+        # of changes); True: the whole image, readable as snap/LINK.N
+        self.whole_snapshot = whole_snapshot
         self.n = 0
 
     # ---- the two servers ------------------------------------------------
@@ -342,7 +351,9 @@ class Agent:
         durable before it answers; a resumed transfer has its snappoint);
         returns the metadata and its interval."""
         if not plan.resume:
-            self.ctl("snappoint_create", name=plan.snap_name)
+            scope = {} if plan.full or self.whole_snapshot else \
+                {"changes_after": plan.base.seq if plan.base else -1}
+            self.ctl("snappoint_create", name=plan.snap_name, **scope)
         body = self.sd.read_meta()
         return body, body.closed_by(plan.snap_name)
 

@@ -772,6 +772,11 @@ def parser():
     s.add_argument("--nice", type=int, default=10, choices=range(0, 20), metavar="N",
                    help="run at CPU niceness N (0-19, default 10), so that on a busy CPU the "
                         "volume's clients are served before the transfer; 0: normal priority")
+    s.add_argument("--whole-snapshot", action="store_true",
+                   help="each cycle's snappoint keeps a whole image of the volume, readable as "
+                        "snap/LINK.N until the next cycle (to compare with the replica); by "
+                        "default it keeps only the blocks the cycle sends, so a write during a "
+                        "cycle copies old data only if it overwrites one of them")
     s.set_defaults(func=cmd_agent)
 
     s = sub.add_parser("sync", help="ask the running agent of a link for a cycle now")

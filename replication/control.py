@@ -1,6 +1,7 @@
 """The control socket: one JSON object per line, each answered by one.
 
-Request:  {"op": "status"} | {"op": "snappoint_create", "name": N, "dataless": B}
+Request:  {"op": "status"} | {"op": "snappoint_create", "name": N, "dataless": B,
+                              "changes_after": SEQ (optional: a snapshot of changes)}
           | {"op": "snappoint_list"} | {"op": "snappoint_convert", "name": N}
           | {"op": "snappoint_delete", "name": N} | {"op": "maps"}
           | {"op": "shutdown"}  (clean stop of the tracker; the process exits

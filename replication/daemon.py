@@ -108,7 +108,7 @@ def run(args):
     if not args.peer_timeout > 0:
         raise UsageError(f"--peer-timeout {args.peer_timeout} must be more than 0 seconds")
     agent = Agent(args.state, args.secondary, args.name, args.primary, args.tls_psk,
-                  args.max_in_flight, args.peer_timeout, args.bwlimit)
+                  args.max_in_flight, args.peer_timeout, args.bwlimit, args.whole_snapshot)
     agent.link_lock = lock_link(agent.sd, args.name)    # held while we run
     _renice(args.nice)
     sync = None if args.once else SyncServer(agent.sd.p(f"agent.{args.name}.sock"),

@@ -15,7 +15,7 @@ from . import faults
 from .priority import full_priority
 from ._native import ffi, lib
 
-ABI_VERSION = 14
+ABI_VERSION = 15
 PAUSES_KEPT = 1024     # the switch pauses the C side keeps (NPAUSES)
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
@@ -238,9 +238,24 @@ class Snapshot:
         _check_map(vmap, nblocks, True)
         self.fd = fd
         self.vmap = vmap          # keeps the mapped memory alive
+        self.nblocks = nblocks
+        self.needs = ()
         self._c = ffi.gc(lib.pr_snap_new(fd, _ptr(vmap)), lib.pr_snap_free)
         if self._c == ffi.NULL:
             raise MemoryError("pr_snap_new")
+
+    def set_need(self, *needs):
+        """Before the snapshot starts: it holds only the blocks set in the
+        given maps (numpy uint64 arrays of at least nblocks bits, kept alive
+        here; at most two; none: the whole image).  The caller may only add
+        bits to them from then on."""
+        if len(needs) > 2:
+            raise ValueError("a snapshot takes at most two need maps")
+        for m in needs:
+            _check_map(m, self.nblocks)
+        self.needs = needs
+        ptrs = [_ptr(m) for m in needs] + [ffi.NULL] * (2 - len(needs))
+        lib.pr_snap_set_need(self._c, *ptrs)
 
     @property
     def valid(self):

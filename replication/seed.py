@@ -94,6 +94,12 @@ def export(state, path, snappoint=None, tls_psk=None):
         raise UsageError(f"snappoint {snappoint!r} " + ("does not exist" if sp is None else
                          "is dataless (it keeps no snapshot)") + ": a seed is the image of "
                          "a dataful snappoint (omit --snappoint to make one)")
+    info = next(i for i in control.request(sd.control_socket, "snappoint_list")
+                if i["name"] == snappoint)
+    if info.get("snapshot_changes_after") is not None:
+        raise UsageError(f"snappoint {snappoint!r} keeps a snapshot of changes only (the "
+                         "blocks its link's cycle sends), not a whole image: a seed needs a "
+                         "whole image (omit --snappoint to make one)")
     iv = next(i for i in body.intervals if i.seq == sp.seq)
     h = open_nbd(status["uri"], export=f"snap/{snappoint}", tls_psk_file=tls_psk,
                  tls_username="prepl" if tls_psk else None)

@@ -24,6 +24,8 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from . import faults, status
 from .chain import carry_damage, create_interval_files, merge_into_closed, new_interval, \
     remove_files, sync_created
@@ -41,16 +43,25 @@ class Snappoints:
     def __init__(self, tracker):
         self.t = tracker
 
-    def create(self, name, dataless=False):
+    def create(self, name, dataless=False, changes_after=None):
         """Closes the open interval at one instant.  Its effects outside the
         metadata come in an order that nothing observable runs ahead of the
         record: the C switch (writers see new maps), then the closed
         interval made durable and digested, then the metadata written; only
         then does snap/NAME exist and the log get trimmed.  If anything
         before the record fails, the switch is undone (the closed maps take
-        the new interval's bits back) and the operation fails."""
+        the new interval's bits back) and the operation fails.
+
+        changes_after (an interval's number, -1: from the start): the
+        snapshot holds only the blocks changed in the intervals after that
+        one up to the one this snappoint closes -- what a link's cycle from
+        that base reads -- and copies nothing else (see snapshot_of_changes)."""
         t = self.t
         check_name(name)
+        if changes_after is not None and (dataless or type(changes_after) is not int
+                                          or changes_after < -1):
+            raise RefusedError("changes_after is an interval's number (-1: from the start) "
+                               "and needs a snapshot (not dataless)")
         with t.lock:
             t.check_open()
             if t.find(name, None) is not None:
@@ -72,6 +83,8 @@ class Snappoints:
                 if not dataless:
                     snap = t.snaps.create(t.body, new, sync=False)
                     created += [snap.img_path, snap.vmap_path]
+                    if changes_after is not None:
+                        self.snapshot_of_changes(snap, changes_after)
                 sync_created(t.sd, new_maps, *([snap.vmap] if snap else []))
                 t.vol.switch(new_maps.bits(), snap.c if snap else None)
                 switched = True
@@ -95,6 +108,35 @@ class Snappoints:
             log.info("snappoint %s created (%s), interval %d closed", name,
                      "dataless" if dataless else "with snapshot", closed.seq)
             return self.info(t.find(name))
+
+    def snapshot_of_changes(self, snap, after):
+        """Before the switch: snap will hold only the blocks written in the
+        closed intervals after interval `after` (their block maps' union,
+        computed now) or in the open interval (its block map, which the
+        switch freezes and snap keeps mapped).  A cycle from that base
+        reads no other block, and a write during it copies into snap only
+        if it overwrites one of them: under random writes a few percent of
+        what a whole snapshot copies.  Not recorded: a clean stop makes
+        such a snapshot dataless (close_snapshots_of_changes), since the
+        metadata would reopen it as a whole image."""
+        t = self.t
+        older = None
+        for iv in t.body.closed_intervals:
+            if iv.seq > after:
+                bits = t.interval_maps(iv).bmap.bits
+                older = bits.copy() if older is None else np.bitwise_or(older, bits, out=older)
+        snap.changes_after = after
+        snap.c.set_need(*([older] if older is not None else []), t.maps.bmap.bits)
+
+    def close_snapshots_of_changes(self, body):
+        """At a clean stop (in body, the metadata about to be written):
+        snapshots of changes become dataless; returns their snappoints'
+        names (the caller frees their files once body is written)."""
+        names = [n for n, s in self.t.snaps.active.items() if s.changes_after is not None]
+        for sp in body.snappoints:
+            if sp.name in names:
+                sp.snapshot = None
+        return names
 
     def _close_interval(self, new, name, old_maps, snap):
         """After the switch: the interval old_maps belong to is made durable
@@ -172,7 +214,8 @@ class Snappoints:
                 "export": f"snap/{sp.name}" if snap else None,
                 "changed_regions": maps.cmap.count(),
                 "changed_blocks": maps.bmap.count(),
-                "copied_blocks": snap.vmap.count() if snap else 0}
+                "copied_blocks": snap.vmap.count() if snap else 0,
+                "snapshot_changes_after": snap.changes_after if snap else None}
 
     def list_all(self):
         t = self.t

@@ -56,6 +56,9 @@ class Snapshot:
                              "snapshot (nothing was changed)")
         self.vmap = MapFile(self.vmap_path, nbits(body, "vmap"), create=create, sync=sync)
         self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits)
+        # None: a whole image; else a snapshot of the changes after that
+        # interval (replication/snappoints.py, snapshot_of_changes)
+        self.changes_after = None
 
     def sync(self):
         os.fsync(self.fd)

@@ -265,8 +265,8 @@ class Tracker:
     def control_handlers(self):
         return {
             "status": lambda r: self.status(),
-            "snappoint_create": lambda r: self.snappoints.create(r.get("name"),
-                                                                 bool(r.get("dataless"))),
+            "snappoint_create": lambda r: self.snappoints.create(
+                r.get("name"), bool(r.get("dataless")), r.get("changes_after")),
             "snappoint_list": lambda r: self.snappoints.list_all(),
             "snappoint_convert": lambda r: self.snappoints.convert(r.get("name")),
             "snappoint_delete": lambda r: self.snappoints.delete(r.get("name")),
@@ -327,5 +327,9 @@ class Tracker:
                 return
             with self.md.change() as body:
                 body.clean = True
-            log.info("clean stop of %s", self.sd)
+                partial = self.snappoints.close_snapshots_of_changes(body)
+            for name in partial:
+                self.snaps.free(name, self.vol, now=True)
+            log.info("clean stop of %s%s", self.sd, f" (snapshots of changes dropped: "
+                     f"{', '.join(partial)})" if partial else "")
         self.snaps.reaper.close()

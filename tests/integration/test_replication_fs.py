@@ -71,7 +71,8 @@ def workload(mnt, rnd, step, synced):
 
 def test_ext4_through_cycles(tmp_path, make_server):
     prim, sec = served_pair(tmp_path, make_server, str(SIZE))
-    agent = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}", "dr")
+    # whole snapshots: snap/dr.N is the witness of each cycle's image
+    agent = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}", "dr", whole_snapshot=True)
     rnd = random.Random(11)
     with NbdMount(tmp_path / "fs", f"nbd+unix:///?socket={prim.sock}",
                   mkfs_args=["-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0"]) as fs:

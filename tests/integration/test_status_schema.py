@@ -22,7 +22,8 @@ LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "stat
         "tls_psk": type(None)}
 SNAPPOINT = {"name": str, "interval": int, "created": float, "snapshot": str,
              "invalidated": type(None), "export": str, "changed_regions": int,
-             "changed_blocks": int, "copied_blocks": int}
+             "changed_blocks": int, "copied_blocks": int,
+             "snapshot_changes_after": (int, type(None))}
 SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "size": int,
              "region_size": int, "block_size": int, "bound": dict, "applied": dict,
              "staging": type(None), "state_dir": str, "volume": str, "volume_uuid": str,

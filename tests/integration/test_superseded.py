@@ -33,7 +33,8 @@ def assert_fenced(prim, image_before):
 
 
 def test_the_agent_meets_the_promoted_node(tmp_path, make_server):
-    prim, sec, image = replicated_pair(tmp_path, make_server)
+    # a whole snapshot: snap/CURSOR is read whole below
+    prim, sec, image = replicated_pair(tmp_path, make_server, "--whole-snapshot")
     old = prim.connect()                 # a client connected before it learns
     before_meta = meta_json(prim.state)
     failover(sec)

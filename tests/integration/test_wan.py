@@ -71,8 +71,9 @@ class Pair:
         return self.io("b", "digest", self.sec_uri, "--tls-psk", self.key)["sha256"]
 
     def agent(self, uri, *tls, timeout=60, check=True):
+        # whole snapshots: snap/LINK.N is read whole (snapshot_digest)
         return self.prepl("a", "agent", self.pstate, "--secondary", uri, *tls, "--once",
-                          "--timeout", timeout, check=check)
+                          "--timeout", timeout, "--whole-snapshot", check=check)
 
     def last_cycle(self):
         st = json.loads(self.prepl("a", "status", self.pstate, "--json").stdout)

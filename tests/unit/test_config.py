@@ -33,6 +33,7 @@ FLAGS = {
         "max_in_flight": (["--max-in-flight", "1M"], "1048576"),
         "bwlimit": (["--bwlimit", "20M"], '"20M"'),
         "nice": (["--nice", "3"], "3"),
+        "whole_snapshot": (["--whole-snapshot"], "true"),
     },
 }
 # what each command needs besides the option under test
