@@ -5,6 +5,7 @@ equals the SHA-256 of the primary's snapshot at that interval's snappoint
 the default snapshots of changes, which hold only what a cycle sends, the
 same holds by induction: the replica equals snap/LINK.N on the cycle's
 runs and its previous image everywhere else."""
+import contextlib
 import random
 import threading
 
@@ -36,24 +37,32 @@ def writer(srv, stop, seed):
     h.shutdown()
 
 
-def test_replica_is_a_snapshot_after_every_cycle(tmp_path, make_server):
-    prim, sec = served_pair(tmp_path, make_server, str(SIZE))
-    # whole snapshots: snap/dr.N is the witness of each cycle's image
-    agent = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}", "dr", whole_snapshot=True)
+@contextlib.contextmanager
+def writers(prim):
+    """Three writers on the primary while the block runs; stopped (and
+    joined) however it ends."""
     stop = threading.Event()
     ts = [threading.Thread(target=writer, args=(prim, stop, s)) for s in range(3)]
     for t in ts:
         t.start()
     try:
+        yield
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+
+
+def test_replica_is_a_snapshot_after_every_cycle(tmp_path, make_server):
+    prim, sec = served_pair(tmp_path, make_server, str(SIZE))
+    # whole snapshots: snap/dr.N is the witness of each cycle's image
+    agent = Agent(prim.state, f"nbd+unix:///?socket={sec.sock}", "dr", whole_snapshot=True)
+    with writers(prim):
         for _ in range(8):
             receipt = agent.cycle()
             name = receipt.target.name
             assert image_sha(sec, "") == image_sha(prim, f"snap/{name}"), \
                 f"I1: the replica is not the primary's image at {name}"
-    finally:
-        stop.set()
-        for t in ts:
-            t.join()
     # and once the writers stop, one more cycle makes the replica the volume
     agent.cycle()
     assert image_sha(sec, "") == image_sha(prim, "")
@@ -69,12 +78,8 @@ def test_replica_under_load_with_snapshots_of_changes(tmp_path, make_server):
         sent[target.seq] = out = runs(body, plan, target)
         return out
     agent._runs = keep_runs
-    stop = threading.Event()
-    ts = [threading.Thread(target=writer, args=(prim, stop, s)) for s in range(3)]
-    for t in ts:
-        t.start()
     image = bytes(SIZE)                 # both created empty: the replica's image before
-    try:
+    with writers(prim):
         for _ in range(6):
             target = agent.cycle().target
             src = prim.connect(f"snap/{target.name}")
@@ -89,9 +94,5 @@ def test_replica_under_load_with_snapshots_of_changes(tmp_path, make_server):
                 f"{target.name}"
             info = [sp for sp in prim.ctl("snappoint_list") if sp["name"] == target.name][0]
             assert info["snapshot_changes_after"] is not None
-    finally:
-        stop.set()
-        for t in ts:
-            t.join()
     agent.cycle()
     assert image_sha(sec, "") == image_sha(prim, "")
