@@ -178,10 +178,6 @@ void pr_snap_free(pr_snap *s);
  * and unchanged but for added bits until pr_snap_free; need1 may be the
  * block map of the interval the switch closes (frozen from then on). */
 void pr_snap_set_need(pr_snap *s, const uint64_t *need0, const uint64_t *need1);
-/* Before the snapshot is started: its file may hold old data (a reused
- * image, or one opened from disk), so copy-on-write writes all-zero blocks
- * too instead of leaving them to the file's holes. */
-void pr_snap_set_reused(pr_snap *s);
 /* Reads the image of the volume at the snapshot's instant.  -ESTALE once
  * the snapshot is invalid. */
 int pr_snap_read(pr_volume *v, pr_snap *s, char *buf, uint64_t len,

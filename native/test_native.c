@@ -279,58 +279,6 @@ test_snapshot_of_changes (void)
   close (afd);
 }
 
-/* A snapshot whose image file already holds data (a reused image): an
- * all-zero block copied on write must be written into it, not left to a
- * hole that is not there; a new sparse image still skips it. */
-static void
-test_reused_image (void)
-{
-  uint64_t nregions = ((SIZE - 1) >> REGION_SHIFT) + 1;
-  uint64_t nblocks = ((SIZE - 1) >> BLOCK_SHIFT) + 1;
-  uint64_t bs = 1 << BLOCK_SHIFT;
-  int vfd = tmpfile_of (SIZE), afd = tmpfile_of (0), reused;
-  unsigned char *old = malloc (SIZE), *img = malloc (bs), *w = malloc (bs);
-
-  CHECK (old && img && w);
-  memset (old, 'o', SIZE);              /* the reused file's old contents */
-  memset (w, 'w', bs);
-  for (reused = 0; reused < 2; reused++) {
-    int sfd = tmpfile_of (SIZE);
-    pr_snap *snap;
-    CHECK (pwrite (sfd, old, SIZE, 0) == SIZE);
-    vol = pr_volume_new (vfd, SIZE, REGION_SHIFT, BLOCK_SHIFT, afd, 22, 4096);
-    CHECK (vol);
-    CHECK (pr_volume_switch (vol, map_of (nregions), map_of (nblocks), map_of (nblocks),
-                             NULL) == 0);
-    snap = pr_snap_new (sfd, map_of (nblocks));
-    CHECK (snap);
-    if (reused)
-      pr_snap_set_reused (snap);
-    CHECK (pr_volume_switch (vol, map_of (nregions), map_of (nblocks), map_of (nblocks),
-                             snap) == 0);
-    /* block 5 of the volume is all zero at the snapshot's instant */
-    CHECK (pr_write (vol, (char *)w, bs, 5 * bs, 0) == 0);
-    CHECK (pr_snap_read (vol, snap, (char *)img, bs, 5 * bs) == 0);
-    if (reused) {
-      uint64_t i;
-      for (i = 0; i < bs; i++)
-        CHECK (img[i] == 0);
-    }
-    else                                 /* the hole this test faked is not one */
-      CHECK (img[0] == 'o');
-    pr_volume_drop_snap (vol, snap);
-    pr_snap_release (vol, snap);
-    pr_snap_free (snap);
-    pr_volume_free (vol);
-    CHECK (ftruncate (vfd, 0) == 0 && ftruncate (vfd, SIZE) == 0);   /* zero again */
-    while (nmaps > 0)
-      free (maps[--nmaps]);
-  }
-  free (old); free (img); free (w);
-  close (vfd);
-  close (afd);
-}
-
 int
 main (void)
 {
@@ -339,7 +287,6 @@ main (void)
   test_write_path ();
   test_unswitch ();
   test_snapshot_of_changes ();
-  test_reused_image ();
   printf ("native tests passed\n");
   return 0;
 }

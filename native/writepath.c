@@ -59,7 +59,7 @@
 #include "prepl.h"
 #include "fileio.h"
 
-#define PR_ABI 16
+#define PR_ABI 15
 #define NSTRIPES 1024
 #define AL_PAGE 4096
 #define NPAUSES 1024           /* switch pauses kept (a ring) */
@@ -70,7 +70,6 @@ struct pr_snap {
   int fd;
   uint64_t *vmap;
   const uint64_t *need[2];      /* NULL, NULL: the whole image (pr_snap_set_need) */
-  int reused;                   /* the file may hold old data: zeroes are written */
   int err;                      /* atomic: 0 while valid */
 };
 
@@ -512,8 +511,7 @@ cow_needed (pr_volume *v, uint64_t b)
 
 /* Copies the old contents of blocks [b0, b1] (all needed by some snapshot)
  * into every active snapshot that lacks them.  All-zero runs are not
- * written into a new snapshot file (it is sparse), but they are into a
- * reused one (its holes may hold old data). */
+ * written: the snapshot file is sparse. */
 static void
 cow_run (pr_volume *v, uint64_t b0, uint64_t b1)
 {
@@ -545,7 +543,7 @@ cow_run (pr_volume *v, uint64_t b0, uint64_t b1)
       re = b << v->bshift;
       if (re > end)
         re = end;
-      if (sn->reused || !all_zero (buf + (ro - off), re - ro))
+      if (!all_zero (buf + (ro - off), re - ro))
         e = pwrite_full (sn->fd, buf + (ro - off), re - ro, ro);
       if (e == 0)
         pr_bm_set_range (sn->vmap, s, b - s);
@@ -823,12 +821,6 @@ pr_snap_set_need (pr_snap *s, const uint64_t *need0, const uint64_t *need1)
 {
   s->need[0] = need0;
   s->need[1] = need1;
-}
-
-void
-pr_snap_set_reused (pr_snap *s)
-{
-  s->reused = 1;
 }
 
 void

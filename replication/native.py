@@ -15,7 +15,7 @@ from . import faults
 from .priority import full_priority
 from ._native import ffi, lib
 
-ABI_VERSION = 16
+ABI_VERSION = 15
 PAUSES_KEPT = 1024     # the switch pauses the C side keeps (NPAUSES)
 if lib.pr_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(
@@ -234,9 +234,7 @@ def _log2(n, what):
 class Snapshot:
     """C view of one snapshot: its file and its valid map (bit per block)."""
 
-    def __init__(self, fd, vmap, nblocks, reused=False):
-        """reused: the file may hold old data (not a new sparse file), so
-        copy-on-write also writes all-zero blocks."""
+    def __init__(self, fd, vmap, nblocks):
         _check_map(vmap, nblocks, True)
         self.fd = fd
         self.vmap = vmap          # keeps the mapped memory alive
@@ -245,8 +243,6 @@ class Snapshot:
         self._c = ffi.gc(lib.pr_snap_new(fd, _ptr(vmap)), lib.pr_snap_free)
         if self._c == ffi.NULL:
             raise MemoryError("pr_snap_new")
-        if reused:
-            lib.pr_snap_set_reused(self._c)
 
     def set_need(self, *needs):
         """Before the snapshot starts: it holds only the blocks set in the

@@ -19,17 +19,6 @@ and the set of snapshots the C write path copies into.  What it promises:
   tens of ms of kernel CPU, which the snappoint's caller and the writers
   on a busy CPU would otherwise wait for.  An invalidated snapshot's
   space is freed at once: its copy-on-write found the disk full.
-* A freed image of at most REUSE of the volume's size (allocated) is kept
-  as STATE/snaps/spare.img, and the next snapshot takes it as its image:
-  copy-on-write then overwrites blocks the file has (a page cache page and
-  a disk block already there) instead of allocating new ones, and nothing
-  frees the old ones.  Measured here (4 KiB writes at random offsets): 7-10
-  us each into a new sparse file and 1.3-3.5 us more each to free them,
-  against 1.3-4 us into blocks the file has.  A reused image may hold old
-  data where a new one has holes, so copy-on-write writes all-zero blocks
-  into it too (native pr_snap_set_reused), and into every image opened from
-  disk.  Only copied blocks (valid map) are ever read from an image.  The
-  spare is removed at the next start like any file no record names.
 """
 import logging
 import os
@@ -44,27 +33,19 @@ from .workers import Reaper
 log = logging.getLogger(__name__)
 
 MAX_SNAPSHOTS = native.MAX_SNAPSHOTS     # PR_MAX_SNAPS of native/prepl.h
-REUSE = 0.25     # a freed image with at most this share of the volume allocated is reused
-SPARE = "spare.img"
 
 
 class Snapshot:
     """A snapshot of the volume at a snappoint: sparse image + valid map."""
 
-    def __init__(self, sd, body, rec, create=False, sync=True, spare=None):
+    def __init__(self, sd, body, rec, create=False, sync=True):
         """rec: its meta.SnapshotRecord.  create: new files (their valid
-        map durable on return unless sync is False, as MapFile's); the
-        image is the file spare (renamed), if given and present."""
+        map durable on return unless sync is False, as MapFile's)."""
         self.id = rec.id
         self.img_path = sd.p("snaps", f"s{self.id}.img")
         self.vmap_path = sd.p("maps", f"s{self.id}.vmap")
-        reused = not create
-        if create and spare is not None and os.path.exists(spare):
-            os.rename(spare, self.img_path)
-            reused, create_flags = True, 0
-        else:
-            create_flags = os.O_CREAT | os.O_EXCL if create else 0
-        self.fd = os.open(self.img_path, os.O_RDWR | os.O_CLOEXEC | create_flags, 0o600)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        self.fd = os.open(self.img_path, flags, 0o600)
         if create:
             os.ftruncate(self.fd, body.size)
         elif os.fstat(self.fd).st_size != body.size:
@@ -74,7 +55,7 @@ class Snapshot:
                              f"{body.size}: it was damaged; refusing to serve it as a "
                              "snapshot (nothing was changed)")
         self.vmap = MapFile(self.vmap_path, nbits(body, "vmap"), create=create, sync=sync)
-        self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits, reused=reused)
+        self.c = native.Snapshot(self.fd, self.vmap.bits, self.vmap.nbits)
         # None: a whole image; else a snapshot of the changes after that
         # interval (replication/snappoints.py, snapshot_of_changes)
         self.changes_after = None
@@ -83,20 +64,13 @@ class Snapshot:
         os.fsync(self.fd)
         self.vmap.sync()
 
-    def allocated(self):
-        """Bytes of disk the image holds (blocks copied, or reserved for them)."""
-        return os.fstat(self.fd).st_blocks * 512
-
-    def remove(self, vol, reaper=None, spare=None):
+    def remove(self, vol, reaper=None):
         """Deletes the files; readers holding this object get ESTALE.  The
-        image becomes the file spare if given, else its space is freed at
-        once, or by reaper in the background."""
+        image's space is freed at once, or by reaper in the background."""
         self.c.release(vol)
         for p in (self.img_path, self.vmap_path):
             try:
-                if spare is not None and p == self.img_path:
-                    os.rename(p, spare)
-                elif reaper is not None and p == self.img_path:
+                if reaper is not None and p == self.img_path:
                     reaper.discard(p)
                 else:
                     os.unlink(p)
@@ -136,8 +110,7 @@ class Snapshots:
         with the other new maps)."""
         rec = SnapshotRecord(new_body.next_snap_id)
         new_body.next_snap_id += 1             # ids are never reused
-        snap = Snapshot(self.sd, body, rec, create=True, sync=sync,
-                        spare=self.sd.p("snaps", SPARE))
+        snap = Snapshot(self.sd, body, rec, create=True, sync=sync)
         fsync_dir(self.sd.p("snaps"))
         return snap
 
@@ -149,15 +122,11 @@ class Snapshots:
     def free(self, name, vol, now=False):
         """Stops copy-on-write into the snapshot of snappoint name and
         removes its files (after the record says it is gone, or never was);
-        its space is freed in the background, or at once if now; a small
-        enough image is kept for the next snapshot instead (unless now)."""
+        its space is freed in the background, or at once if now."""
         snap = self.active.pop(name, None)
         if snap is not None:
             vol.drop_snap(snap.c)
-            spare = self.sd.p("snaps", SPARE)
-            if now or os.path.exists(spare) or snap.allocated() > REUSE * vol.size:
-                spare = None
-            snap.remove(vol, None if now else self.reaper, spare)
+            snap.remove(vol, None if now else self.reaper)
 
     def collect_invalidated(self, names, vol):
         """Drops the snapshots (of snappoints in names) that the write path
