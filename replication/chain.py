@@ -135,7 +135,7 @@ def verify_interval(sd, iv):
             st = os.stat(path)
         except FileNotFoundError:
             raise DamagedMapError(sd.path, iv.seq, path, "the file is missing")
-        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, want)
+        key = _verify_key(st, want)
         with _verified_lock:
             if _verified.get(path) == key:
                 continue
@@ -147,22 +147,40 @@ def verify_interval(sd, iv):
             _verified[path] = key
 
 
+def _verify_key(st, digest):
+    """What a verification is valid for: the file as stat saw it, and the
+    digest it matched."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+
+
+def verified_as_written(sd, iv):
+    """The map files of the closed interval iv count as verified: their
+    digests (recorded in iv) were computed from the bytes just written and
+    made durable, so their next use need not read and hash them again.  A
+    later change of a file changes its stat, and it is verified then."""
+    for k in KINDS:
+        path = sd.p("maps", iv.maps[k])
+        key = _verify_key(os.stat(path), iv.digests[k])
+        with _verified_lock:
+            _verified[path] = key
+
+
 def merge_into_closed(sd, new, src_bits, dst, dst_maps, file_id):
     """Deleting a snappoint whose next interval dst is closed: new, durable
     map files of dst with the bits of the interval before it (src_bits:
     cmap, bmap, zmap) merged in; dst, in the body new (not yet written),
-    names them and their digests.  Returns the new files' paths (removed by
-    the caller if the record then fails)."""
+    names them and their digests.  Returns the new maps.  The caller
+    removes the files map_names(dst.seq, file_id) names if this or the
+    record fails."""
     nregions, nblocks, _ = geometry(new)
     names = map_names(dst.seq, file_id)
-    paths = [sd.p("maps", names[k]) for k in KINDS]
     merged = IntervalMaps(*(create_copy(m, sd.p("maps", names[k]), sync=False)
                             for k, m in zip(KINDS, dst_maps)))
     native.merge_interval(merged.bits(), src_bits, nregions, nblocks)
     sync_created(sd, merged)
     dst.maps = names
     dst.digests = merged.digests()
-    return paths
+    return merged
 
 
 def carry_damage(sd, new, src, dst, needing):

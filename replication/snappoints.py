@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from . import faults, status
-from .chain import carry_damage, create_interval_files, merge_into_closed, new_interval, \
-    remove_files, sync_created
+from .chain import carry_damage, create_interval_files, map_names, merge_into_closed, \
+    new_interval, remove_files, sync_created
 from .errors import MetadataWriteError, RefusedError
 from .meta import SnapshotRecord
 from .snapshots import MAX_SNAPSHOTS
@@ -100,6 +100,7 @@ class Snappoints:
                 remove_files(created)
                 raise
             t.maps = new_maps
+            t.keep_maps(closed, old_maps)
             if snap:
                 t.snaps.active[name] = snap
             t.snaps.reaper.snappoint_taken()
@@ -178,7 +179,7 @@ class Snappoints:
             src_bits = t.interval_maps(src).bits()
             old_files = [t.sd.p("maps", f) for f in src.maps.values()]
             carry_damage(t.sd, new, src, dst, t.links.needing)
-            created = []
+            created, merged = [], None
             try:
                 if not dst.closed:
                     # more bits in the open interval are harmless if the
@@ -188,8 +189,10 @@ class Snappoints:
                     t.maps.sync()
                 else:
                     old_files += [t.sd.p("maps", f) for f in dst.maps.values()]
-                    created = merge_into_closed(t.sd, new, src_bits, dst,
-                                                t.interval_maps(dst), new.take_file_id())
+                    file_id = new.take_file_id()
+                    created = [t.sd.p("maps", f) for f in map_names(dst.seq, file_id).values()]
+                    merged = merge_into_closed(t.sd, new, src_bits, dst, t.interval_maps(dst),
+                                               file_id)
                 del ivs[i]
                 new.snappoints.remove(new.snappoint(name))
                 t.md.commit(new)
@@ -198,6 +201,8 @@ class Snappoints:
                 raise
             t.snaps.free(name, t.vol)
             t.forget_maps(src.seq, dst.seq)
+            if merged:
+                t.keep_maps(dst, merged)
             for p in old_files:
                 os.unlink(p)
             log.info("snappoint %s deleted; interval %d merged into interval %d", name,

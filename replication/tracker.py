@@ -30,7 +30,7 @@ import numpy as np
 from . import faults, native, status
 from .actlog import AL_HEADER, ActivityLog
 from .chain import check_closed_files, damaged_intervals, geometry, open_interval_maps, \
-    upgrade_digests
+    upgrade_digests, verified_as_written
 from .durability import DEFAULT_INTERVAL, VolumeDurability
 from .errors import NotFoundError, RefusedError, StateError
 from .links import Links
@@ -201,6 +201,16 @@ class Tracker:
             m = self.closed_maps[interval.seq] = open_interval_maps(
                 self.sd, self.body, interval, writable=False)
         return m
+
+    def keep_maps(self, interval, maps):
+        """maps (IntervalMaps), just made durable and digested as the closed
+        interval's (a snappoint's switch, a delete's merge), stay mapped for
+        its later uses, read-only, and count as verified: a snappoint after
+        a snappoint neither maps nor hashes again what it just wrote."""
+        for m in maps:
+            m.bits.flags.writeable = False
+        self.closed_maps[interval.seq] = maps
+        verified_as_written(self.sd, interval)
 
     def forget_maps(self, *seqs):
         """Unmaps closed intervals whose files were replaced or removed."""
