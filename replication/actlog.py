@@ -21,6 +21,7 @@ import numpy as np
 from . import native
 from .chain import geometry, nbits, open_interval_maps
 from .maps import KINDS, MapFile
+from .spares import is_spare
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ class ActivityLog:
 
     def _merge_orphans(self, body, iv, maps):
         """Maps of intervals after the open one that the metadata does not
-        know (a switch whose record was never written) are OR-ed into the
-        open interval; other unknown interval maps are removed."""
+        know (a switch whose record was never written; spare maps, which
+        such a switch may have taken, replication/spares.py) are OR-ed into
+        the open interval; other unknown interval maps are removed."""
         known = {f for i in body.intervals for f in i.maps.values()}
         known |= {f"s{sp.snapshot.id}.vmap" for sp in body.snappoints if sp.snapshot}
         merged = 0
@@ -100,7 +102,8 @@ class ActivityLog:
                 continue
             seq, kind = _parse_map_name(name)
             p = self.sd.p("maps", name)
-            if seq is not None and seq > iv.seq and kind in ("cmap", "bmap"):
+            later = is_spare(name) or (seq is not None and seq > iv.seq)
+            if later and kind in ("cmap", "bmap"):
                 orphan = MapFile(p, nbits(body, kind), writable=False)
                 native.bm_or(getattr(maps, kind).bits, orphan.bits, orphan.nbits)
                 merged += 1

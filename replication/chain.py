@@ -62,8 +62,10 @@ def create_interval_files(sd, body, interval, sync=True):
 
 def sync_created(sd, maps, *more):
     """Makes new map files durable, with their directory entries: maps
-    (IntervalMaps) and more (MapFiles in maps/, e.g. a snapshot's valid
-    map)."""
+    (IntervalMaps, or () if there are none) and more (MapFiles in maps/,
+    e.g. a snapshot's valid map)."""
+    if not (maps or more):
+        return
     for m in (*maps, *more):
         m.sync()
     fsync_dir(sd.p("maps"))
@@ -165,19 +167,28 @@ def verified_as_written(sd, iv):
             _verified[path] = key
 
 
-def merge_into_closed(sd, new, src_bits, dst, dst_maps, file_id):
+def merge_into_closed(sd, new, src_bits, dst, dst_maps, into):
     """Deleting a snappoint whose next interval dst is closed: new, durable
     map files of dst with the bits of the interval before it (src_bits:
     cmap, bmap, zmap) merged in; dst, in the body new (not yet written),
-    names them and their digests.  Returns the new maps.  The caller
-    removes the files map_names(dst.seq, file_id) names if this or the
-    record fails."""
+    names them and their digests.  into: zero map files made durable
+    already (replication/spares.py), or a file id for new ones.  Returns
+    the new maps.  The caller removes the files (those of into, or those
+    map_names(dst.seq, into) names) if this or the record fails."""
     nregions, nblocks, _ = geometry(new)
-    names = map_names(dst.seq, file_id)
-    merged = IntervalMaps(*(create_copy(m, sd.p("maps", names[k]), sync=False)
-                            for k, m in zip(KINDS, dst_maps)))
+    if isinstance(into, IntervalMaps):
+        merged = into
+        for m, src in zip(merged, dst_maps):
+            m.bits[:] = src.bits
+    else:
+        merged = IntervalMaps(*(create_copy(m, sd.p("maps", name), sync=False)
+                                for m, name in zip(dst_maps, map_names(dst.seq, into).values())))
     native.merge_interval(merged.bits(), src_bits, nregions, nblocks)
-    sync_created(sd, merged)
+    if merged is into:
+        merged.sync()           # their directory entries are durable already
+    else:
+        sync_created(sd, merged)
+    names = {k: os.path.basename(m.path) for k, m in zip(KINDS, merged)}
     dst.maps = names
     dst.digests = merged.digests()
     return merged

@@ -30,6 +30,7 @@ from . import faults, status
 from .chain import carry_damage, create_interval_files, map_names, merge_into_closed, \
     new_interval, remove_files, sync_created
 from .errors import MetadataWriteError, RefusedError
+from .maps import KINDS
 from .meta import SnapshotRecord
 from .snapshots import MAX_SNAPSHOTS
 from .units import check_name
@@ -73,19 +74,23 @@ class Snappoints:
             seq = new.next_seq
             iv = new_interval(seq, new.take_file_id())
             snap = None
+            spare = t.spares.take()
+            if spare is not None:
+                iv.maps = {k: os.path.basename(m.path) for k, m in zip(KINDS, spare)}
             created = [t.sd.p("maps", f) for f in iv.maps.values()]
             switched = False
             old_maps = t.maps
             try:
                 # every new file allocated first, then made durable: one
-                # journal commit for them all
-                new_maps = create_interval_files(t.sd, new, iv, sync=False)
+                # journal commit for them all (none for spare maps: they
+                # are durable already)
+                new_maps = spare or create_interval_files(t.sd, new, iv, sync=False)
                 if not dataless:
                     snap = t.snaps.create(t.body, new, sync=False)
                     created += [snap.img_path, snap.vmap_path]
                     if changes_after is not None:
                         self.snapshot_of_changes(snap, changes_after)
-                sync_created(t.sd, new_maps, *([snap.vmap] if snap else []))
+                sync_created(t.sd, () if spare else new_maps, *([snap.vmap] if snap else []))
                 t.vol.switch(new_maps.bits(), snap.c if snap else None)
                 switched = True
                 faults.point("primary.snappoint.after_switch")
@@ -189,10 +194,11 @@ class Snappoints:
                     t.maps.sync()
                 else:
                     old_files += [t.sd.p("maps", f) for f in dst.maps.values()]
-                    file_id = new.take_file_id()
-                    created = [t.sd.p("maps", f) for f in map_names(dst.seq, file_id).values()]
+                    into = t.spares.take() or new.take_file_id()
+                    created = [m.path for m in into] if isinstance(into, tuple) else \
+                        [t.sd.p("maps", f) for f in map_names(dst.seq, into).values()]
                     merged = merge_into_closed(t.sd, new, src_bits, dst, t.interval_maps(dst),
-                                               file_id)
+                                               into)
                 del ivs[i]
                 new.snappoints.remove(new.snappoint(name))
                 t.md.commit(new)

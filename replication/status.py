@@ -47,6 +47,7 @@ def primary(t):
         "writes_total": t.vol.writes_total,
         "snappoint_pause": switch_pauses(t.vol),
         "volume_durability": t.durability.status(),
+        "spare_maps": t.spares.status(),
         "frame_stack_cache": native.frame_stack_cache_stats(),
     }
 

@@ -4,7 +4,8 @@ What it owns: the state directory of a primary while its server runs (it
 holds the lock): the volume, the open interval's maps, the closed ones
 (mapped when used) and the C write path (replication/native.py).  It
 delegates the snappoint operations (replication/snappoints.py), the
-snapshots (replication/snapshots.py), the activity log and recovery
+snapshots (replication/snapshots.py), the map files made ahead
+(replication/spares.py), the activity log and recovery
 (replication/actlog.py), the links (replication/links.py) and the metadata
 file (replication/meta.py).  What it promises:
 
@@ -37,6 +38,7 @@ from .links import Links
 from .meta import Metadata
 from .snappoints import Snappoints
 from .snapshots import Snapshots
+from .spares import SpareMaps, remove_spares
 from .state import StateDir, volume_size
 from .writeclock import WriteClock
 
@@ -97,6 +99,9 @@ class Tracker:
         self.clock = WriteClock(self.sd, lambda: self.vol.writes_total, not body.clean)
         self.uri = None           # where the server listens (set by the server)
         self.snaps.remove_unknown(self.body)
+        # interval map files made ahead of the snappoints (spares.py)
+        remove_spares(self.sd, self.body)
+        self.spares = SpareMaps(self.sd, self.body)
         # the volume made durable in the background (durability.py)
         self.durability = VolumeDurability(self.vol, sync_interval)
 
@@ -115,6 +120,7 @@ class Tracker:
             body.clean = False
         self.snaps.reaper.start()
         self.durability.start()
+        self.spares.start()
         if not self.fenced:
             self.clock.start()
         else:
@@ -165,6 +171,7 @@ class Tracker:
             self.clock.stop()
             self.durability.close()
             self.snaps.reaper.close()
+            self.spares.close()
             f, self._lockfile = self._lockfile, None
             return f
 
@@ -326,6 +333,7 @@ class Tracker:
                 self.vol.close()
                 self.clock.stop()
                 self.durability.close()
+                self.spares.close()
             # all of it again if a retry follows a failure (the volume's
             # flush error is sticky: a stop after one is never clean)
             self.vol.flush()

@@ -14,7 +14,7 @@ PRIMARY = {"schema": str, "running": bool, "state_dir": str, "role": str, "volum
            "writes_total": int, "volume_sync_error": type(None), "damaged_intervals": list,
            "unrecorded_invalidations": list, "promoted": type(None),
            "superseded": type(None), "read_only": bool, "snappoint_pause": dict,
-           "frame_stack_cache": dict, "volume_durability": dict}
+           "frame_stack_cache": dict, "volume_durability": dict, "spare_maps": dict}
 LINK = {"name": str, "replica_uuid": str, "secondary": str, "cursor": str, "state": str,
         "last_cycle": dict, "agent_running": bool, "last_applied": dict,
         "rpo_seconds": float, "bytes_pending": int, "progress": type(None), "resync": bool,
@@ -33,6 +33,7 @@ SECONDARY = {"schema": str, "running": bool, "role": str, "replica_uuid": str, "
 
 FRAME_STACKS = {"hits": int, "misses": int, "held": int}
 VOLUME_DURABILITY = {"interval_s": float, "syncs": int, "pending_extents": int}
+SPARE_MAPS = {"ready": int, "made": int, "missed": int}
 
 
 def check(doc, schema):
@@ -63,6 +64,9 @@ def test_status_schema(tmp_path, make_server):
     assert sum(ph.values()) - ph["transfer_copy"] <= lc["seconds"] + 0.01
     check(p["frame_stack_cache"], FRAME_STACKS)
     check(p["volume_durability"], VOLUME_DURABILITY)
+    check(p["spare_maps"], SPARE_MAPS)
+    sm = p["spare_maps"]
+    assert 0 <= sm["ready"] <= sm["made"] and sm["missed"] >= 0, sm
     # the agent took a snappoint: its interval's extents wait for a durable point,
     # or one took them already
     d = p["volume_durability"]

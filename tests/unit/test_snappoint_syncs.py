@@ -6,8 +6,15 @@ journal commit, and the writers of the volume wait for each one they meet
 snappoint, and deleting one whose next interval is closed (a merge into new
 files), allocate every new file first and only then sync them: the first
 sync commits them all and the others find nothing left to commit.  These
-tests trace the allocations and syncs of the real Tracker in-process."""
+tests trace the allocations and syncs of the real Tracker in-process.
+
+With spare maps ready (replication/spares.py) neither operation allocates
+an interval's map file: the spares are durable already.  Without them
+(the pool closed here, as a full filesystem leaves it) the files are
+created as above."""
 import os
+import threading
+import time
 
 import pytest
 
@@ -30,7 +37,8 @@ def traced(tmp_path, monkeypatch):
         real = getattr(obj, name)
 
         def traced_call(*args):
-            trace.append(kind)
+            if threading.current_thread() is threading.main_thread():
+                trace.append(kind)
             return real(*args)
         monkeypatch.setattr(obj, name, traced_call)
     wrap(os, "posix_fallocate", "allocate")
@@ -52,6 +60,7 @@ def check_allocations_first(trace, allocations):
 
 def test_create_allocates_every_new_file_before_the_first_sync(traced):
     t, trace = traced
+    t.spares.close()
     t.snappoints.create("a")
     # the open interval's three maps and the snapshot's valid map
     check_allocations_first(trace, 4)
@@ -62,6 +71,7 @@ def test_create_allocates_every_new_file_before_the_first_sync(traced):
 
 def test_delete_merges_into_new_files_allocated_before_the_first_sync(traced):
     t, trace = traced
+    t.spares.close()
     t.snappoints.create("a")
     t.snappoints.create("b")
     trace.clear()
@@ -69,3 +79,31 @@ def test_delete_merges_into_new_files_allocated_before_the_first_sync(traced):
     check_allocations_first(trace, 3)
     assert [sp["name"] for sp in t.snappoints.list_all()] == ["b"]
 
+
+
+def wait_for_spares(t, n):
+    deadline = time.monotonic() + 10
+    while t.spares.ready() < n:
+        assert time.monotonic() < deadline, "no spare maps made"
+        time.sleep(0.01)
+
+
+def test_with_spare_maps_nothing_is_allocated_but_the_snapshot(traced):
+    t, trace = traced
+    wait_for_spares(t, 2)
+    t.snappoints.create("a")
+    check_allocations_first(trace, 1)         # the snapshot's valid map only
+    opened = set(t.body.open_interval.maps.values())
+    assert all(name.startswith("n") for name in opened), opened
+    wait_for_spares(t, 2)
+    trace.clear()
+    t.snappoints.create("b", dataless=True)
+    # no new file: the closed maps' msyncs and the metadata's syncs only
+    assert "allocate" not in trace and trace.count("sync") == 3 + 2, trace
+    wait_for_spares(t, 2)
+    trace.clear()
+    t.snappoints.delete("a")                  # merged into spare maps
+    assert "allocate" not in trace, trace
+    merged = set(t.interval_closed_by("b").maps.values())
+    assert all(name.startswith("n") for name in merged), merged
+    assert [sp["name"] for sp in t.snappoints.list_all()] == ["b"]
