@@ -63,6 +63,7 @@ class SpareMaps:
         self._closed = False
         self._next = 0
         self._thread = None
+        self._failing = False
         self.made = 0           # sets made (for tests and status)
         self.missed = 0         # takes that found none ready
 
@@ -114,8 +115,12 @@ class SpareMaps:
                 try:
                     maps = self._make()
                 except OSError as e:       # e.g. ENOSPC: the next take creates its own
-                    log.warning("could not make spare map files in %s: %s", self.sd.p("maps"), e)
+                    if not self._failing:  # said once until a set is made again
+                        log.warning("could not make spare map files in %s: %s; snappoints "
+                                    "create their own meanwhile", self.sd.p("maps"), e)
+                    self._failing = True
                     break
+                self._failing = False
                 with self._lock:
                     if not self._closed:
                         self._ready.append(maps)

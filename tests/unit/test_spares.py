@@ -4,6 +4,7 @@ snappoints and merges, and never left behind or lost across stops.
 The real Tracker runs in-process; the volume is 8 MiB with 64 KiB
 activity-log extents, so recovery's log marks only the extents written."""
 import os
+import threading
 import time
 
 import pytest
@@ -121,3 +122,35 @@ def test_an_unrecorded_switch_into_spares_loses_no_change(tmp_path, monkeypatch)
         t2.close()
         t2._lockfile.close()
     assert files(t2) == named(t2)
+
+
+def test_a_full_filesystem_leaves_no_partial_spare_and_snappoints_go_on(tmp_path, monkeypatch,
+                                                                         caplog):
+    """ENOSPC while making spares: no file of the failed set is left, the
+    failure is logged once, and snappoints create their own files."""
+    real = os.posix_fallocate
+    full = [True]
+
+    def fallocate(fd, off, length):
+        if full[0] and threading.current_thread().name == "spare-maps":
+            raise OSError(28, "No space left on device")
+        return real(fd, off, length)
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    t = make(tmp_path)
+    try:
+        for name in ("a", "b", "c"):
+            t.snappoints.create(name, dataless=True)
+            time.sleep(0.05)
+        assert t.spares.status() == {"ready": 0, "made": 0, "missed": 3}
+        assert spare_files(t) == []
+        assert all(not is_spare(f) for f in named(t))
+        said = [r for r in caplog.records if "spare map files" in r.getMessage()]
+        assert len(said) == 1 and "No space left" in said[0].getMessage(), said
+        full[0] = False                        # space again: the pool refills
+        t.snappoints.create("d", dataless=True)
+        wait_ready(t, t.spares.keep)
+        t.snappoints.create("e", dataless=True)
+        assert all(is_spare(f) for f in t.body.open_interval.maps.values())
+    finally:
+        t.close()
+        t._lockfile.close()
