@@ -172,7 +172,7 @@ class Record:
         try:
             return cls._from(doc)
         except RecordError as e:
-            raise RecordError((where + e.where).lstrip(".").rstrip(".") or "body") from None
+            raise RecordError((where.rstrip(".") + e.where).lstrip(".") or "body") from None
 
     @classmethod
     def _from(cls, doc):
