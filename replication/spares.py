@@ -82,10 +82,6 @@ class SpareMaps:
         self._wake.set()
         return maps
 
-    def ready(self):
-        with self._lock:
-            return len(self._ready)
-
     def status(self):
         """For `status --json`: sets ready now, made and missed since start."""
         with self._lock:

@@ -14,12 +14,12 @@ an interval's map file: the spares are durable already.  Without them
 created as above."""
 import os
 import threading
-import time
 
 import pytest
 
 from replication import native, state
 from replication.tracker import Tracker
+from tests.unit.test_spares import wait_ready
 
 BLOCK, REGION, SIZE = 4096, 65536, 4 << 20
 
@@ -81,26 +81,19 @@ def test_delete_merges_into_new_files_allocated_before_the_first_sync(traced):
 
 
 
-def wait_for_spares(t, n):
-    deadline = time.monotonic() + 10
-    while t.spares.ready() < n:
-        assert time.monotonic() < deadline, "no spare maps made"
-        time.sleep(0.01)
-
-
 def test_with_spare_maps_nothing_is_allocated_but_the_snapshot(traced):
     t, trace = traced
-    wait_for_spares(t, 2)
+    wait_ready(t, 2)
     t.snappoints.create("a")
     check_allocations_first(trace, 1)         # the snapshot's valid map only
     opened = set(t.body.open_interval.maps.values())
     assert all(name.startswith("n") for name in opened), opened
-    wait_for_spares(t, 2)
+    wait_ready(t, 2)
     trace.clear()
     t.snappoints.create("b", dataless=True)
     # no new file: the closed maps' msyncs and the metadata's syncs only
     assert "allocate" not in trace and trace.count("sync") == 3 + 2, trace
-    wait_for_spares(t, 2)
+    wait_ready(t, 2)
     trace.clear()
     t.snappoints.delete("a")                  # merged into spare maps
     assert "allocate" not in trace, trace

@@ -13,6 +13,7 @@ from replication import native, snappoints, state
 from replication.errors import MetadataWriteError
 from replication.spares import is_spare
 from replication.tracker import Tracker
+from tests.harness.servers import wait_for
 
 BLOCK, REGION, SIZE = 4096, 65536, 8 << 20
 
@@ -36,10 +37,8 @@ def tracker(tmp_path):
 
 
 def wait_ready(t, n):
-    deadline = time.monotonic() + 10
-    while t.spares.ready() < n:
-        assert time.monotonic() < deadline, "no spare maps made"
-        time.sleep(0.01)
+    """Until n sets of spare maps are ready."""
+    wait_for(lambda: t.spares.status()["ready"] >= n, 10, f"{n} sets of spare maps")
 
 
 def files(t):
