@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from . import manifest, native
-from .maps import (DIGEST_PREFIX, KINDS, IntervalMaps, MapFile, create_copy, digest_matches,
+from .maps import (DIGEST_PREFIX, KINDS, IntervalMaps, MapFile, digest_matches,
                    file_digest)
 from .errors import DamagedMapError, StateError
 from .meta import Interval, fsync_dir
@@ -46,14 +46,14 @@ def map_names(seq, file_id):
     return {k: f"i{seq}-{file_id}.{k}" for k in KINDS}
 
 
-def create_interval_files(sd, body, interval, sync=True):
-    """The interval's map files, new and zero; returns them mapped
-    writable.  Durable with their directory entries on return, unless sync
-    is False: then the caller calls sync_created once it has created the
-    other files it needs (every allocation made before the first sync, one
-    journal commit carries them all: a commit is a wait for the writers
-    that meet it)."""
-    maps = IntervalMaps(*(MapFile(sd.p("maps", interval.maps[k]), nbits(body, k),
+def create_interval_files(sd, body, names, sync=True):
+    """An interval's map files, new and zero, named by names ({kind: file
+    name}, as an Interval's maps); returns them mapped writable.  Durable
+    with their directory entries on return, unless sync is False: then the
+    caller calls sync_created once it has created the other files it needs
+    (every allocation made before the first sync, one journal commit
+    carries them all: a commit is a wait for the writers that meet it)."""
+    maps = IntervalMaps(*(MapFile(sd.p("maps", names[k]), nbits(body, k),
                                   create=True, sync=False) for k in KINDS))
     if sync:
         sync_created(sd, maps)
@@ -167,31 +167,24 @@ def verified_as_written(sd, iv):
             _verified[path] = key
 
 
-def merge_into_closed(sd, new, src_bits, dst, dst_maps, into):
-    """Deleting a snappoint whose next interval dst is closed: new, durable
-    map files of dst with the bits of the interval before it (src_bits:
-    cmap, bmap, zmap) merged in; dst, in the body new (not yet written),
-    names them and their digests.  into: zero map files made durable
-    already (replication/spares.py), or a file id for new ones.  Returns
-    the new maps.  The caller removes the files (those of into, or those
-    map_names(dst.seq, into) names) if this or the record fails."""
+def merge_into_closed(sd, new, src_bits, dst, dst_maps, into, fresh):
+    """Deleting a snappoint whose next interval dst is closed: into (zero
+    map files, IntervalMaps) become dst's maps, durable, with dst's bits
+    (dst_maps) and those of the interval before it (src_bits: cmap, bmap,
+    zmap) merged in; dst, in the body new (not yet written), names them
+    and their digests.  fresh: into's directory entries are not durable yet
+    (new files, not spare ones: replication/spares.py).  The caller
+    removes into's files if this or the record fails."""
     nregions, nblocks, _ = geometry(new)
-    if isinstance(into, IntervalMaps):
-        merged = into
-        for m, src in zip(merged, dst_maps):
-            m.bits[:] = src.bits
+    for m, src in zip(into, dst_maps):
+        m.bits[:] = src.bits
+    native.merge_interval(into.bits(), src_bits, nregions, nblocks)
+    if fresh:
+        sync_created(sd, into)
     else:
-        merged = IntervalMaps(*(create_copy(m, sd.p("maps", name), sync=False)
-                                for m, name in zip(dst_maps, map_names(dst.seq, into).values())))
-    native.merge_interval(merged.bits(), src_bits, nregions, nblocks)
-    if merged is into:
-        merged.sync()           # their directory entries are durable already
-    else:
-        sync_created(sd, merged)
-    names = {k: os.path.basename(m.path) for k, m in zip(KINDS, merged)}
-    dst.maps = names
-    dst.digests = merged.digests()
-    return merged
+        into.sync()
+    dst.maps = into.names()
+    dst.digests = into.digests()
 
 
 def carry_damage(sd, new, src, dst, needing):

@@ -85,22 +85,16 @@ class IntervalMaps(NamedTuple):
         for m in self:
             m.sync()
 
+    def names(self):
+        """{kind: file name} (what an interval records as its maps)."""
+        return {k: os.path.basename(m.path) for k, m in zip(KINDS, self)}
+
     def digests(self):
         """{kind: digest} (what a closed interval records)."""
         return {k: m.digest() for k, m in zip(KINDS, self)}
 
 
 assert IntervalMaps._fields == KINDS
-
-
-def create_copy(src, path, sync=True):
-    """A new map file at path with the bits of src, durable on return
-    unless sync is False (as MapFile's create)."""
-    m = MapFile(path, src.nbits, create=True, sync=sync)
-    m.bits[:] = src.bits
-    if sync:
-        m.sync()
-    return m
 
 
 DIGEST_PREFIX = "xxh3-128:"

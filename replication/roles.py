@@ -98,7 +98,7 @@ def failover(replica, planned=None):
         paths = [r.sd.p("maps", f) for f in opened.maps.values()]
         try:
             remove_files(paths)     # left by an attempt whose record was never written
-            create_interval_files(r.sd, new, opened)
+            create_interval_files(r.sd, new, opened.maps)
             new.append_interval(opened)
             new.role = "primary"
             new.generation += 1
@@ -290,7 +290,7 @@ def _demote(t, peer, base, bits, report):
         m = MapFile(created[0], geometry(b)[1], create=True)
         m.bits[:] = bits
         m.sync()
-        create_interval_files(t.sd, new, opened)
+        create_interval_files(t.sd, new, opened.maps)
         now = time.time()
         new.role = "secondary"
         new.generation = max(b.generation, peer.generation)

@@ -30,7 +30,6 @@ from . import faults, status
 from .chain import carry_damage, create_interval_files, map_names, merge_into_closed, \
     new_interval, remove_files, sync_created
 from .errors import MetadataWriteError, RefusedError
-from .maps import KINDS
 from .meta import SnapshotRecord
 from .snapshots import MAX_SNAPSHOTS
 from .units import check_name
@@ -76,7 +75,7 @@ class Snappoints:
             snap = None
             spare = t.spares.take()
             if spare is not None:
-                iv.maps = {k: os.path.basename(m.path) for k, m in zip(KINDS, spare)}
+                iv.maps = spare.names()
             created = [t.sd.p("maps", f) for f in iv.maps.values()]
             switched = False
             old_maps = t.maps
@@ -84,7 +83,7 @@ class Snappoints:
                 # every new file allocated first, then made durable: one
                 # journal commit for them all (none for spare maps: they
                 # are durable already)
-                new_maps = spare or create_interval_files(t.sd, new, iv, sync=False)
+                new_maps = spare or create_interval_files(t.sd, new, iv.maps, sync=False)
                 if not dataless:
                     snap = t.snaps.create(t.body, new, sync=False)
                     created += [snap.img_path, snap.vmap_path]
@@ -194,11 +193,13 @@ class Snappoints:
                     t.maps.sync()
                 else:
                     old_files += [t.sd.p("maps", f) for f in dst.maps.values()]
-                    into = t.spares.take() or new.take_file_id()
-                    created = [m.path for m in into] if isinstance(into, tuple) else \
-                        [t.sd.p("maps", f) for f in map_names(dst.seq, into).values()]
-                    merged = merge_into_closed(t.sd, new, src_bits, dst, t.interval_maps(dst),
-                                               into)
+                    spare = t.spares.take()
+                    names = map_names(dst.seq, new.take_file_id()) if spare is None else \
+                        spare.names()
+                    created = [t.sd.p("maps", f) for f in names.values()]
+                    merged = spare or create_interval_files(t.sd, new, names, sync=False)
+                    merge_into_closed(t.sd, new, src_bits, dst, t.interval_maps(dst), merged,
+                                      fresh=spare is None)
                 del ivs[i]
                 new.snappoints.remove(new.snappoint(name))
                 t.md.commit(new)

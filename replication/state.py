@@ -174,7 +174,7 @@ def init(path, volume, size=None, region_size=DEFAULT_REGION, block_size=DEFAULT
             created=time.time(), tracked_since_empty=created, clean=True,
             next_seq=1, next_snap_id=1, next_file_id=2,
             intervals=[chain.new_interval(0, 1)], snappoints=[], links={})
-        chain.create_interval_files(sd, body, body.open_interval)
+        chain.create_interval_files(sd, body, body.open_interval.maps)
         sd.write_meta(body)
     except BaseException:
         if created:
