@@ -122,11 +122,13 @@ uint64_t pr_volume_writers(pr_volume *v);
 uint64_t pr_volume_al_syncs(pr_volume *v);
 uint64_t pr_volume_writes_total(pr_volume *v);  /* writes, zeroes, trims served */
 
-/* Copies n ranges (offsets[i], lengths[i]) from src_fd to the same
- * offsets of dst_fd; zero != 0 writes zeroes instead (src_fd unused).
- * Returns 0 or -errno.  Used by the secondary's apply. */
-int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *offsets,
-                   const uint64_t *lengths, size_t n, int zero);
+/* Copies n ranges of lengths[i] bytes from src_fd at src_offsets[i] (NULL:
+ * at offsets[i]) to dst_fd at offsets[i]; zero != 0 writes zeroes instead
+ * (src_fd and src_offsets unused).  Returns 0 or -errno.  Used by the
+ * secondary's apply. */
+int pr_copy_ranges(int src_fd, int dst_fd, const uint64_t *src_offsets,
+                   const uint64_t *offsets, const uint64_t *lengths, size_t n,
+                   int zero);
 
 /* Starts writeback of [off, off + len) of fd without waiting for it
  * (sync_file_range SYNC_FILE_RANGE_WRITE), so a later fdatasync has less
@@ -148,16 +150,19 @@ int pr_stage_write(int fd, const void *buf, uint64_t len, uint64_t off,
                    uint64_t *data_map, uint64_t *zero_map, uint64_t b0,
                    uint64_t nb, unsigned char *hash);
 
-/* A batch of staged writes in one call: entry i writes lens[i] bytes of
- * data (the entries' data back to back) at offs[i], as pr_stage_write with
- * blocks of `block` bytes, its hash into hashes + 16 * i.  The caller
- * checks that every range fits the maps and that the lengths add up.
- * Returns 0 or -errno; *done is the number of entries written (all of
- * them on success). */
+/* A batch of staged writes in one call: entry i is lens[i] bytes of data
+ * (the entries' data back to back) for offs[i] of the replica, its blocks
+ * (of `block` bytes) marked as pr_stage_write does, its hash into
+ * hashes + 16 * i.  at == PR_IN_PLACE: entry i is written at offs[i] of
+ * fd; else the whole data is written at `at` of fd in one write (a
+ * staging log).  The caller checks that every range fits the maps and that
+ * the lengths add up.  Returns 0 or -errno; *done is the number of entries
+ * written and marked (all of them on success). */
+#define PR_IN_PLACE 0xffffffffffffffff   /* pr_stage_batch: at the entries' offsets */
 int pr_stage_batch(int fd, const unsigned char *data, const uint64_t *offs,
-                   const uint64_t *lens, size_t n, uint64_t *data_map,
-                   uint64_t *zero_map, uint64_t block, unsigned char *hashes,
-                   size_t *done);
+                   const uint64_t *lens, size_t n, uint64_t at,
+                   uint64_t *data_map, uint64_t *zero_map, uint64_t block,
+                   unsigned char *hashes, size_t *done);
 
 /* Tests only: arms a named fault point of the write path; when a write
  * reaches it the process exits with status 99 (a crash).  0 disarms. */

@@ -138,17 +138,23 @@ def merge_interval(dst, src, nregions, nblocks):
                              words_for(nregions), words_for(nblocks))
 
 
-def copy_ranges(src_fd, dst_fd, ranges, zero=False):
-    """Copies [(offset, length)] from src_fd to dst_fd at the same offsets
-    (zero: writes zeroes), in C: one call for any number of ranges."""
-    if not ranges:
+def copy_ranges(src_fd, dst_fd, ranges, zero=False, src_offsets=None):
+    """Copies [(offset, length)] from src_fd to dst_fd at the same offsets,
+    or from src_offsets[i] of src_fd (zero: writes zeroes), in C: one call
+    for any number of ranges."""
+    if not len(ranges):
         return
-    offs = np.array([r[0] for r in ranges], dtype=np.uint64)
-    lens = np.array([r[1] for r in ranges], dtype=np.uint64)
+    ranges = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+    offs, lens = (np.ascontiguousarray(ranges[:, i]) for i in (0, 1))
+    src = None
+    if src_offsets is not None:
+        src = np.ascontiguousarray(src_offsets, dtype=np.uint64)
+        if len(src) != len(offs) or (src + lens < src).any():
+            raise ValueError("source offsets differ in number, or a source range overflows")
     if (offs + lens < offs).any():
         raise ValueError("range overflows")
-    _raise(lib.pr_copy_ranges(src_fd, dst_fd, _ptr(offs), _ptr(lens), len(ranges),
-                              1 if zero else 0), "copy")
+    _raise(lib.pr_copy_ranges(src_fd, dst_fd, ffi.NULL if src is None else _ptr(src),
+                              _ptr(offs), _ptr(lens), len(offs), 1 if zero else 0), "copy")
 
 
 # fault points of the C write path (replication/faults.py names them)
@@ -170,31 +176,33 @@ def start_writeback(fd, offset, length):
     _raise(lib.pr_start_writeback(fd, offset, length), "writeback")
 
 
-def stage_write(fd, buf, offset, data_map, zero_map, nbits, block):
+def stage_write(fd, buf, offset, data_map, zero_map, nbits, block, at=None):
     """The secondary's staged write in one C call without the GIL: writes
-    buf at offset of fd, marks its blocks (of `block` bytes) as data and
-    not zero in the two maps, and returns the XXH3-128 hash of buf
+    buf at offset of fd (or at `at`, a staging log's position), marks the
+    blocks of [offset, offset + len(buf)) (of `block` bytes) as data and not
+    zero in the two maps, and returns the XXH3-128 hash of buf
     (manifest.piece_hash's bytes).  Raises OSError; the maps are then
     unchanged."""
     n = len(buf)
-    if offset < 0 or block <= 0:
-        raise ValueError("negative offset or block size")
+    if offset < 0 or block <= 0 or (at is not None and at < 0):
+        raise ValueError("negative offset, position or block size")
     _check_map(data_map, nbits, True)
     _check_map(zero_map, nbits, True)
     b0, nb = offset // block, -(-(offset % block + n) // block)
     _check_range(nbits, b0, nb)
     out = ffi.new("unsigned char[16]")
-    _raise(lib.pr_stage_write(fd, ffi.from_buffer(buf), n, offset, _ptr(data_map),
-                              _ptr(zero_map), b0, nb, out), "staged write")
+    _raise(lib.pr_stage_write(fd, ffi.from_buffer(buf), n, offset if at is None else at,
+                              _ptr(data_map), _ptr(zero_map), b0, nb, out), "staged write")
     return bytes(ffi.buffer(out, 16))
 
 
-def stage_batch(fd, data, offsets, lengths, data_map, zero_map, nbits, block):
+def stage_batch(fd, data, offsets, lengths, data_map, zero_map, nbits, block, at=None):
     """stage_write for several entries in one C call: entry i writes
     lengths[i] bytes of data (the entries' bytes back to back) at
-    offsets[i].  Returns the list of their hashes.  Raises OSError
-    (``done``: how many entries were written, their maps updated) or
-    ValueError for ranges outside the maps or lengths that do not add up."""
+    offsets[i], or the whole data at `at` in one write (a staging log).
+    Returns the list of their hashes.  Raises OSError (``done``: how many
+    entries were written, their maps updated) or ValueError for ranges
+    outside the maps or lengths that do not add up."""
     offs = np.asarray(offsets, dtype=np.uint64)
     lens = np.asarray(lengths, dtype=np.uint64)
     n = len(offs)
@@ -210,10 +218,13 @@ def stage_batch(fd, data, offsets, lengths, data_map, zero_map, nbits, block):
     ends = (offs + lens + b - np.uint64(1)) // b        # no overflow: all bounded above
     if n and int(ends.max()) > nbits:
         raise ValueError(f"an entry ends outside a map of {nbits} blocks")
+    if at is not None and not 0 <= at < 1 << 63:
+        raise ValueError("log position out of range")
     hashes = ffi.new("unsigned char[]", 16 * max(n, 1))
     done = ffi.new("size_t *")
     offs, lens = np.ascontiguousarray(offs), np.ascontiguousarray(lens)
     r = lib.pr_stage_batch(fd, ffi.from_buffer(data), _ptr(offs), _ptr(lens), n,
+                           lib.PR_IN_PLACE if at is None else at,
                            _ptr(data_map), _ptr(zero_map), block, hashes, done)
     if r < 0:
         e = OSError(-r, f"staged write: {os.strerror(-r)}")

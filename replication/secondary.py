@@ -195,8 +195,10 @@ class Replica:
                 view = memoryview(buf)[lo - offset:hi - offset]
                 if kind >= 2:
                     view[:] = bytes(hi - lo)
+                elif kind:
+                    view[:] = self.staging.read_data(stage, lo, hi - lo)
                 else:
-                    view[:] = pread_full(stage.fd if kind else self.fd, hi - lo, lo)
+                    view[:] = pread_full(self.fd, hi - lo, lo)
         finally:
             self.rw.release_read()
 
@@ -270,8 +272,8 @@ class Replica:
                 new.bound = Binding(m.primary_uuid, time.time(), *b.geometry())
             receipt = self._record_applied(new)
             self.md.commit(new)            # durable first, then visible
-            self._serve_overlay(st)
             self.staging.complete()        # its connections' requests are refused now
+            self._serve_overlay(st)
             log.info("commit of interval %s: verified in %.3f s, staging durable in %.3f s, "
                      "switched in %.3f s", m.target.seq, t1 - t0, t2 - t1,
                      time.monotonic() - t2)
@@ -355,8 +357,8 @@ class Replica:
             if i:
                 faults.point("secondary.apply.midway")
             if not st.in_place:
-                native.copy_ranges(self.staging.current.fd, self.fd,
-                                   [(o, n) for o, n, z in part if not z])
+                self.staging.copy_data(self.staging.current, self.fd,
+                                       [(o, n) for o, n, z in part if not z])
             native.copy_ranges(-1, self.fd, [(o, n) for o, n, z in part if z], zero=True)
         os.fdatasync(self.fd)
         faults.point("secondary.apply.before_record")

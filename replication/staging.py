@@ -1,8 +1,10 @@
 """The secondary's staging area: where one interval is received before it
 is applied.
 
-What it owns: STATE/staging/ -- data.img (sparse; the replica itself for
-the first interval, staged in place) and two block maps (data blocks, zero
+What it owns: STATE/staging/ -- the staged data (data.log, appended in
+arrival order: replication/staginglog.py; the replica itself for the first
+interval, staged in place; data.img, at the replica's offsets, for a
+staging an earlier version left) and two block maps (data blocks, zero
 blocks) -- the hashes of the staged writes, and the writeback and reaper
 threads.  What it promises:
 
@@ -16,16 +18,20 @@ threads.  What it promises:
   needs no re-read (digest()).
 * make_durable() never retries an fdatasync into a success: on failure the
   staging is discarded and the interval must be sent again.
-* Files go data.bmap first, data.img last: a stop in between leaves a
+* Files go data.bmap first, the data file last: a stop in between leaves a
   receiving staging that starts afresh; a data file of at most KEEP of the
   replica's size is kept for the next interval (its blocks are allocated
   already), a larger one goes to the reaper.
 * What a receiving staging durably holds is known (checkpoint()): its
-  data made durable, then staging/held.bmap records the blocks that were
-  staged before (the data map's words, then the zero map's).  A resumed
-  transfer sends only the rest; after a crash or stop the staging is
-  reopened with exactly those blocks (open()), since the maps' own bits
-  may name writes whose data never reached the disk.
+  data made durable, then staging/held.idx records where the writes staged
+  so far are in the log, then staging/held.bmap the blocks that were
+  staged (the data map's words, then the zero map's).  A resumed transfer
+  sends only the rest; after a crash or stop the staging is reopened with
+  exactly those blocks (open()), since the maps' own bits may name writes
+  whose data never reached the disk.
+* A staging made durable for its commit has its log's index in
+  staging/data.idx: a complete staging is applied again from the log and
+  that index after a crash.
 """
 import contextlib
 import dataclasses
@@ -38,14 +44,21 @@ import time
 import numpy as np
 
 from . import faults, manifest, native
+from .errors import StateError
 from .maps import MapFile
 from .meta import fsync_dir
+from .staginglog import StagingLog, replace_durably
 from .workers import RWLock, Reaper, Writeback, pread_full
 
 log = logging.getLogger(__name__)
 
 KEEP = 0.25     # a staging data file up to this share of the replica is reused
 HELD = "held.bmap"
+HELD_IDX = "held.idx"       # where held.bmap's data blocks are in the log
+DATA_IDX = "data.idx"       # the log's index, once made durable for a commit
+LOG = "data.log"
+LEGACY = "data.img"         # the data file of a staging an earlier version left
+DATA_FILES = (LOG, LEGACY)
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,9 +66,10 @@ class Stage:
     """One staging's open files: requests of its connections are accepted
     while it is receiving (see request())."""
     receiving: bool
-    fd: int                           # data.img, or a dup of the replica's (in place)
+    fd: int                           # data.log, a dup of the replica's (in place) or data.img
     data: MapFile                     # blocks staged with data
     zero: MapFile                     # blocks staged as zeroes
+    log: StagingLog = None            # data.log's index; None: data at the replica's offsets
 
 
 class StagingArea:
@@ -84,24 +98,37 @@ class StagingArea:
         of a complete staging, is damage: the map's FileNotFoundError ends
         the start."""
         maps = [self.sd.p("staging", n) for n in ("data.bmap", "zero.bmap")]
-        data = self.sd.p("staging", "data.img")
+        logp, legacy = (self.sd.p("staging", n) for n in (LOG, LEGACY))
         create = not complete and not os.path.exists(maps[0])
-        for stale in (maps[1], self.sd.p("staging", HELD)) if create else ():
+        for stale in (maps[1], *(self.sd.p("staging", n) for n in (HELD, HELD_IDX, DATA_IDX))) \
+                if create else ():
             if os.path.exists(stale):
                 os.unlink(stale)
+        if create and os.path.exists(legacy):
+            self.reaper.discard(legacy)
+        log = None
         if in_place:
             fd = os.dup(self.replica_fd)
-        elif create:
-            # a data file kept from the last interval is written over: only
-            # the blocks of the maps created here count, the rest is never read
-            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, self.size)
+        elif not create and not os.path.exists(logp) and os.path.exists(legacy):
+            fd = os.open(legacy, os.O_RDWR | os.O_CLOEXEC)
         else:
-            fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            # a log kept from the last interval is written over from its
+            # start: only what this staging's index names is ever read
+            fd = os.open(logp, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+            try:
+                entries = StagingLog.load(self.sd.p("staging", DATA_IDX), self.size,
+                                          os.fstat(fd).st_size) if complete else None
+            except BaseException:
+                os.close(fd)
+                raise
+            log = StagingLog(fd, self.block, self.size, entries,
+                             tail=0 if create else os.fstat(fd).st_size)
         self.current = Stage(not complete, fd, MapFile(maps[0], self.nblocks, create=create),
-                             MapFile(maps[1], self.nblocks, create=create))
+                             MapFile(maps[1], self.nblocks, create=create), log)
         self.checkpointed = None
         self.opened_at = time.time()
+        if complete and log:
+            log.freeze(self.current.data.bits)
         if not complete and not create:
             self._reopen_held()
         return self.current
@@ -120,6 +147,17 @@ class StagingArea:
             else:
                 log.warning("%s has %d bytes, not %d: the staging starts afresh", path,
                             len(doc), held.nbytes)
+        if st.log is not None:
+            # held.idx is written before held.bmap: it names at least what
+            # held.bmap's data blocks need
+            try:
+                st.log.chunks = [StagingLog.load(self.sd.p("staging", HELD_IDX), self.size,
+                                                 os.fstat(st.fd).st_size)]
+            except (OSError, StateError) as e:
+                if held.any():
+                    log.warning("the staging's held index cannot be read (%s): the staging "
+                                "starts afresh", e)
+                held = np.zeros(2 * words, dtype=np.uint64)
         st.data.bits[:] = held[:words] & st.data.bits
         st.zero.bits[:] = held[words:] & st.zero.bits
         st.data.sync()
@@ -142,17 +180,20 @@ class StagingArea:
         self.close(held)
         self.checkpointed = None
         names = sorted(os.listdir(self.sd.p("staging")),
-                       key=lambda n: (n == "data.img", n != "data.bmap"))
+                       key=lambda n: (n in DATA_FILES, n != "data.bmap"))
         for name in names:
             path = self.sd.p("staging", name)
-            if name != "data.img":
+            if name not in DATA_FILES:
                 os.unlink(path)
             elif os.stat(path).st_blocks * 512 > self.size * KEEP:
                 self.reaper.discard(path)
 
     def complete(self):
-        """The staging is applied: its connections' requests are refused."""
+        """The staging is applied: its connections' requests are refused
+        (and its log's places are looked up once)."""
         self.current.receiving = False
+        if self.current.log is not None:
+            self.current.log.freeze(self.current.data.bits)
 
     @contextlib.contextmanager
     def request(self, stage):
@@ -193,12 +234,15 @@ class StagingArea:
         self.check_aligned(len(buf), offset)
         with self.request(stage) as st:
             with self.hash_locks[(offset // manifest.PIECE) % len(self.hash_locks)]:
-                # what is on disk at offset is what was hashed last there; a
+                # what is staged for offset is what was hashed last there; a
                 # failed write leaves no hash (the commit then reads it back)
                 self.hashes.pop(offset, None)
+                at = st.log.reserve(len(buf)) if st.log else None
                 self.hashes[offset] = (len(buf), native.stage_write(
                     st.fd, buf, offset, st.data.bits, st.zero.bits, self.nblocks,
-                    self.block))
+                    self.block, at=at))
+                if st.log:
+                    st.log.record([offset], [len(buf)], at)
             self.writeback.staged(st.fd, len(buf))
             self.staged += 1
 
@@ -214,9 +258,12 @@ class StagingArea:
             try:
                 for o, _ in writes:         # a failed write leaves no hash (see write)
                     self.hashes.pop(o, None)
-                hashes = native.stage_batch(st.fd, data, [o for o, _ in writes],
-                                            [n for _, n in writes], st.data.bits,
-                                            st.zero.bits, self.nblocks, self.block)
+                offs, lens = [o for o, _ in writes], [n for _, n in writes]
+                at = st.log.reserve(len(data)) if st.log and writes else None
+                hashes = native.stage_batch(st.fd, data, offs, lens, st.data.bits,
+                                            st.zero.bits, self.nblocks, self.block, at=at)
+                if at is not None:
+                    st.log.record(offs, lens, at)
                 for (o, n), h in zip(writes, hashes):
                     self.hashes[o] = (n, h)
             finally:
@@ -268,8 +315,26 @@ class StagingArea:
                 d.add(o, n, True)
             d.add_pieces(offs, lens, [g[1] for g in got])
             return d
-        return manifest.digest_of(manifest.as_run_list(a),
-                                  lambda o, n: pread_full(st.fd, n, o))
+        return manifest.digest_of(manifest.as_run_list(a), lambda o, n: self.read_data(st, o, n))
+
+    def read_data(self, st, offset, n):
+        """The bytes staged in st for replica range [offset, offset + n),
+        every block of which is staged as data."""
+        if st.log is None:
+            return pread_full(st.fd, n, offset)
+        return st.log.read(st.data.bits, offset, n)
+
+    def copy_data(self, st, dst_fd, runs):
+        """Copies st's data runs [(offset, length)] of the replica (every
+        block staged as data) to dst_fd at the same offsets."""
+        if st.log is None:
+            native.copy_ranges(st.fd, dst_fd, runs)
+            return
+        bits, b = st.data.bits, self.block
+        moves = [m for o, n in runs for m in st.log.runs(bits, o // b, (o + n - 1) // b + 1)]
+        moves.sort(key=lambda m: m[1])          # the log read in order
+        native.copy_ranges(st.fd, dst_fd, [(o, n) for o, _, n in moves],
+                           src_offsets=[at for _, at, _ in moves])
 
     def checkpoint(self):
         """Makes the staged data durable and records the blocks it holds
@@ -281,14 +346,13 @@ class StagingArea:
             if st is None or not st.receiving:
                 raise OSError(errno.ENOENT, "no staging is receiving")
             data, zero = st.data.bits.copy(), st.zero.bits.copy()
+            entries = st.log.entries().copy() if st.log else None
         os.fdatasync(st.fd)
+        if entries is not None:      # before held.bmap, which needs it
+            st.log.save(self.sd.p("staging", HELD_IDX), entries)
+            fsync_dir(self.sd.p("staging"))
         path = self.sd.p("staging", HELD)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data.tobytes())
-            f.write(zero.tobytes())
-            f.flush()
-            os.fdatasync(f.fileno())
-        os.replace(path + ".tmp", path)
+        replace_durably(path, data.tobytes() + zero.tobytes())
         fsync_dir(self.sd.p("staging"))
         self.checkpointed = (time.time(), data, zero)
         return data, zero
@@ -315,6 +379,9 @@ class StagingArea:
             os.fdatasync(self.current.fd)
             self.current.data.sync()
             self.current.zero.sync()
+            if self.current.log is not None:
+                self.current.log.save(self.sd.p("staging", DATA_IDX))
+                fsync_dir(self.sd.p("staging"))
         except OSError as e:
             log.error("the staged data of interval %s could not be made durable (%s): the "
                       "staging is dropped and must be sent again", target, e.strerror or e)

@@ -651,7 +651,7 @@ def test_forged_and_replayed_manifests(tmp_path, make_server):
     assert "flush: error" not in sec.output()          # no commit failed with EIO
     assert read_doc(sec, "info")["applied"] == info["applied"]
     changed = {k for k, v in tree(tmp_path / "s").items() if before.get(k) != v}
-    assert changed <= {"meta.json", "staging/", "staging/data.img", "staging/data.bmap",
+    assert changed <= {"meta.json", "staging/", "staging/data.log", "staging/data.bmap",
                        "staging/zero.bmap"}, changed      # only the staging of interval 2
     # the interval's name is a label, never a path: a path-like one applies
     m2, reply = ship(prim, sec, m1["target"], "s2",

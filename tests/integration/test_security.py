@@ -292,7 +292,7 @@ def test_state_files_are_private(tmp_path, make_server):
         for want in ("p/meta.json", "p/al", "p/lock", "p/server.log", "p/server.pid",
                      "p/control.sock", "p/agent.default.lock", "p/maps", "p/snaps",
                      "s/meta.json", "s/control.sock", "s/server.pid", "s/staging",
-                     "s/staging/data.img", "s/staging/data.bmap", "s/staging/zero.bmap"):
+                     "s/staging/data.log", "s/staging/data.bmap", "s/staging/zero.bmap"):
             assert want in names, want
         assert any(n.startswith("p/snaps/") for n in names)
         assert any(n.endswith(".vmap") for n in names)

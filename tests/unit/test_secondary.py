@@ -237,7 +237,7 @@ def test_a_large_apply_keeps_readers_out_for_less_than_100ms(pair):
 def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch):
     """Regression (found by scripts/soak): the merge removed the staging's
     files before the metadata dropped the staging, so a kill -9 between two
-    unlinks left a "complete" staging with data.img gone, and the secondary
+    unlinks left a "complete" staging with its data file gone, and the secondary
     refused to start.  Every unlink must find the staging gone from disk."""
     t, r, _ = pair
     first_interval(t, r)
@@ -251,13 +251,13 @@ def test_staging_files_go_only_after_the_metadata_forgot_them(pair, monkeypatch)
         on_disk.append(state.StateDir(r.sd.path).read_meta().staging)
         return real_unlink(path, *a, **k)
 
-    def rename(src, dst, *a, **k):       # data.img into the trash
+    def rename(src, dst, *a, **k):       # the data file into the trash
         if str(src).startswith(r.sd.p("staging") + "/"):
             on_disk.append(state.StateDir(r.sd.path).read_meta().staging)
         return real_rename(src, dst, *a, **k)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(staging, "KEEP", 0)      # data.img goes too
+    monkeypatch.setattr(staging, "KEEP", 0)      # the data file goes too
     commit(r, m)
     r.wait_merged()
     monkeypatch.setattr(os, "unlink", real_unlink)
@@ -271,7 +271,7 @@ def test_small_staging_file_is_reused_a_large_one_reaped(pair, monkeypatch):
     interval); a larger one goes to STATE/trash and the reaper removes it
     without anyone waiting.  Stale blocks of a kept file are never served."""
     t, r, tmp_path = pair
-    data = tmp_path / "s" / "staging" / "data.img"
+    data = tmp_path / "s" / "staging" / "data.log"
     trash = tmp_path / "s" / "trash"
     rnd = random.Random(7)
     t.vol.pwrite(rnd.randbytes(SIZE), 0)
