@@ -315,7 +315,9 @@ class StagingArea:
                 d.add(o, n, True)
             d.add_pieces(offs, lens, [g[1] for g in got])
             return d
-        return manifest.digest_of(manifest.as_run_list(a), lambda o, n: self.read_data(st, o, n))
+        with st.log.frozen(st.data.bits) if st.log else contextlib.nullcontext():
+            return manifest.digest_of(manifest.as_run_list(a),
+                                      lambda o, n: self.read_data(st, o, n))
 
     def read_data(self, st, offset, n):
         """The bytes staged in st for replica range [offset, offset + n),
@@ -330,11 +332,8 @@ class StagingArea:
         if st.log is None:
             native.copy_ranges(st.fd, dst_fd, runs)
             return
-        bits, b = st.data.bits, self.block
-        moves = [m for o, n in runs for m in st.log.runs(bits, o // b, (o + n - 1) // b + 1)]
-        moves.sort(key=lambda m: m[1])          # the log read in order
-        native.copy_ranges(st.fd, dst_fd, [(o, n) for o, _, n in moves],
-                           src_offsets=[at for _, at, _ in moves])
+        offs, pos, lens = st.log.moves(st.data.bits, runs)
+        native.copy_ranges(st.fd, dst_fd, np.stack([offs, lens], axis=1), src_offsets=pos)
 
     def checkpoint(self):
         """Makes the staged data durable and records the blocks it holds

@@ -21,6 +21,7 @@ What it promises:
   into place (save()); load() refuses one whose size or entries do not fit
   the replica and the log (DamagedStagingError), never guessing.
 """
+import contextlib
 import os
 import threading
 
@@ -92,29 +93,56 @@ class StagingLog:
         self.located = None
         self.located = self.locate(data_bits)
 
+    @contextlib.contextmanager
+    def frozen(self, data_bits):
+        """Lookups in this context reuse one locate(): the caller keeps
+        writes out meanwhile."""
+        if self.located is not None:
+            yield
+            return
+        self.freeze(data_bits)
+        try:
+            yield
+        finally:
+            self.located = None
+
     def runs(self, data_bits, b0=None, b1=None):
-        """[(replica offset, log position, length)] of the data blocks (all
-        of them, or those in [b0, b1)), contiguous in both merged into one."""
+        """(replica offsets, log positions, lengths), arrays: the data blocks
+        (all of them, or those in [b0, b1)), contiguous in both merged into
+        one run, ascending by offset."""
         blocks, pos = self.locate(data_bits)
         if b0 is not None:
             i0, i1 = np.searchsorted(blocks, [b0, b1])
             blocks, pos = blocks[i0:i1], pos[i0:i1]
         if not len(blocks):
-            return []
+            return (np.zeros(0, dtype=np.uint64),) * 3
         b = np.uint64(self.block)
         cut = np.flatnonzero((np.diff(blocks) != 1) | (np.diff(pos) != b)) + 1
         firsts = np.concatenate(([0], cut))
         lasts = np.concatenate((cut, [len(blocks)])) - 1
         offs = blocks[firsts] * b
         ends = np.minimum((blocks[lasts] + np.uint64(1)) * b, np.uint64(self.size))
-        return list(zip(offs.tolist(), pos[firsts].tolist(), (ends - offs).tolist()))
+        return offs, pos[firsts], ends - offs
+
+    def moves(self, data_bits, runs):
+        """(replica offsets, log positions, lengths) of the data blocks in
+        runs ([(offset, length)] of blocks all staged as data), in log
+        order: what copies them from the log, reading it in order."""
+        offs, pos, lens = self.runs(data_bits)
+        r = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
+        r = r[np.argsort(r[:, 0], kind="stable")]
+        i = np.searchsorted(r[:, 0], offs, side="right").astype(np.int64) - 1
+        inside = (i >= 0) & (offs < (r[:, 0] + r[:, 1])[np.maximum(i, 0)]) if len(r) else i < -1
+        order = np.argsort(pos[inside], kind="stable")
+        return offs[inside][order], pos[inside][order], lens[inside][order]
 
     def read(self, data_bits, offset, n):
         """The staged bytes of replica range [offset, offset + n), whose
         blocks are all staged as data."""
         b = self.block
         out = bytearray(n)
-        for off, at, length in self.runs(data_bits, offset // b, (offset + n - 1) // b + 1):
+        for off, at, length in zip(*(a.tolist() for a in self.runs(
+                data_bits, offset // b, (offset + n - 1) // b + 1))):
             lo, hi = max(off, offset), min(off + length, offset + n)
             got = os.pread(self.fd, hi - lo, at + lo - off)
             if len(got) != hi - lo:
