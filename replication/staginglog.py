@@ -22,6 +22,7 @@ What it promises:
   the replica and the log (DamagedStagingError), never guessing.
 """
 import contextlib
+import errno
 import os
 import threading
 
@@ -146,7 +147,8 @@ class StagingLog:
             lo, hi = max(off, offset), min(off + length, offset + n)
             got = os.pread(self.fd, hi - lo, at + lo - off)
             if len(got) != hi - lo:
-                raise OSError(5, f"staging log: short read at {at + lo - off}")
+                raise OSError(errno.EIO, f"the staging log ends before position "
+                              f"{at + lo - off + (hi - lo)}, which its index names")
             out[lo - offset:hi - offset] = got
         return bytes(out)
 
